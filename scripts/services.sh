@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Starts what the demo and the tests need on this machine, installing it where missing:
+#   postgres  - the local PostgreSQL server on 127.0.0.1:5432 (Debian's `postgresql`)
+#   broker    - tansu 0.6.0, a Kafka-protocol broker, in memory, on 127.0.0.1:$KDEDUP_TEST_BROKER_PORT
+# Usage: scripts/services.sh postgres|broker|all|stop-broker
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+TMP="$ROOT/.tmp"
+mkdir -p "$TMP"
+BROKER_PORT="${KDEDUP_TEST_BROKER_PORT:-19092}"
+TANSU_VERSION=0.6.0
+TANSU="${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
+
+log() { printf '[services] %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+port_open() {
+  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && exec 3>&- 3<&-
+}
+
+ensure_postgres() {
+  if command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1 -p 5432; then
+    return 0
+  fi
+  if ! command -v pg_lsclusters >/dev/null; then
+    log "PostgreSQL is not installed; installing Debian's postgresql package"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    local version
+    version="$(ls /etc/postgresql | sort -V | tail -1)"
+    # A fresh install only accepts password logins over TCP. The tests connect as
+    # postgres over loopback without a password, as on the CI machines: trust loopback.
+    local hba="/etc/postgresql/$version/main/pg_hba.conf"
+    as_root sed -i -E 's/^(host\s+all\s+all\s+(127\.0\.0\.1\/32|::1\/128)\s+)\S+/\1trust/' "$hba"
+  fi
+  local version
+  version="$(ls /etc/postgresql | sort -V | tail -1)"
+  log "starting PostgreSQL $version"
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  for _ in $(seq 1 60); do
+    if pg_isready -q -h 127.0.0.1 -p 5432; then
+      psql -h 127.0.0.1 -U postgres -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='test'" | grep -q 1 \
+        || psql -h 127.0.0.1 -U postgres -d postgres -qc "CREATE DATABASE test"
+      return 0
+    fi
+    sleep 0.5
+  done
+  log "PostgreSQL did not come up on 127.0.0.1:5432; see /var/log/postgresql/"
+  exit 1
+}
+
+ensure_tansu_installed() {
+  if [ -x "$TANSU" ] && "$TANSU" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+    return 0
+  fi
+  log "installing tansu $TANSU_VERSION (a Kafka-protocol broker; takes ~15 minutes once, then cached in ~/.cargo/bin)"
+  cargo install tansu --locked --version "$TANSU_VERSION" --features dynostore
+}
+
+ensure_broker() {
+  ensure_tansu_installed
+  if port_open "$BROKER_PORT"; then
+    return 0
+  fi
+  log "starting tansu on 127.0.0.1:$BROKER_PORT (in-memory storage)"
+  nohup "$TANSU" broker \
+    --listener-url "tcp://127.0.0.1:$BROKER_PORT" \
+    --advertised-listener-url "tcp://127.0.0.1:$BROKER_PORT" \
+    --storage-engine "memory://tansu/" \
+    >"$TMP/tansu.log" 2>&1 &
+  echo $! >"$TMP/tansu.pid"
+  for _ in $(seq 1 100); do
+    if port_open "$BROKER_PORT"; then
+      return 0
+    fi
+    sleep 0.2
+  done
+  log "tansu did not start; see $TMP/tansu.log"
+  exit 1
+}
+
+stop_broker() {
+  if [ -f "$TMP/tansu.pid" ]; then
+    kill "$(cat "$TMP/tansu.pid")" 2>/dev/null || true
+    rm -f "$TMP/tansu.pid"
+  fi
+}
+
+case "${1:-all}" in
+  postgres) ensure_postgres ;;
+  broker) ensure_broker ;;
+  all) ensure_postgres; ensure_broker ;;
+  stop-broker) stop_broker ;;
+  *) echo "usage: $0 postgres|broker|all|stop-broker" >&2; exit 64 ;;
+esac

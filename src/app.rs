@@ -1,0 +1,274 @@
+//! `kdedup run`: wires the pieces together and owns the shutdown order.
+//!
+//! Start: admin server (so probes answer at once), Postgres + migrations (retried: the
+//! database may come up after the sidecar), topics, then consumer, relay and health
+//! checks. Stop: the pipeline finishes or abandons its batch and commits durable offsets,
+//! then the relay publishes what is left in the outbox, all within `--shutdown-timeout`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::producer::FutureProducer;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::admin::{self, Health};
+use crate::config::RunConfig;
+use crate::db;
+use crate::kafka::{self, ConsumerState};
+use crate::metrics::Metrics;
+use crate::pipeline::{Gate, Origin, Pipeline};
+use crate::relay::Relay;
+use crate::retry::Backoff;
+
+/// Handles a caller needs while the sidecar runs (tests read metrics through them).
+pub struct Running {
+    pub metrics: Metrics,
+    pub health: Arc<Health>,
+    pub admin_addr: std::net::SocketAddr,
+}
+
+/// Runs the sidecar until `stop` fires, then drains. `started` receives the handles once
+/// the admin server is listening.
+pub async fn run(
+    cfg: RunConfig,
+    stop: CancellationToken,
+    metrics: Metrics,
+    started: Option<tokio::sync::oneshot::Sender<Running>>,
+) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    metrics.ttl_seconds.set(cfg.ttl.as_secs() as i64);
+    let health = Arc::new(Health::default());
+    let admin_stop = CancellationToken::new();
+    let (admin_addr, admin_task) = admin::serve(cfg.metrics_addr, metrics.clone(), health.clone(), admin_stop.clone())
+        .await
+        .with_context(|| format!("cannot listen on --metrics-addr {}", cfg.metrics_addr))?;
+    info!(addr = %admin_addr, "admin server listening (/metrics, /livez, /readyz)");
+    if let Some(tx) = started {
+        let _ = tx.send(Running {
+            metrics: metrics.clone(),
+            health: health.clone(),
+            admin_addr,
+        });
+    }
+
+    let pool = db::pool(&cfg.db)?;
+    if cfg.migrate_on_start {
+        if !retry_until(&stop, "applying migrations", || db::migrate(&pool, &cfg.db.schema)).await {
+            return Ok(());
+        }
+        info!(schema = cfg.db.schema, "migrations applied");
+    }
+    health.postgres_up.store(true, Ordering::Release);
+    metrics.postgres_up.set(1);
+
+    let producer = kafka::producer(&cfg.brokers, &cfg.kafka)?;
+    if cfg.create_topics {
+        create_topics(&cfg, &producer).await?;
+    }
+    check_retention(&cfg, &metrics).await;
+
+    let relay_wakeup = Arc::new(Notify::new());
+    let consumer = Arc::new(kafka::consumer(
+        &cfg.brokers,
+        &cfg.group_id,
+        &cfg.kafka,
+        Arc::new(ConsumerState {
+            health: health.clone(),
+            metrics: metrics.clone(),
+        }),
+    )?);
+
+    let checks_stop = CancellationToken::new();
+    let checks = tokio::spawn(health_checks(
+        pool.clone(),
+        producer.clone(),
+        cfg.brokers.clone(),
+        health.clone(),
+        metrics.clone(),
+        checks_stop.clone(),
+    ));
+
+    let pruner = cfg.prune.clone().map(|settings| {
+        tokio::spawn(crate::pruner::run(
+            cfg.db.clone(),
+            settings,
+            metrics.clone(),
+            checks_stop.clone(),
+        ))
+    });
+
+    let relay_stop = CancellationToken::new();
+    let relay = cfg.relay.then(|| {
+        tokio::spawn(
+            Relay {
+                cfg: cfg.clone(),
+                producer: producer.clone(),
+                metrics: metrics.clone(),
+                wakeup: relay_wakeup.clone(),
+            }
+            .run(relay_stop.clone()),
+        )
+    });
+
+    let pipeline = Pipeline {
+        gate: Gate {
+            cfg: cfg.clone(),
+            pool: pool.clone(),
+            dlq: producer.clone(),
+            metrics: metrics.clone(),
+            relay_wakeup,
+            origin: Origin::Live,
+        },
+        consumer: consumer.clone(),
+    };
+    let result = pipeline.run(stop.clone()).await;
+    info!("consumer stopped");
+    // Dropping the last handle closes the consumer: it leaves the group at once instead
+    // of waiting for the session to time out.
+    drop(consumer);
+    relay_stop.cancel();
+    if let Some(relay) = relay {
+        let _ = relay.await;
+    }
+    checks_stop.cancel();
+    let _ = checks.await;
+    if let Some(pruner) = pruner {
+        let _ = pruner.await;
+    }
+    admin_stop.cancel();
+    let _ = admin_task.await;
+    pool.close().await;
+    result
+}
+
+/// Retries `op` with backoff until it succeeds (true) or `stop` fires (false).
+async fn retry_until<F, Fut, E>(stop: &CancellationToken, what: &str, mut op: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        match op().await {
+            Ok(()) => return true,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "{what} failed; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return false,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn create_topics(cfg: &RunConfig, producer: &FutureProducer) -> anyhow::Result<()> {
+    let first = cfg.input_topics[0].clone();
+    let (p, brokers) = (producer.clone(), cfg.brokers.clone());
+    let partitions = tokio::task::spawn_blocking(move || {
+        kafka::partition_count(&p, &brokers, &first, Duration::from_secs(10))
+    })
+    .await??
+    .ok_or_else(|| kafka::KafkaSetupError::MissingInputTopic {
+        topic: cfg.input_topics[0].clone(),
+    })?;
+    kafka::ensure_topics(
+        &cfg.brokers,
+        &cfg.kafka,
+        &[cfg.output_topic.as_str(), cfg.dlq_topic.as_str()],
+        partitions as i32,
+        cfg.topic_replication_factor,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Exports each input topic's retention and warns when the TTL is shorter: an event
+/// re-read (or replayed) after its gate row expired would be forwarded again.
+async fn check_retention(cfg: &RunConfig, metrics: &Metrics) {
+    match kafka::retention_seconds(&cfg.brokers, &cfg.kafka, &cfg.input_topics).await {
+        Ok(retentions) => {
+            for (topic, secs) in retentions {
+                metrics.input_retention.with_label_values(&[topic.as_str()]).set(secs);
+                let ttl = cfg.ttl.as_secs() as i64;
+                if secs < 0 || ttl < secs {
+                    warn!(topic, retention_s = secs, ttl_s = ttl,
+                          "TTL is shorter than the input topic's retention: an event re-read after its id expired would be forwarded again; raise KDEDUP_TTL above the retention plus the longest expected lag");
+                }
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot read input topic retention; the TTL-vs-retention check is skipped"),
+    }
+}
+
+/// Gauges read from Postgres: table size estimate and the age of the oldest outbox row.
+async fn table_stats(pool: &PgPool, metrics: &Metrics) -> Result<(), sqlx::Error> {
+    let rows: Option<i64> = sqlx::query_scalar(
+        "SELECT greatest(c.reltuples, 0)::int8 FROM pg_class c
+         WHERE c.oid = to_regclass('processed_events')",
+    )
+    .fetch_optional(pool)
+    .await?
+    .flatten();
+    metrics.processed_events_rows.set(rows.unwrap_or(0));
+    let oldest: Option<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM now() - created_at)::float8 FROM outbox ORDER BY id LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    metrics.outbox_oldest_age.set(oldest.map_or(0, |s| s.max(0.0) as i64));
+    Ok(())
+}
+
+/// Refreshes the Postgres and broker readiness inputs every few seconds.
+async fn health_checks(
+    pool: PgPool,
+    producer: FutureProducer,
+    brokers: String,
+    health: Arc<Health>,
+    metrics: Metrics,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let pg = tokio::time::timeout(Duration::from_secs(3), db::ping(&pool))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if pg != health.postgres_up.swap(pg, Ordering::AcqRel) {
+            if pg { info!("postgres reachable") } else { warn!("postgres unreachable") }
+        }
+        metrics.postgres_up.set(pg as i64);
+        if pg {
+            let _ = table_stats(&pool, &metrics).await;
+        }
+
+        let (p, b) = (producer.clone(), brokers.clone());
+        let broker = tokio::task::spawn_blocking(move || {
+            use rdkafka::producer::Producer;
+            p.client()
+                .fetch_metadata(None, Duration::from_secs(3))
+                .map(|md| !md.brokers().is_empty())
+                .unwrap_or(false)
+                .then_some(b)
+        })
+        .await
+        .ok()
+        .flatten()
+        .is_some();
+        if broker != health.broker_up.swap(broker, Ordering::AcqRel) {
+            if broker { info!("kafka cluster reachable") } else { warn!("kafka cluster unreachable") }
+        }
+        metrics.broker_up.set(broker as i64);
+    }
+}

@@ -1,0 +1,282 @@
+//! Postgres: connection pool, embedded migrations, and the gate transaction.
+//!
+//! All kdedup tables live in one schema (`--db-schema`), reached through the connection's
+//! `search_path`, so the SQL below never names the schema and the application's tables
+//! are never touched.
+//!
+//! The gate is one statement: insert the batch's `(scope, event_id)` rows, doing nothing
+//! on conflict with a live row, and insert outbox rows for exactly the rows that were
+//! inserted. The statement commits with the batch, so a crash leaves both or neither.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection};
+
+use crate::config::DbConfig;
+
+/// Migrations under `migrations/`, compiled into the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// First key of every advisory lock kdedup takes ("kddp"); the second is per purpose+schema.
+pub const ADVISORY_LOCK_CLASS: i32 = 0x6b64_6470;
+
+/// SQLSTATE codes the gate treats specially.
+pub mod sqlstate {
+    pub const SERIALIZATION_FAILURE: &str = "40001";
+    pub const DEADLOCK_DETECTED: &str = "40P01";
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub const CANNOT_CONNECT_NOW: &str = "57P03";
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("postgres error: {0}")]
+    Sqlx(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl DbError {
+    /// Whether waiting and retrying can help (connection trouble, conflicts between
+    /// replicas). Anything else still gets retried by the pipeline, but is logged as an
+    /// error an operator must look at.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DbError::Sqlx(sqlx::Error::Database(db)) => matches!(
+                db.code().as_deref(),
+                Some(sqlstate::SERIALIZATION_FAILURE)
+                    | Some(sqlstate::DEADLOCK_DETECTED)
+                    | Some(sqlstate::ADMIN_SHUTDOWN)
+                    | Some(sqlstate::CANNOT_CONNECT_NOW)
+                    | Some(sqlstate::TOO_MANY_CONNECTIONS)
+            ) || db.code().is_some_and(|c| c.starts_with("08")),
+            DbError::Sqlx(
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_),
+            ) => true,
+            _ => false,
+        }
+    }
+}
+
+pub fn connect_options(cfg: &DbConfig) -> Result<PgConnectOptions, DbError> {
+    let opts = PgConnectOptions::from_str(&cfg.url)?
+        .application_name("kdedup")
+        .options([("search_path", cfg.schema.as_str())])
+        // Statement text can carry event ids; keep it at debug level.
+        .log_statements(tracing::log::LevelFilter::Debug)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(5));
+    Ok(opts)
+}
+
+/// A pool whose connections all use kdedup's schema. Connects lazily, so a database that is
+/// down at start is retried by the callers instead of failing the process.
+pub fn pool(cfg: &DbConfig) -> Result<PgPool, DbError> {
+    Ok(PgPoolOptions::new()
+        .max_connections(cfg.max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(connect_options(cfg)?))
+}
+
+/// A single connection outside the pool, for session-level advisory locks.
+pub async fn dedicated_connection(cfg: &DbConfig) -> Result<PgConnection, DbError> {
+    Ok(PgConnection::connect_with(&connect_options(cfg)?).await?)
+}
+
+/// Creates the schema (if missing) and applies the embedded migrations into it.
+pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), DbError> {
+    debug_assert!(crate::config::validate_schema(schema).is_ok());
+    let mut tx = pool.begin().await?;
+    // Serialise concurrent starts: CREATE SCHEMA IF NOT EXISTS can still race.
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext('schema:' || $2))")
+        .bind(ADVISORY_LOCK_CLASS)
+        .bind(schema)
+        .execute(&mut *tx)
+        .await?;
+    // The name was validated against [a-z_][a-z0-9_]*, so quoting it is enough.
+    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// One first-sighting candidate sent to the gate. Duplicates inside a batch are removed
+/// before this point, so each `(scope, event_id)` appears once per call.
+#[derive(Debug, Clone)]
+pub struct GateRow {
+    pub scope: String,
+    pub event_id: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: Option<i64>,
+    pub payload_hash: Vec<u8>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<u8>,
+}
+
+/// What the gate decided for one row, in the order the rows were given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GateOutcome {
+    /// First sighting: recorded and queued in the outbox.
+    Forwarded,
+    /// Already recorded. `first` is where it was first seen, when visible to this
+    /// transaction (a replica that committed the same id a moment ago may not be).
+    Duplicate {
+        first: Option<FirstSighting>,
+        /// The first payload differed from this one.
+        payload_differs: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirstSighting {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+// Gate rows are inserted in key order: two replicas inserting overlapping ids then lock
+// them in the same order, which rules out deadlocks between their transactions. Outbox
+// rows are inserted in input order, which is the order the relay publishes in.
+const GATE_SQL: &str = r#"
+WITH batch AS (
+    SELECT *
+    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int4[], $5::int8[], $6::int8[],
+                $7::bytea[], $8::bytea[], $9::bytea[], $10::bytea[])
+         WITH ORDINALITY
+         AS b(scope, event_id, source_topic, source_partition, source_offset,
+              source_timestamp_ms, payload_hash, key, value, headers, ord)
+),
+gate AS (
+    INSERT INTO processed_events
+        (scope, event_id, source_topic, source_partition, source_offset, payload_hash,
+         first_seen_at, expires_at)
+    SELECT scope, event_id, source_topic, source_partition, source_offset, payload_hash,
+           now(), now() + make_interval(secs => $11)
+    FROM batch
+    ORDER BY scope, event_id
+    -- An expired row is treated as absent even before the pruner deleted it: the id is
+    -- accepted again as new, which is what a TTL means.
+    ON CONFLICT (scope, event_id) DO UPDATE
+        SET source_topic = EXCLUDED.source_topic,
+            source_partition = EXCLUDED.source_partition,
+            source_offset = EXCLUDED.source_offset,
+            payload_hash = EXCLUDED.payload_hash,
+            first_seen_at = EXCLUDED.first_seen_at,
+            expires_at = EXCLUDED.expires_at
+        WHERE processed_events.expires_at <= now()
+    RETURNING scope, event_id
+),
+queued AS (
+    INSERT INTO outbox
+        (scope, event_id, source_topic, source_partition, source_offset,
+         source_timestamp_ms, key, value, headers)
+    SELECT b.scope, b.event_id, b.source_topic, b.source_partition, b.source_offset,
+           b.source_timestamp_ms, b.key, b.value, b.headers
+    FROM batch b
+    JOIN gate g ON g.scope = b.scope AND g.event_id = b.event_id
+    ORDER BY b.ord
+    RETURNING 1
+)
+SELECT b.ord,
+       g.event_id IS NOT NULL AS inserted,
+       pe.source_topic, pe.source_partition, pe.source_offset,
+       (pe.payload_hash IS DISTINCT FROM b.payload_hash) AS payload_differs
+FROM batch b
+LEFT JOIN gate g ON g.scope = b.scope AND g.event_id = b.event_id
+LEFT JOIN processed_events pe
+       ON g.event_id IS NULL AND pe.scope = b.scope AND pe.event_id = b.event_id
+ORDER BY b.ord
+"#;
+
+/// Runs the gate for `rows` in one transaction and commits it. Returns one outcome per row.
+pub async fn gate(pool: &PgPool, rows: &[GateRow], ttl: Duration) -> Result<Vec<GateOutcome>, DbError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut scopes = Vec::with_capacity(rows.len());
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut topics = Vec::with_capacity(rows.len());
+    let mut partitions = Vec::with_capacity(rows.len());
+    let mut offsets = Vec::with_capacity(rows.len());
+    let mut timestamps = Vec::with_capacity(rows.len());
+    let mut hashes = Vec::with_capacity(rows.len());
+    let mut keys = Vec::with_capacity(rows.len());
+    let mut values = Vec::with_capacity(rows.len());
+    let mut headers = Vec::with_capacity(rows.len());
+    for r in rows {
+        scopes.push(r.scope.as_str());
+        ids.push(r.event_id.as_str());
+        topics.push(r.topic.as_str());
+        partitions.push(r.partition);
+        offsets.push(r.offset);
+        timestamps.push(r.timestamp_ms);
+        hashes.push(r.payload_hash.as_slice());
+        keys.push(r.key.as_deref());
+        values.push(r.value.as_deref());
+        headers.push(r.headers.as_slice());
+    }
+    let mut tx = pool.begin().await?;
+    let result: Vec<(i64, bool, Option<String>, Option<i32>, Option<i64>, bool)> =
+        sqlx::query_as(GATE_SQL)
+            .bind(&scopes)
+            .bind(&ids)
+            .bind(&topics)
+            .bind(&partitions)
+            .bind(&offsets)
+            .bind(&timestamps)
+            .bind(&hashes)
+            .bind(&keys)
+            .bind(&values)
+            .bind(&headers)
+            .bind(ttl.as_secs_f64())
+            .fetch_all(&mut *tx)
+            .await?;
+    tx.commit().await?;
+    debug_assert_eq!(result.len(), rows.len());
+    Ok(result
+        .into_iter()
+        .map(|(_, inserted, topic, partition, offset, differs)| {
+            if inserted {
+                GateOutcome::Forwarded
+            } else {
+                let first = match (topic, partition, offset) {
+                    (Some(topic), Some(partition), Some(offset)) => Some(FirstSighting {
+                        topic,
+                        partition,
+                        offset,
+                    }),
+                    _ => None,
+                };
+                GateOutcome::Duplicate {
+                    payload_differs: first.is_some() && differs,
+                    first,
+                }
+            }
+        })
+        .collect())
+}
+
+/// Rows waiting in the outbox.
+pub async fn outbox_backlog(pool: &PgPool) -> Result<i64, DbError> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(pool)
+        .await?)
+}
+
+/// Cheap liveness check used by readiness.
+pub async fn ping(pool: &PgPool) -> Result<(), DbError> {
+    sqlx::query("SELECT 1").execute(pool).await?;
+    Ok(())
+}

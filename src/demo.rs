@@ -1,0 +1,377 @@
+//! `kdedup demo`: the real pipeline (gate, outbox, relay, metrics) against the local
+//! Postgres and librdkafka's embedded mock Kafka cluster, fed a stream with duplicates
+//! inside batches, across batches and as a re-sent burst. It then reads the output topic
+//! back and checks that every distinct id arrived exactly once, in order per partition.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rand::{Rng, SeedableRng};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers as _, OwnedHeaders};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, DbArgs, DemoArgs, Env, KafkaProperties, RunArgs};
+use crate::metrics::Metrics;
+
+const INPUT: &str = "orders";
+const OUTPUT: &str = "orders.dedup";
+const PARTITIONS: i32 = 3;
+
+/// What the demo sent, so the output can be checked against it.
+struct Sent {
+    messages: usize,
+    distinct: usize,
+    in_batch: usize,
+    cross_batch: usize,
+    burst: usize,
+    without_id: usize,
+}
+
+pub async fn run(args: DemoArgs, env: &dyn Env) -> anyhow::Result<()> {
+    let url = args
+        .database_url
+        .clone()
+        .or_else(|| env.var("DATABASE_URL"))
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
+    let schema = config::validate_schema(&args.db_schema)?;
+
+    // A fresh schema, so every demo run starts from an empty gate.
+    let db = DbArgs {
+        database_url: Some(url.clone()),
+        db_schema: schema.clone(),
+        db_max_connections: 4,
+    }
+    .validate(env)?;
+    let pool = crate::db::pool(&db)?;
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        .execute(&pool)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach Postgres at {} (start it, or set DATABASE_URL)",
+                config::redact_url(&url)
+            )
+        })?;
+    pool.close().await;
+
+    let cluster = MockCluster::new(3).context("cannot start the embedded mock Kafka cluster")?;
+    cluster.create_topic(INPUT, PARTITIONS, 1)?;
+    let brokers = cluster.bootstrap_servers();
+
+    let metrics_addr = free_or_ephemeral(&args.metrics_addr).await;
+    let mut run_args = RunArgs {
+        brokers: Some(brokers.clone()),
+        group_id: Some("orders-app".into()),
+        input_topics: Some(INPUT.into()),
+        output_topic: Some(OUTPUT.into()),
+        dlq_topic: None,
+        db: DbArgs {
+            database_url: Some(url.clone()),
+            db_schema: schema.clone(),
+            db_max_connections: 4,
+        },
+        id_from: "header:event-id,json:/id".into(),
+        scope: Some("orders".into()),
+        max_id_bytes: 512,
+        ttl: "7d".into(),
+        batch_size: 1000,
+        batch_linger: "10ms".into(),
+        batch_max_bytes: 16 << 20,
+        relay_batch_size: 2000,
+        relay: true,
+        metrics_addr,
+        shutdown_timeout: "5s".into(),
+        migrate_on_start: true,
+        create_topics: true,
+        topic_replication_factor: 1,
+        prune: crate::config::PruneFlags {
+            pruner: true,
+            prune_interval: "60s".into(),
+            prune_batch_size: 5000,
+            prune_pause: "50ms".into(),
+        },
+        kafka_property: vec![
+            "session.timeout.ms=6000".into(),
+            "heartbeat.interval.ms=500".into(),
+        ],
+    };
+    // Only -X properties here: the demo must not pick up a real cluster's KDEDUP_KAFKA_*.
+    let no_env: std::collections::BTreeMap<String, String> = Default::default();
+    run_args.kafka_property.sort();
+    let cfg = run_args.validate(&no_env)?;
+
+    println!("kdedup demo");
+    println!(
+        "  Kafka: embedded mock cluster (3 brokers), topic `{INPUT}` with {PARTITIONS} partitions"
+    );
+    println!(
+        "  Postgres: {} (schema {schema}, recreated)",
+        config::redact_url(&url)
+    );
+    println!();
+
+    let producer: FutureProducer = crate::kafka::producer_config(&brokers, &KafkaProperties::default())
+        .create()?;
+    let sent = produce_stream(&producer, args.events).await?;
+    println!(
+        "  produced {} messages: {} distinct ids, {} duplicates inside a batch, {} across batches, {} in a re-sent burst, {} without an id",
+        sent.messages, sent.distinct, sent.in_batch, sent.cross_batch, sent.burst, sent.without_id
+    );
+
+    let metrics = Metrics::new();
+    let stop = CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let app = tokio::spawn(crate::app::run(cfg, stop.clone(), metrics.clone(), Some(tx)));
+    let running = rx.await.context("the pipeline did not start")?;
+
+    // Wait until everything is consumed, settled and acknowledged on the output topic.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut first_consumed: Option<Instant> = None;
+    let expected_dups = (sent.messages - sent.distinct - sent.without_id) as u64;
+    loop {
+        let consumed = metrics.consumed_total();
+        if consumed > 0 && first_consumed.is_none() {
+            first_consumed = Some(Instant::now());
+        }
+        let settled = metrics.events_gated.get() + metrics.duplicates_total() + metrics.dead_lettered_total();
+        if consumed as usize >= sent.messages
+            && settled >= consumed
+            && metrics.events_forwarded.get() >= metrics.events_gated.get()
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            stop.cancel();
+            bail!(
+                "timed out: consumed {consumed}/{}, forwarded {}",
+                sent.messages,
+                metrics.events_forwarded.get()
+            );
+        }
+        if app.is_finished() {
+            bail!("the pipeline stopped early: {:?}", app.await);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = first_consumed.map_or(Duration::ZERO, |t| t.elapsed());
+
+    let verified = read_output(&brokers, metrics.events_forwarded.get() as usize)?;
+    let duplicates = metrics.duplicates_total();
+    let forwarded = metrics.events_forwarded.get();
+    let rate = sent.messages as f64 / elapsed.as_secs_f64().max(1e-6);
+
+    println!("  consumed                   {:>8}", metrics.consumed_total());
+    println!(
+        "  duplicates avoided         {:>8}   (expected {expected_dups})",
+        duplicates
+    );
+    println!("  forwarded to `{OUTPUT}`  {:>8}", forwarded);
+    println!(
+        "  dead-lettered              {:>8}   (`{INPUT}.dlq`, reason missing_id)",
+        metrics.dead_lettered_total()
+    );
+    println!(
+        "  output read back           {:>8} messages, {} distinct ids, {} repeats, {}",
+        verified.messages,
+        verified.distinct,
+        verified.messages - verified.distinct,
+        if verified.in_order {
+            "input order kept per partition"
+        } else {
+            "ORDER BROKEN"
+        }
+    );
+    println!(
+        "  throughput                 {:>8.0} events/s ({} messages in {:.2}s, first consume to last output ack)",
+        rate,
+        sent.messages,
+        elapsed.as_secs_f64()
+    );
+    println!();
+
+    let ok = verified.distinct == sent.distinct
+        && verified.messages == sent.distinct
+        && verified.in_order
+        && duplicates == expected_dups;
+    if ok {
+        println!(
+            "  VERIFIED: every distinct id reached `{OUTPUT}` exactly once; {duplicates} duplicates never left the gate."
+        );
+    } else {
+        println!("  NOT VERIFIED: the output does not match the input (see the counts above).");
+    }
+    println!();
+    if args.hold {
+        println!(
+            "  metrics: http://{}/metrics  (Ctrl-C to stop)",
+            running.admin_addr
+        );
+        let _ = tokio::signal::ctrl_c().await;
+    } else {
+        println!(
+            "  metrics were served at http://{}/metrics during the run (add --hold to keep them up)",
+            running.admin_addr
+        );
+    }
+    stop.cancel();
+    app.await??;
+    drop(cluster);
+    if !ok {
+        bail!("output verification failed");
+    }
+    Ok(())
+}
+
+async fn free_or_ephemeral(addr: &str) -> String {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => {
+            drop(l);
+            addr.to_string()
+        }
+        Err(_) => "127.0.0.1:0".to_string(),
+    }
+}
+
+fn record<'a>(id: &'a str, key: &'a str, value: &'a str) -> FutureRecord<'a, str, str> {
+    FutureRecord::to(INPUT)
+        .key(key)
+        .payload(value)
+        .headers(OwnedHeaders::new().insert(Header {
+            key: "event-id",
+            value: Some(id.as_bytes()),
+        }))
+}
+
+/// Produces `distinct` orders with duplicates: some re-sent at once (same batch), some
+/// re-sent later (another batch), the first tenth re-sent as a burst at the end (what a
+/// replay or a producer restart does), and a few messages without any id.
+async fn produce_stream(producer: &FutureProducer, distinct: usize) -> anyhow::Result<Sent> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut sent = Sent {
+        messages: 0,
+        distinct,
+        in_batch: 0,
+        cross_batch: 0,
+        burst: 0,
+        without_id: 0,
+    };
+    let mut later: Vec<usize> = Vec::new();
+    let mut deliveries = Vec::new();
+    let event = |i: usize| {
+        let id = format!("order-{i:07}");
+        let key = format!("customer-{}", i % 97);
+        let value = format!(r#"{{"id":"{id}","customer":"{key}","seq":{i},"amount_cents":{}}}"#, (i * 7919) % 100_000);
+        (id, key, value)
+    };
+    for i in 0..distinct {
+        let (id, key, value) = event(i);
+        deliveries.push(producer.send_result(record(&id, &key, &value)).map_err(|(e, _)| e)?);
+        sent.messages += 1;
+        let roll: f64 = rng.random();
+        if roll < 0.10 {
+            deliveries.push(producer.send_result(record(&id, &key, &value)).map_err(|(e, _)| e)?);
+            sent.in_batch += 1;
+            sent.messages += 1;
+        } else if roll < 0.20 {
+            later.push(i);
+        }
+        if i % 2000 == 1999 {
+            for j in later.drain(..) {
+                let (id, key, value) = event(j);
+                deliveries.push(producer.send_result(record(&id, &key, &value)).map_err(|(e, _)| e)?);
+                sent.cross_batch += 1;
+                sent.messages += 1;
+            }
+        }
+        if i % 5000 == 2500 {
+            let bad = FutureRecord::<str, str>::to(INPUT).key("no-id").payload("not json, no event-id header");
+            deliveries.push(producer.send_result(bad).map_err(|(e, _)| e)?);
+            sent.without_id += 1;
+            sent.messages += 1;
+        }
+        if deliveries.len() >= 10_000 {
+            for d in deliveries.drain(..) {
+                d.await?.map_err(|(e, _)| e)?;
+            }
+        }
+    }
+    for j in later.drain(..) {
+        let (id, key, value) = event(j);
+        deliveries.push(producer.send_result(record(&id, &key, &value)).map_err(|(e, _)| e)?);
+        sent.cross_batch += 1;
+        sent.messages += 1;
+    }
+    for i in 0..distinct / 10 {
+        let (id, key, value) = event(i);
+        deliveries.push(producer.send_result(record(&id, &key, &value)).map_err(|(e, _)| e)?);
+        sent.burst += 1;
+        sent.messages += 1;
+    }
+    for d in deliveries {
+        d.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(sent)
+}
+
+struct Verified {
+    messages: usize,
+    distinct: usize,
+    in_order: bool,
+}
+
+/// Reads the whole output topic and checks ids are unique and `seq` rises per partition.
+fn read_output(brokers: &str, expect: usize) -> anyhow::Result<Verified> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "kdedup-demo-verify")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset(OUTPUT, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut ids = HashSet::new();
+    let mut last_seq: HashMap<i32, u64> = HashMap::new();
+    let mut in_order = true;
+    let mut messages = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut idle_since = Instant::now();
+    while Instant::now() < deadline {
+        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+            if messages >= expect && idle_since.elapsed() > Duration::from_millis(500) {
+                break;
+            }
+            continue;
+        };
+        let m = m?;
+        idle_since = Instant::now();
+        messages += 1;
+        let id = m
+            .headers()
+            .and_then(|hs| hs.iter().find(|h| h.key == "kdedup-event-id"))
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default();
+        ids.insert(id);
+        let value: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default())?;
+        let seq = value["seq"].as_u64().unwrap_or_default();
+        // Output partition = input partition, and first sightings were produced with
+        // rising seq, so seq must rise within each output partition.
+        if let Some(prev) = last_seq.insert(m.partition(), seq) {
+            if prev >= seq {
+                in_order = false;
+            }
+        }
+    }
+    Ok(Verified {
+        messages,
+        distinct: ids.len(),
+        in_order,
+    })
+}

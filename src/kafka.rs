@@ -1,0 +1,272 @@
+//! Kafka clients: how each one is configured, the consumer's rebalance bookkeeping, and
+//! creation of the output and dead-letter topics.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::FutureProducer;
+use rdkafka::ClientConfig;
+use tracing::{info, warn};
+
+use crate::admin::Health;
+use crate::config::KafkaProperties;
+use crate::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaSetupError {
+    #[error("kafka client could not be created: {0}")]
+    Client(#[source] KafkaError),
+    #[error("input topic {topic:?} does not exist (or this principal cannot Describe it); create it first or grant DESCRIBE on it")]
+    MissingInputTopic { topic: String },
+    #[error("broker refused to create topic {topic:?}: {reason}. Create it yourself, or grant this principal the CREATE permission on the topic (or cluster), or set KDEDUP_CREATE_TOPICS=false if it exists")]
+    CreateTopic { topic: String, reason: String },
+    #[error("could not read cluster metadata from {brokers}: {source}. Check KDEDUP_BROKERS and the security settings (KDEDUP_KAFKA_SECURITY_PROTOCOL, ...)")]
+    Metadata {
+        brokers: String,
+        #[source]
+        source: KafkaError,
+    },
+}
+
+/// Settings every kdedup Kafka client shares.
+pub fn base_config(brokers: &str, props: &KafkaProperties) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("client.id", "kdedup");
+    props.apply(&mut c);
+    c
+}
+
+/// Consumer: offsets are stored by kdedup after the Postgres commit, and committed by
+/// librdkafka's auto-commit (which also commits them on revoke and close).
+pub fn consumer_config(brokers: &str, group_id: &str, props: &KafkaProperties) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("client.id", "kdedup")
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set("statistics.interval.ms", "5000");
+    props.apply(&mut c);
+    // Applied last: the whole design depends on it.
+    c.set("enable.auto.offset.store", "false");
+    c
+}
+
+/// Producer for the output and dead-letter topics: idempotent, `acks=all`, so a retried
+/// produce neither duplicates nor reorders within a partition.
+pub fn producer_config(brokers: &str, props: &KafkaProperties) -> ClientConfig {
+    let mut c = base_config(brokers, props);
+    c.set_default("linger.ms", "5");
+    c.set_default("compression.type", "lz4");
+    c.set("enable.idempotence", "true").set("acks", "all");
+    c
+}
+
+trait SetDefault {
+    fn set_default(&mut self, key: &str, value: &str) -> &mut Self;
+}
+
+impl SetDefault for ClientConfig {
+    fn set_default(&mut self, key: &str, value: &str) -> &mut Self {
+        if self.get(key).is_none() {
+            self.set(key, value);
+        }
+        self
+    }
+}
+
+/// Rebalance state shared between librdkafka's callbacks and the rest of the process.
+pub struct ConsumerState {
+    /// `consumer_joined` is set once an assignment arrived (even an empty one).
+    pub health: Arc<Health>,
+    pub metrics: Metrics,
+}
+
+/// The consumer's context: logs and records rebalances.
+pub struct KdedupContext {
+    pub state: Arc<ConsumerState>,
+}
+
+impl ClientContext for KdedupContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        warn!(error = %error, reason, "kafka client error");
+    }
+
+    /// librdkafka statistics (every `statistics.interval.ms`): lag per assigned partition,
+    /// measured against the stored offset, i.e. against durable work.
+    fn stats(&self, stats: rdkafka::Statistics) {
+        let lag = &self.state.metrics.consumer_lag;
+        lag.reset();
+        for (topic, t) in &stats.topics {
+            for (partition, p) in &t.partitions {
+                if *partition < 0 || p.fetch_state != "active" || p.consumer_lag_stored < 0 {
+                    continue;
+                }
+                lag.with_label_values(&[topic.as_str(), &partition.to_string()])
+                    .set(p.consumer_lag_stored);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for KdedupContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            // Stored offsets cover only durable work, and librdkafka's auto-commit commits
+            // them before the revoke completes. Work not yet durable is redelivered to the
+            // next owner and absorbed by the gate.
+            info!(partitions = tpl.count(), "partitions revoked");
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let parts: Vec<String> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| format!("{}/{}", e.topic(), e.partition()))
+                    .collect();
+                info!(partitions = ?parts, "partitions assigned");
+                self.state.metrics.assigned_partitions.set(tpl.count() as i64);
+                self.state.health.consumer_joined.store(true, Ordering::Release);
+                self.state.metrics.consumer_joined.set(1);
+            }
+            Rebalance::Revoke(_) => {
+                self.state.metrics.assigned_partitions.set(0);
+            }
+            Rebalance::Error(e) => {
+                warn!(error = %e, "rebalance error");
+            }
+        }
+    }
+}
+
+pub type Consumer = StreamConsumer<KdedupContext>;
+
+pub fn consumer(
+    brokers: &str,
+    group_id: &str,
+    props: &KafkaProperties,
+    state: Arc<ConsumerState>,
+) -> Result<Consumer, KafkaSetupError> {
+    consumer_config(brokers, group_id, props)
+        .create_with_context(KdedupContext { state })
+        .map_err(KafkaSetupError::Client)
+}
+
+pub fn producer(brokers: &str, props: &KafkaProperties) -> Result<FutureProducer, KafkaSetupError> {
+    producer_config(brokers, props)
+        .create()
+        .map_err(KafkaSetupError::Client)
+}
+
+/// Partition count of each named topic; `None` when the topic does not exist.
+pub fn partition_count(
+    producer: &FutureProducer,
+    brokers: &str,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Option<usize>, KafkaSetupError> {
+    use rdkafka::producer::Producer;
+    let md = producer
+        .client()
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|source| KafkaSetupError::Metadata {
+            brokers: brokers.to_string(),
+            source,
+        })?;
+    Ok(md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.partitions().len()))
+}
+
+/// Creates each topic in `topics` that does not exist yet, with `partitions` partitions.
+pub async fn ensure_topics(
+    brokers: &str,
+    props: &KafkaProperties,
+    topics: &[&str],
+    partitions: i32,
+    replication: i32,
+) -> Result<(), KafkaSetupError> {
+    let admin: AdminClient<DefaultClientContext> = base_config(brokers, props)
+        .create()
+        .map_err(KafkaSetupError::Client)?;
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(new_topics.iter(), &opts)
+        .await
+        .map_err(|e| KafkaSetupError::CreateTopic {
+            topic: topics.join(","),
+            reason: e.to_string(),
+        })?;
+    for result in results {
+        match result {
+            Ok(topic) => info!(topic, partitions, "created topic"),
+            Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                tracing::debug!(topic, "topic exists")
+            }
+            Err((topic, code)) => {
+                let reason = if code == RDKafkaErrorCode::TopicAuthorizationFailed
+                    || code == RDKafkaErrorCode::ClusterAuthorizationFailed
+                {
+                    format!("{code} (this principal lacks the CREATE permission)")
+                } else {
+                    code.to_string()
+                };
+                return Err(KafkaSetupError::CreateTopic { topic, reason });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `retention.ms` of each topic, in seconds (-1 when unlimited).
+pub async fn retention_seconds(
+    brokers: &str,
+    props: &KafkaProperties,
+    topics: &[String],
+) -> Result<Vec<(String, i64)>, KafkaError> {
+    use rdkafka::admin::ResourceSpecifier;
+    let admin: AdminClient<DefaultClientContext> = base_config(brokers, props).create()?;
+    let specs: Vec<ResourceSpecifier<'_>> = topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let mut out = Vec::new();
+    for (topic, result) in topics.iter().zip(admin.describe_configs(specs.iter(), &opts).await?) {
+        let Ok(resource) = result else { continue };
+        let Some(ms) = resource
+            .get("retention.ms")
+            .and_then(|e| e.value.as_deref())
+            .and_then(|v| v.parse::<i64>().ok())
+        else {
+            continue;
+        };
+        out.push((topic.clone(), if ms < 0 { -1 } else { ms / 1000 }));
+    }
+    Ok(out)
+}
+
+/// True for produce errors that are about the message itself (retrying cannot help).
+pub fn is_permanent_produce_error(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge)
+            | Some(RDKafkaErrorCode::InvalidRecord)
+            | Some(RDKafkaErrorCode::TopicAuthorizationFailed)
+    )
+}

@@ -1,0 +1,144 @@
+//! The `kdedup` binary: parse and validate config, init telemetry, run until a signal,
+//! drain with a deadline. Everything else lives in the library.
+
+use std::process::ExitCode;
+
+
+use clap::Parser;
+use kdedup::config::{Cli, Command, ProcessEnv, EX_USAGE};
+use kdedup::metrics::Metrics;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { EX_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code as u8);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async_main(cli))
+}
+
+async fn async_main(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Run(args) => {
+            let cfg = match args.validate(&ProcessEnv) {
+                Ok(cfg) => cfg,
+                Err(e) => return usage_error(e),
+            };
+            kdedup::telemetry::init();
+            info!(config = ?cfg, version = env!("CARGO_PKG_VERSION"), "starting kdedup");
+            let shutdown_timeout = cfg.shutdown_timeout;
+            let stop = CancellationToken::new();
+            let mut app = tokio::spawn(kdedup::app::run(cfg, stop.clone(), Metrics::new(), None));
+            let result = tokio::select! {
+                r = &mut app => r,
+                signal = shutdown_signal() => {
+                    info!(signal, deadline_s = shutdown_timeout.as_secs_f64(), "stopping: draining");
+                    stop.cancel();
+                    match tokio::time::timeout(shutdown_timeout, &mut app).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            warn!("drain deadline reached; exiting with work left (it will be redelivered and absorbed by the gate)");
+                            return ExitCode::SUCCESS;
+                        }
+                    }
+                }
+            };
+            match result {
+                Ok(Ok(())) => {
+                    info!("stopped cleanly");
+                    ExitCode::SUCCESS
+                }
+                Ok(Err(e)) => {
+                    error!(error = format!("{e:#}"), "kdedup failed");
+                    ExitCode::FAILURE
+                }
+                Err(join) => {
+                    error!(error = %join, "kdedup crashed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Migrate(args) => {
+            let db = match args.validate(&ProcessEnv) {
+                Ok(db) => db,
+                Err(e) => return usage_error(e),
+            };
+            kdedup::telemetry::init();
+            let result = async {
+                let pool = kdedup::db::pool(&db)?;
+                kdedup::db::migrate(&pool, &db.schema).await?;
+                anyhow::Ok(())
+            }
+            .await;
+            match result {
+                Ok(()) => {
+                    info!(schema = db.schema, "migrations applied");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    error!(error = format!("{e:#}"), "migration failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Prune(args) => {
+            let (db, settings) = match args.db.validate(&ProcessEnv).and_then(|db| Ok((db, args.prune.validate()?))) {
+                Ok(x) => x,
+                Err(e) => return usage_error(e),
+            };
+            kdedup::telemetry::init();
+            let result = async {
+                let mut conn = kdedup::db::dedicated_connection(&db).await?;
+                let metrics = Metrics::new();
+                let n = kdedup::pruner::prune_round(&mut conn, chrono::Utc::now(), &settings, &metrics, &CancellationToken::new()).await?;
+                anyhow::Ok(n)
+            }
+            .await;
+            match result {
+                Ok(n) => {
+                    info!(rows = n, schema = db.schema, "pruned expired rows");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    error!(error = format!("{e:#}"), "prune failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo(args) => {
+            kdedup::telemetry::init_for_demo();
+            match kdedup::demo::run(args, &ProcessEnv).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("demo failed: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn usage_error(e: kdedup::config::ConfigError) -> ExitCode {
+    eprintln!("kdedup: {e}");
+    ExitCode::from(EX_USAGE as u8)
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+

@@ -1,0 +1,539 @@
+//! The consume → identify → gate loop.
+//!
+//! Contract:
+//! - A batch is bounded by `--batch-size`, `--batch-max-bytes` and `--batch-linger`, and
+//!   keeps the order messages arrived in (which is per-partition offset order).
+//! - Every message of a batch ends in exactly one of: forwarded (gate row + outbox row
+//!   committed), duplicate (gate row already there), dead-lettered (acknowledged by the
+//!   broker on the DLQ topic). Only once all three are durable are the batch's offsets
+//!   stored; librdkafka's auto-commit then commits them.
+//! - A Postgres or DLQ failure retries the same batch with capped, jittered backoff. On
+//!   shutdown an unfinished batch is abandoned: its offsets were never stored, so it is
+//!   redelivered and the gate absorbs whatever part of it did commit.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer as _};
+use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::config::RunConfig;
+use crate::db::{self, GateOutcome, GateRow};
+use crate::headers::{self, Headers};
+use crate::identity::{MessageView, Rejection};
+use crate::kafka::Consumer;
+use crate::metrics::Metrics;
+use crate::retry::Backoff;
+
+/// Header names kdedup writes.
+pub mod header {
+    pub const EVENT_ID: &str = "kdedup-event-id";
+    pub const SOURCE: &str = "kdedup-source";
+    pub const DLQ_REASON: &str = "kdedup-dlq-reason";
+    pub const DLQ_ERROR: &str = "kdedup-dlq-error";
+    pub const SOURCE_TOPIC: &str = "kdedup-source-topic";
+    pub const SOURCE_PARTITION: &str = "kdedup-source-partition";
+    pub const SOURCE_OFFSET: &str = "kdedup-source-offset";
+    pub const SOURCE_TIMESTAMP: &str = "kdedup-source-timestamp";
+}
+
+/// An input message copied out of librdkafka's buffer, so a batch can outlive a poll.
+#[derive(Debug, Clone)]
+pub struct InputMessage {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Headers,
+}
+
+impl InputMessage {
+    pub fn from_kafka(m: &BorrowedMessage<'_>) -> Self {
+        let headers = m
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        InputMessage {
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis(),
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec),
+            headers,
+        }
+    }
+
+    /// Bytes this message holds in memory (what `--batch-max-bytes` bounds).
+    pub fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len)
+            + self.value.as_ref().map_or(0, Vec::len)
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+                .sum::<usize>()
+    }
+
+    fn view(&self) -> MessageView<'_> {
+        MessageView {
+            key: self.key.as_deref(),
+            value: self.value.as_deref(),
+            headers: &self.headers,
+        }
+    }
+}
+
+/// How a batch's events were settled.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BatchSummary {
+    pub forwarded: usize,
+    pub duplicates: usize,
+    pub dead_lettered: usize,
+}
+
+/// Where duplicates come from, for `kdedup_duplicates_total{cause}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Consumed from the input topics by `kdedup run`.
+    Live,
+    /// Re-fed by `kdedup replay`.
+    Replay,
+}
+
+/// Everything the gate step needs; shared by `kdedup run` and `kdedup replay`.
+#[derive(Clone)]
+pub struct Gate {
+    pub cfg: Arc<RunConfig>,
+    pub pool: PgPool,
+    pub dlq: FutureProducer,
+    pub metrics: Metrics,
+    pub relay_wakeup: Arc<Notify>,
+    pub origin: Origin,
+}
+
+/// The batch was not made durable because a stop was requested.
+#[derive(Debug)]
+pub struct Abandoned;
+
+fn payload_hash(value: Option<&[u8]>) -> Vec<u8> {
+    // Truncated SHA-256: 16 bytes tell payloads apart with no realistic collision and
+    // keep the row small.
+    Sha256::digest(value.unwrap_or_default())[..16].to_vec()
+}
+
+impl Gate {
+    /// Settles every message of `batch` durably (see the module contract), retrying on
+    /// failure until it succeeds or `stop` fires.
+    pub async fn settle(
+        &self,
+        batch: Vec<InputMessage>,
+        stop: &CancellationToken,
+    ) -> Result<BatchSummary, Abandoned> {
+        let started = Instant::now();
+        let mut summary = BatchSummary::default();
+        let mut rejected: Vec<(InputMessage, Rejection)> = Vec::new();
+        let mut candidates: Vec<GateRow> = Vec::with_capacity(batch.len());
+        let mut first_in_batch: HashMap<(String, String), usize> = HashMap::new();
+        let mut in_batch_duplicates = 0usize;
+
+        for msg in batch {
+            self.metrics
+                .events_consumed
+                .with_label_values(&[&msg.topic])
+                .inc();
+            let identity = self
+                .cfg
+                .scope
+                .extract(&msg.view())
+                .and_then(|scope| Ok((scope, self.cfg.id.extract(&msg.view())?)));
+            let (scope, event_id) = match identity {
+                Ok(identity) => identity,
+                Err(rejection) => {
+                    rejected.push((msg, rejection));
+                    continue;
+                }
+            };
+            let hash = payload_hash(msg.value.as_deref());
+            match first_in_batch.get(&(scope.clone(), event_id.clone())) {
+                Some(&first) => {
+                    in_batch_duplicates += 1;
+                    let f = &candidates[first];
+                    if f.payload_hash != hash {
+                        warn!(event_id, scope, topic = msg.topic, partition = msg.partition, offset = msg.offset,
+                              first_topic = f.topic, first_partition = f.partition, first_offset = f.offset,
+                              "same event id with a different payload");
+                    }
+                    debug!(event_id, scope, topic = msg.topic, partition = msg.partition, offset = msg.offset,
+                           cause = "upstream", "duplicate within batch");
+                    self.metrics
+                        .duplicates
+                        .with_label_values(&[self.cause_for(false)])
+                        .inc();
+                }
+                None => {
+                    first_in_batch.insert((scope.clone(), event_id.clone()), candidates.len());
+                    candidates.push(GateRow {
+                        scope,
+                        event_id,
+                        topic: msg.topic,
+                        partition: msg.partition,
+                        offset: msg.offset,
+                        timestamp_ms: msg.timestamp_ms,
+                        payload_hash: hash,
+                        key: msg.key,
+                        value: msg.value,
+                        headers: headers::encode(&msg.headers),
+                    });
+                }
+            }
+        }
+        summary.duplicates += in_batch_duplicates;
+
+        // Dead letters first: they are durable once acknowledged, and a retry of the gate
+        // below must not send them twice.
+        if !rejected.is_empty() {
+            self.dead_letter(&rejected, stop).await?;
+            summary.dead_lettered = rejected.len();
+        }
+
+        let outcomes = self.gate_with_retry(&candidates, stop).await?;
+        let committed_at = chrono::Utc::now().timestamp_millis();
+        for (row, outcome) in candidates.iter().zip(&outcomes) {
+            match outcome {
+                GateOutcome::Forwarded => {
+                    summary.forwarded += 1;
+                    debug!(event_id = row.event_id, scope = row.scope, topic = row.topic,
+                           partition = row.partition, offset = row.offset, "first sighting, queued for output");
+                    if let Some(ts) = row.timestamp_ms {
+                        let secs = (committed_at - ts).max(0) as f64 / 1000.0;
+                        self.metrics
+                            .latency
+                            .with_label_values(&["input_to_commit"])
+                            .observe(secs);
+                    }
+                }
+                GateOutcome::Duplicate {
+                    first,
+                    payload_differs,
+                } => {
+                    summary.duplicates += 1;
+                    let same_position = first.as_ref().is_some_and(|f| {
+                        f.topic == row.topic && f.partition == row.partition && f.offset == row.offset
+                    });
+                    let cause = self.cause_for(same_position);
+                    self.metrics.duplicates.with_label_values(&[cause]).inc();
+                    if *payload_differs {
+                        let f = first.as_ref().expect("payload_differs implies a first sighting");
+                        warn!(event_id = row.event_id, scope = row.scope, topic = row.topic,
+                              partition = row.partition, offset = row.offset,
+                              first_topic = f.topic, first_partition = f.partition, first_offset = f.offset,
+                              "same event id with a different payload");
+                    }
+                    debug!(event_id = row.event_id, scope = row.scope, topic = row.topic,
+                           partition = row.partition, offset = row.offset, cause, "duplicate, not forwarded");
+                }
+            }
+        }
+        self.metrics.events_gated.inc_by(summary.forwarded as u64);
+        if summary.forwarded > 0 {
+            self.relay_wakeup.notify_one();
+        }
+        self.metrics
+            .batch_duration
+            .observe(started.elapsed().as_secs_f64());
+        Ok(summary)
+    }
+
+    fn cause_for(&self, same_position: bool) -> &'static str {
+        match (self.origin, same_position) {
+            (Origin::Replay, _) => "replay",
+            (Origin::Live, true) => "redelivery",
+            (Origin::Live, false) => "upstream",
+        }
+    }
+
+    async fn gate_with_retry(
+        &self,
+        rows: &[GateRow],
+        stop: &CancellationToken,
+    ) -> Result<Vec<GateOutcome>, Abandoned> {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        loop {
+            match db::gate(&self.pool, rows, self.cfg.ttl).await {
+                Ok(outcomes) => {
+                    self.metrics.postgres_up.set(1);
+                    return Ok(outcomes);
+                }
+                Err(e) => {
+                    self.metrics.gate_retries.inc();
+                    let delay = backoff.next_delay();
+                    if e.is_transient() {
+                        self.metrics.postgres_up.set(0);
+                        warn!(error = %e, retry_in_ms = delay.as_millis() as u64, rows = rows.len(),
+                              "gate transaction failed; retrying the batch");
+                    } else {
+                        error!(error = %e, retry_in_ms = delay.as_millis() as u64, rows = rows.len(),
+                               "gate transaction failed with a non-transient error; retrying the batch");
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return Err(Abandoned),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        rejected: &[(InputMessage, Rejection)],
+        stop: &CancellationToken,
+    ) -> Result<(), Abandoned> {
+        let mut pending: Vec<usize> = (0..rejected.len()).collect();
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        loop {
+            let mut deliveries = Vec::with_capacity(pending.len());
+            for &i in &pending {
+                let (msg, why) = &rejected[i];
+                let record = dlq_record(&self.cfg.dlq_topic, msg, why);
+                deliveries.push(self.dlq.send(record, Duration::from_secs(30)));
+            }
+            let results = futures::future::join_all(deliveries).await;
+            let mut failed = Vec::new();
+            for (&i, result) in pending.iter().zip(results) {
+                let (msg, why) = &rejected[i];
+                match result {
+                    Ok(_) => {
+                        self.metrics
+                            .dead_lettered
+                            .with_label_values(&[why.reason()])
+                            .inc();
+                        warn!(topic = msg.topic, partition = msg.partition, offset = msg.offset,
+                              reason = why.reason(), error = %why, "message dead-lettered");
+                    }
+                    Err((e, _)) => {
+                        error!(topic = msg.topic, partition = msg.partition, offset = msg.offset,
+                               dlq_topic = self.cfg.dlq_topic, error = %e, "dead-letter produce failed; retrying");
+                        failed.push(i);
+                    }
+                }
+            }
+            if failed.is_empty() {
+                return Ok(());
+            }
+            pending = failed;
+            tokio::select! {
+                _ = stop.cancelled() => return Err(Abandoned),
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    }
+}
+
+fn dlq_record<'a>(
+    topic: &'a str,
+    msg: &'a InputMessage,
+    why: &Rejection,
+) -> FutureRecord<'a, Vec<u8>, Vec<u8>> {
+    let mut hs = OwnedHeaders::new_with_capacity(msg.headers.len() + 6);
+    for (k, v) in &msg.headers {
+        hs = hs.insert(Header {
+            key: k,
+            value: v.as_deref(),
+        });
+    }
+    let partition = msg.partition.to_string();
+    let offset = msg.offset.to_string();
+    let timestamp = msg.timestamp_ms.map(|t| t.to_string()).unwrap_or_default();
+    let error_text = why.to_string();
+    for (k, v) in [
+        (header::DLQ_REASON, why.reason()),
+        (header::DLQ_ERROR, error_text.as_str()),
+        (header::SOURCE_TOPIC, msg.topic.as_str()),
+        (header::SOURCE_PARTITION, partition.as_str()),
+        (header::SOURCE_OFFSET, offset.as_str()),
+        (header::SOURCE_TIMESTAMP, timestamp.as_str()),
+    ] {
+        hs = hs.insert(Header {
+            key: k,
+            value: Some(v.as_bytes()),
+        });
+    }
+    let mut record = FutureRecord::to(topic).headers(hs);
+    if let Some(k) = &msg.key {
+        record = record.key(k);
+    }
+    if let Some(v) = &msg.value {
+        record = record.payload(v);
+    }
+    if let Some(ts) = msg.timestamp_ms {
+        record = record.timestamp(ts);
+    }
+    record
+}
+
+/// Next offset to read per partition: one past the last message of the batch.
+pub fn next_offsets(batch: &[InputMessage]) -> BTreeMap<(String, i32), i64> {
+    let mut next = BTreeMap::new();
+    for m in batch {
+        let e = next.entry((m.topic.clone(), m.partition)).or_insert(m.offset + 1);
+        *e = (*e).max(m.offset + 1);
+    }
+    next
+}
+
+/// The consumer loop of `kdedup run`.
+pub struct Pipeline {
+    pub gate: Gate,
+    pub consumer: Arc<Consumer>,
+}
+
+impl Pipeline {
+    pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
+        let topics: Vec<&str> = self.gate.cfg.input_topics.iter().map(String::as_str).collect();
+        self.consumer.subscribe(&topics)?;
+        info!(topics = ?topics, group_id = self.gate.cfg.group_id, "consuming");
+        // Offsets made durable so far, for the final commit.
+        let mut durable: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        loop {
+            let batch = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                batch = self.collect_batch() => batch,
+            };
+            if batch.is_empty() {
+                continue;
+            }
+            let next = next_offsets(&batch);
+            self.gate.metrics.batch_size.observe(batch.len() as f64);
+            match self.gate.settle(batch, &stop).await {
+                Ok(_) => {}
+                Err(Abandoned) => {
+                    info!("stop requested; unfinished batch abandoned, it will be redelivered");
+                    break;
+                }
+            }
+            self.store_offsets(&next);
+            durable.extend(next);
+        }
+        self.final_commit(&durable);
+        self.consumer.unsubscribe();
+        Ok(())
+    }
+
+    /// Waits for a first message, then fills the batch until it is full or the linger
+    /// time since that first message has passed.
+    async fn collect_batch(&self) -> Vec<InputMessage> {
+        let cfg = &self.gate.cfg;
+        let mut batch = Vec::new();
+        let mut bytes = 0usize;
+        let mut deadline: Option<tokio::time::Instant> = None;
+        while batch.len() < cfg.batch_size && bytes < cfg.batch_max_bytes {
+            let next = match deadline {
+                None => Ok(self.consumer.recv().await),
+                Some(d) => tokio::time::timeout_at(d, self.consumer.recv()).await,
+            };
+            match next {
+                Err(_elapsed) => break,
+                Ok(Ok(m)) => {
+                    let msg = InputMessage::from_kafka(&m);
+                    bytes += msg.size();
+                    batch.push(msg);
+                    deadline.get_or_insert_with(|| tokio::time::Instant::now() + cfg.batch_linger);
+                }
+                Ok(Err(e)) => {
+                    warn!(error = %e, "kafka consumer error");
+                    if batch.is_empty() {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    } else {
+                        break;
+                    }
+                }
+            }
+        }
+        batch
+    }
+
+    fn store_offsets(&self, next: &BTreeMap<(String, i32), i64>) {
+        let mut tpl = TopicPartitionList::with_capacity(next.len());
+        for ((topic, partition), offset) in next {
+            if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
+                warn!(topic, partition, error = %e, "cannot express offset");
+            }
+        }
+        if let Err(e) = self.consumer.store_offsets(&tpl) {
+            // The partition was revoked while the batch was in flight: the new owner
+            // re-reads from the last committed offset and the gate absorbs the repeat.
+            debug!(error = %e, "offsets not stored (partition no longer assigned); it will be redelivered");
+        }
+    }
+
+    /// Commits durable offsets of partitions still assigned, synchronously, before leaving
+    /// the group. Partitions assigned elsewhere are left to their new owner.
+    fn final_commit(&self, durable: &BTreeMap<(String, i32), i64>) {
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let mut tpl = TopicPartitionList::new();
+        for e in assignment.elements() {
+            if let Some(offset) = durable.get(&(e.topic().to_string(), e.partition())) {
+                let _ = tpl.add_partition_offset(e.topic(), e.partition(), Offset::Offset(*offset));
+            }
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        match self.consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => info!(partitions = tpl.count(), "committed durable offsets"),
+            Err(e) => warn!(error = %e, "final offset commit failed; uncommitted work will be redelivered and absorbed by the gate"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(topic: &str, partition: i32, offset: i64) -> InputMessage {
+        InputMessage {
+            topic: topic.into(),
+            partition,
+            offset,
+            timestamp_ms: None,
+            key: None,
+            value: None,
+            headers: vec![],
+        }
+    }
+
+    #[test]
+    fn next_offsets_point_past_the_last_message_of_each_partition() {
+        let batch = vec![msg("a", 0, 5), msg("a", 1, 9), msg("a", 0, 6), msg("b", 0, 1)];
+        let next = next_offsets(&batch);
+        assert_eq!(next[&("a".to_string(), 0)], 7);
+        assert_eq!(next[&("a".to_string(), 1)], 10);
+        assert_eq!(next[&("b".to_string(), 0)], 2);
+    }
+
+    #[test]
+    fn payload_hash_tells_payloads_apart() {
+        assert_eq!(payload_hash(Some(b"a")), payload_hash(Some(b"a")));
+        assert_ne!(payload_hash(Some(b"a")), payload_hash(Some(b"b")));
+        assert_eq!(payload_hash(None).len(), 16);
+    }
+}

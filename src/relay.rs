@@ -1,0 +1,314 @@
+//! Outbox relay: publishes committed outbox rows to the output topic, in outbox order,
+//! and deletes them only after the broker acknowledged them.
+//!
+//! One relay per schema publishes at a time: it holds a session-level advisory lock on a
+//! dedicated connection and does all its queries on that connection, so losing the
+//! connection (and with it the lock) also stops it from deleting anything. Other replicas
+//! stand by and retry the lock.
+//!
+//! The one window that can publish a row twice is a crash after the broker's ack and
+//! before the delete commits. Every output message carries `kdedup-event-id` and
+//! `kdedup-source`, so a consumer of the output can recognise such a repeat.
+//!
+//! Order: rows are produced in id order to partition `source_partition % partitions`
+//! with an idempotent producer, so events of one input partition keep their order.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use sqlx::PgConnection;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::config::RunConfig;
+use crate::db::{self, ADVISORY_LOCK_CLASS};
+use crate::headers;
+use crate::kafka;
+use crate::metrics::Metrics;
+use crate::pipeline::header;
+use crate::retry::Backoff;
+
+pub struct Relay {
+    pub cfg: Arc<RunConfig>,
+    pub producer: FutureProducer,
+    pub metrics: Metrics,
+    pub wakeup: Arc<Notify>,
+}
+
+#[derive(sqlx::FromRow)]
+struct OutboxRow {
+    id: i64,
+    event_id: String,
+    source_topic: String,
+    source_partition: i32,
+    source_offset: i64,
+    source_timestamp_ms: Option<i64>,
+    created_at: chrono::DateTime<chrono::Utc>,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    headers: Vec<u8>,
+}
+
+/// Why the relay left its active state.
+enum Exit {
+    Stopped,
+    ConnectionLost(sqlx::Error),
+}
+
+impl Relay {
+    /// Runs until `stop` fires; then publishes what is left in the outbox and returns.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            let mut conn = match db::dedicated_connection(&self.cfg.db).await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "relay cannot reach Postgres; retrying");
+                    self.sleep_or_stop(backoff.next_delay(), &stop).await;
+                    continue;
+                }
+            };
+            let locked: Result<bool, sqlx::Error> =
+                sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext('relay:' || $2))")
+                    .bind(ADVISORY_LOCK_CLASS)
+                    .bind(&self.cfg.db.schema)
+                    .fetch_one(&mut conn)
+                    .await;
+            match locked {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.metrics.relay_active.set(0);
+                    debug!("another relay publishes for this schema; standing by");
+                    self.sleep_or_stop(Duration::from_secs(2), &stop).await;
+                    continue;
+                }
+                Err(e) => {
+                    warn!(error = %e, "relay lock query failed; retrying");
+                    self.sleep_or_stop(backoff.next_delay(), &stop).await;
+                    continue;
+                }
+            }
+            backoff.reset();
+            self.metrics.relay_active.set(1);
+            info!(output_topic = self.cfg.output_topic, "relay active");
+            let exit = self.publish_while_locked(&mut conn, &stop).await;
+            self.metrics.relay_active.set(0);
+            match exit {
+                Exit::Stopped => {
+                    // Closing the connection releases the advisory lock.
+                    let _ = sqlx::Connection::close(conn).await;
+                    info!("relay stopped");
+                    return;
+                }
+                Exit::ConnectionLost(e) => {
+                    warn!(error = %e, "relay lost its Postgres connection (and lock); reacquiring");
+                    self.sleep_or_stop(backoff.next_delay(), &stop).await;
+                }
+            }
+        }
+    }
+
+    async fn sleep_or_stop(&self, d: Duration, stop: &CancellationToken) {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = tokio::time::sleep(d) => {}
+        }
+    }
+
+    async fn output_partitions(&self, stop: &CancellationToken) -> Option<i32> {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            let producer = self.producer.clone();
+            let brokers = self.cfg.brokers.clone();
+            let topic = self.cfg.output_topic.clone();
+            let found = tokio::task::spawn_blocking(move || {
+                kafka::partition_count(&producer, &brokers, &topic, Duration::from_secs(5))
+            })
+            .await
+            .expect("metadata task does not panic");
+            match found {
+                Ok(Some(n)) => return Some(n as i32),
+                Ok(None) => warn!(output_topic = self.cfg.output_topic,
+                                  "output topic does not exist; create it (or leave KDEDUP_CREATE_TOPICS on)"),
+                Err(e) => warn!(error = %e, "cannot read output topic metadata; retrying"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    }
+
+    async fn publish_while_locked(&self, conn: &mut PgConnection, stop: &CancellationToken) -> Exit {
+        let Some(partitions) = self.output_partitions(stop).await else {
+            return Exit::Stopped;
+        };
+        let mut last_backlog_check = Instant::now() - Duration::from_secs(60);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        loop {
+            let stopping = stop.is_cancelled();
+            let rows: Vec<OutboxRow> = match sqlx::query_as(
+                "SELECT id, event_id, source_topic, source_partition, source_offset, source_timestamp_ms, \
+                        created_at, key, value, headers \
+                 FROM outbox ORDER BY id LIMIT $1",
+            )
+            .bind(self.cfg.relay_batch_size as i64)
+            .fetch_all(&mut *conn)
+            .await
+            {
+                Ok(rows) => rows,
+                Err(e) => return Exit::ConnectionLost(e),
+            };
+            if rows.is_empty() {
+                self.metrics.outbox_backlog.set(0);
+                if stopping {
+                    return Exit::Stopped;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = self.wakeup.notified() => {}
+                    // Rows written by other replicas do not wake this process.
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+                continue;
+            }
+            let started = Instant::now();
+            let full_round = rows.len() == self.cfg.relay_batch_size;
+            let (acked, failed) = self.publish(&rows, partitions).await;
+            if !acked.is_empty() {
+                if let Err(e) = sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+                    .bind(&acked)
+                    .execute(&mut *conn)
+                    .await
+                {
+                    // These rows will be published again by whoever holds the lock next;
+                    // the kdedup-event-id header makes the repeat recognisable.
+                    return Exit::ConnectionLost(e);
+                }
+                self.metrics.events_forwarded.inc_by(acked.len() as u64);
+            }
+            self.metrics
+                .relay_publish_duration
+                .observe(started.elapsed().as_secs_f64());
+            if full_round && last_backlog_check.elapsed() > Duration::from_secs(1) {
+                last_backlog_check = Instant::now();
+                if let Ok(n) = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox")
+                    .fetch_one(&mut *conn)
+                    .await
+                {
+                    self.metrics.outbox_backlog.set(n);
+                }
+            } else if !full_round {
+                self.metrics.outbox_backlog.set(0);
+            }
+            if failed > 0 {
+                if stopping {
+                    return Exit::Stopped;
+                }
+                self.sleep_or_stop(backoff.next_delay(), stop).await;
+            } else {
+                backoff.reset();
+            }
+        }
+    }
+
+    /// Produces `rows` in order and waits for every acknowledgement. Returns the ids the
+    /// broker acknowledged and how many failed (those stay in the outbox).
+    async fn publish(&self, rows: &[OutboxRow], partitions: i32) -> (Vec<i64>, usize) {
+        let mut deliveries = Vec::with_capacity(rows.len());
+        for row in rows {
+            let input_headers = match headers::decode(&row.headers) {
+                Ok(h) => h,
+                Err(e) => {
+                    error!(event_id = row.event_id, outbox_id = row.id, error = %e,
+                           "outbox row has corrupt headers; publishing without them");
+                    Vec::new()
+                }
+            };
+            let source = format!("{}/{}/{}", row.source_topic, row.source_partition, row.source_offset);
+            let mut hs = OwnedHeaders::new_with_capacity(input_headers.len() + 2);
+            for (k, v) in &input_headers {
+                if k == header::EVENT_ID || k == header::SOURCE {
+                    continue;
+                }
+                hs = hs.insert(Header { key: k, value: v.as_deref() });
+            }
+            hs = hs
+                .insert(Header { key: header::EVENT_ID, value: Some(row.event_id.as_bytes()) })
+                .insert(Header { key: header::SOURCE, value: Some(source.as_bytes()) });
+            let mut record: FutureRecord<'_, Vec<u8>, Vec<u8>> = FutureRecord::to(&self.cfg.output_topic)
+                .partition(row.source_partition.rem_euclid(partitions))
+                .headers(hs);
+            if let Some(k) = &row.key {
+                record = record.key(k);
+            }
+            if let Some(v) = &row.value {
+                record = record.payload(v);
+            }
+            if let Some(ts) = row.source_timestamp_ms {
+                record = record.timestamp(ts);
+            }
+            // Enqueue strictly in row order: waiting on a full queue here (rather than
+            // enqueuing from concurrent futures) is what keeps the output in outbox order.
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        deliveries.push(Some(delivery));
+                        break;
+                    }
+                    Err((e, r)) => {
+                        record = r;
+                        if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) {
+                            self.producer.poll(Timeout::After(Duration::from_millis(10)));
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        } else {
+                            error!(event_id = row.event_id, error = %e, "produce to output topic refused");
+                            deliveries.push(None);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let results = futures::future::join_all(deliveries.into_iter().map(|d| async move {
+            match d {
+                None => Err("refused before enqueue".to_string()),
+                Some(f) => match f.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(e.to_string()),
+                    Err(_canceled) => Err("producer closed".to_string()),
+                },
+            }
+        }))
+        .await;
+        let now = chrono::Utc::now();
+        let mut acked = Vec::with_capacity(rows.len());
+        let mut failed = 0;
+        for (row, result) in rows.iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    acked.push(row.id);
+                    let secs = (now - row.created_at).num_milliseconds().max(0) as f64 / 1000.0;
+                    self.metrics.latency.with_label_values(&["commit_to_ack"]).observe(secs);
+                    debug!(event_id = row.event_id, topic = row.source_topic, partition = row.source_partition,
+                           offset = row.source_offset, "forwarded");
+                }
+                Err(e) => {
+                    failed += 1;
+                    self.metrics.relay_failures.inc();
+                    warn!(event_id = row.event_id, topic = row.source_topic, partition = row.source_partition,
+                          offset = row.source_offset, error = %e, "output produce failed; the row stays in the outbox");
+                }
+            }
+        }
+        (acked, failed)
+    }
+}
+

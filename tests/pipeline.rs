@@ -1,0 +1,266 @@
+//! End-to-end tests of `kdedup run` against the real broker and real Postgres.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::*;
+use rand::{Rng, SeedableRng};
+
+/// `n` distinct events over `partitions` partitions, about 30% extra duplicates: half
+/// re-sent right away (same batch), half re-sent later (another batch).
+fn stream_with_duplicates(n: usize, partitions: i32, seed: u64) -> (Vec<In>, usize) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut msgs = Vec::new();
+    let mut later = Vec::new();
+    for i in 0..n {
+        let p = (i % partitions as usize) as i32;
+        let ev = In::event(p, &format!("ev-{i}"), i as u64);
+        msgs.push(ev.clone());
+        let roll: f64 = rng.random();
+        if roll < 0.15 {
+            msgs.push(ev);
+        } else if roll < 0.30 {
+            later.push(ev);
+        }
+        if i % 700 == 699 {
+            msgs.append(&mut later);
+        }
+    }
+    msgs.append(&mut later);
+    (msgs, n)
+}
+
+/// Asserts every id in 0..n appears exactly once and `seq` rises within each partition.
+fn assert_exactly_once_in_order(out: &[Out], n: usize) {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for m in out {
+        *seen.entry(m.header("kdedup-event-id").unwrap().to_string()).or_default() += 1;
+    }
+    let repeated: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(repeated.is_empty(), "ids forwarded more than once: {repeated:?}");
+    assert_eq!(seen.len(), n, "distinct ids on the output topic");
+    let mut by_partition: HashMap<i32, Vec<&Out>> = HashMap::new();
+    for m in out {
+        by_partition.entry(m.partition).or_default().push(m);
+    }
+    for (p, mut msgs) in by_partition {
+        msgs.sort_by_key(|m| m.offset);
+        let seqs: Vec<u64> = msgs.iter().map(|m| m.json()["seq"].as_u64().unwrap()).collect();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "partition {p} out of input order: {seqs:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forwards_each_distinct_id_once_in_input_order() {
+    let t = names("dedup");
+    create_topic(&t.input, 3).await;
+    let (msgs, n) = stream_with_duplicates(3000, 3, 1);
+    let total = msgs.len();
+    produce(&t.input, &msgs).await;
+
+    let sidecar = Sidecar::start(
+        &SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
+            .set("KDEDUP_BATCH_SIZE", "200"),
+        "forwards_each_distinct_id_once",
+    );
+    wait_until(Duration::from_secs(90), "all events forwarded", || {
+        sidecar.metric("kdedup_events_forwarded_total") as usize >= n
+            && sidecar.metric("kdedup_events_consumed_total") as usize >= total
+    })
+    .await;
+    sidecar.wait_ready(Duration::from_secs(10)).await;
+
+    let out = read_topic(&t.output, n, Duration::from_secs(30));
+    assert_eq!(out.len(), n, "messages on the output topic");
+    assert_exactly_once_in_order(&out, n);
+    // Output keeps key and value and says where the event was first seen.
+    let first = out.iter().find(|m| m.header("kdedup-event-id") == Some("ev-0")).unwrap();
+    assert_eq!(first.key.as_deref(), Some(&b"k-ev-0"[..]));
+    assert_eq!(first.header("event-id"), Some("ev-0"));
+    assert_eq!(first.header("kdedup-source"), Some(format!("{}/0/0", t.input).as_str()));
+
+    assert_eq!(sidecar.metric("kdedup_events_consumed_total") as usize, total);
+    assert_eq!(sidecar.metric("kdedup_events_forwarded_total") as usize, n);
+    assert_eq!(sidecar.metric("kdedup_duplicates_total") as usize, total - n);
+    assert_eq!(sidecar.metric("kdedup_events_dead_lettered_total"), 0.0);
+    assert_eq!(sidecar.metric("kdedup_outbox_backlog"), 0.0);
+
+    let pool = pg().await;
+    assert_eq!(count(&pool, &t.schema, "processed_events").await as usize, n);
+    assert_eq!(count(&pool, &t.schema, "outbox").await, 0);
+    drop(sidecar);
+    drop_schema(&pool, &t.schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_after_db_commit_before_offset_commit_forwards_nothing_twice() {
+    let t = names("crash");
+    create_topic(&t.input, 2).await;
+    let (msgs, n) = stream_with_duplicates(1000, 2, 2);
+    let total = msgs.len();
+    produce(&t.input, &msgs).await;
+
+    // First life: every gate transaction commits, but no offset ever reaches Kafka
+    // (auto-commit off), then SIGKILL. That is the crash between the two commits, for
+    // every batch at once.
+    let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema);
+    let mut first = Sidecar::start(
+        &cfg.clone().set("KDEDUP_KAFKA_ENABLE_AUTO_COMMIT", "false"),
+        "crash_first_life",
+    );
+    wait_until(Duration::from_secs(90), "first life forwarded everything", || {
+        first.metric("kdedup_events_forwarded_total") as usize >= n
+    })
+    .await;
+    first.kill9();
+
+    // Second life re-reads everything from the start: all of it must be absorbed.
+    let second = Sidecar::start(&cfg, "crash_second_life");
+    wait_until(Duration::from_secs(90), "second life consumed everything", || {
+        second.metric("kdedup_events_consumed_total") as usize >= total
+    })
+    .await;
+    assert_eq!(second.metric("kdedup_events_forwarded_total"), 0.0, "nothing forwarded twice");
+    assert_eq!(second.metric("kdedup_duplicates_total") as usize, total);
+    assert_eq!(
+        second.metric("kdedup_duplicates_total{cause=\"redelivery\"}") as usize,
+        n,
+        "first sightings re-read at their own offsets are redeliveries"
+    );
+    let out = read_topic(&t.output, n, Duration::from_secs(30));
+    assert_eq!(out.len(), n);
+    assert_exactly_once_in_order(&out, n);
+    drop(second);
+    drop_schema(&pg().await, &t.schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_and_groups_racing_on_the_same_ids_forward_once() {
+    let t = names("race");
+    create_topic(&t.input, 4).await;
+    let (msgs, n) = stream_with_duplicates(2000, 4, 3);
+    let total = msgs.len();
+
+    // Two replicas of group A and one of group B, all in one scope and one schema.
+    let base = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
+        .set("KDEDUP_SCOPE", "shared")
+        .set("KDEDUP_BATCH_SIZE", "100");
+    let a1 = Sidecar::start(&base, "race_a1");
+    let a2 = Sidecar::start(&base, "race_a2");
+    let b1 = Sidecar::start(
+        &base.clone().set("KDEDUP_GROUP_ID", &format!("{}-b", t.group)),
+        "race_b1",
+    );
+    for s in [&a1, &a2, &b1] {
+        s.wait_ready(Duration::from_secs(60)).await;
+    }
+    produce(&t.input, &msgs).await;
+
+    let all = [&a1, &a2, &b1];
+    let sum = |name: &str| all.iter().map(|s| s.metric(name)).sum::<f64>() as usize;
+    wait_until(Duration::from_secs(120), "both groups consumed everything", || {
+        sum("kdedup_events_consumed_total") >= 2 * total && sum("kdedup_events_forwarded_total") >= n
+    })
+    .await;
+    let out = read_topic(&t.output, n, Duration::from_secs(30));
+    assert_eq!(out.len(), n, "one forwarding write per id across replicas and groups");
+    assert_exactly_once_in_order(&out, n);
+    assert_eq!(sum("kdedup_events_forwarded_total"), n);
+    assert_eq!(sum("kdedup_relay_active"), 1, "exactly one relay publishes");
+    let pool = pg().await;
+    assert_eq!(count(&pool, &t.schema, "processed_events").await as usize, n);
+    drop((a1, a2, b1));
+    drop_schema(&pool, &t.schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_without_a_usable_id_are_dead_lettered_and_the_partition_goes_on() {
+    let t = names("dlq");
+    create_topic(&t.input, 1).await;
+    let bad = |headers: Vec<(&str, Vec<u8>)>, value: &[u8]| In {
+        partition: Some(0),
+        key: Some(b"bad".to_vec()),
+        value: Some(value.to_vec()),
+        headers: headers.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+    };
+    let mut msgs = vec![In::event(0, "good-0", 0)];
+    let cases: Vec<(In, &str)> = vec![
+        (bad(vec![], b"{truncated"), "value_not_json"),
+        (bad(vec![], br#"{"no_id":true}"#), "missing_id"),
+        (bad(vec![("event-id", vec![])], b"{}"), "empty_id"),
+        (bad(vec![("event-id", vec![b'x'; 600])], b"{}"), "id_too_long"),
+        (bad(vec![("event-id", vec![0xff, 0xfe, 0xfd])], b"{}"), "id_not_utf8"),
+    ];
+    for (i, (m, _)) in cases.iter().enumerate() {
+        msgs.push(m.clone());
+        msgs.push(In::event(0, &format!("good-{}", i + 1), i as u64 + 1));
+    }
+    produce(&t.input, &msgs).await;
+
+    let sidecar = Sidecar::start(
+        &SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
+            .set("KDEDUP_ID_FROM", "header:event-id,json:/id"),
+        "dlq",
+    );
+    let good = cases.len() + 1;
+    wait_until(Duration::from_secs(60), "good events forwarded", || {
+        sidecar.metric("kdedup_events_forwarded_total") as usize >= good
+    })
+    .await;
+
+    let dlq = read_topic(&t.dlq, cases.len(), Duration::from_secs(30));
+    assert_eq!(dlq.len(), cases.len());
+    let reasons: HashSet<&str> = dlq.iter().map(|m| m.header("kdedup-dlq-reason").unwrap()).collect();
+    for (_, reason) in &cases {
+        assert!(reasons.contains(reason), "{reason} missing from {reasons:?}");
+        assert_eq!(
+            sidecar.metric(&format!("kdedup_events_dead_lettered_total{{reason=\"{reason}\"}}")),
+            1.0
+        );
+    }
+    for m in &dlq {
+        assert_eq!(m.header("kdedup-source-topic"), Some(t.input.as_str()));
+        assert_eq!(m.header("kdedup-source-partition"), Some("0"));
+        assert!(m.header("kdedup-source-offset").unwrap().parse::<i64>().is_ok());
+        assert!(!m.header("kdedup-dlq-error").unwrap().is_empty());
+        assert_eq!(m.key.as_deref(), Some(&b"bad"[..]), "original message kept");
+    }
+    let out = read_topic(&t.output, good, Duration::from_secs(30));
+    assert_eq!(out.len(), good, "every good event after a bad one was forwarded");
+    drop(sidecar);
+    drop_schema(&pg().await, &t.schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_commits_offsets_and_exits_zero() {
+    let t = names("term");
+    create_topic(&t.input, 2).await;
+    let (msgs, n) = stream_with_duplicates(500, 2, 4);
+    produce(&t.input, &msgs).await;
+    let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema);
+    let mut s = Sidecar::start(&cfg, "sigterm_first");
+    s.wait_ready(Duration::from_secs(60)).await;
+    wait_until(Duration::from_secs(60), "forwarded", || {
+        s.metric("kdedup_events_forwarded_total") as usize >= n
+    })
+    .await;
+    assert_eq!(s.sigterm(Duration::from_secs(10)), Some(0), "{}", s.log_tail());
+
+    // The offsets were committed on the way out: a restart reads nothing old again.
+    let more: Vec<In> = (0..10).map(|i| In::event(i % 2, &format!("late-{i}"), 10_000 + i as u64)).collect();
+    produce(&t.input, &more).await;
+    let s2 = Sidecar::start(&cfg, "sigterm_second");
+    wait_until(Duration::from_secs(60), "late events forwarded", || {
+        s2.metric("kdedup_events_forwarded_total") as usize >= 10
+    })
+    .await;
+    assert_eq!(s2.metric("kdedup_events_consumed_total"), 10.0, "no redelivery after a clean stop");
+    assert_eq!(s2.metric("kdedup_duplicates_total"), 0.0);
+    drop(s2);
+    drop_schema(&pg().await, &t.schema).await;
+}
