@@ -44,9 +44,14 @@ pub async fn run(
     metrics.ttl_seconds.set(cfg.ttl.as_secs() as i64);
     let health = Arc::new(Health::default());
     let admin_stop = CancellationToken::new();
-    let (admin_addr, admin_task) = admin::serve(cfg.metrics_addr, metrics.clone(), health.clone(), admin_stop.clone())
-        .await
-        .with_context(|| format!("cannot listen on --metrics-addr {}", cfg.metrics_addr))?;
+    let (admin_addr, admin_task) = admin::serve(
+        cfg.metrics_addr,
+        metrics.clone(),
+        health.clone(),
+        admin_stop.clone(),
+    )
+    .await
+    .with_context(|| format!("cannot listen on --metrics-addr {}", cfg.metrics_addr))?;
     info!(addr = %admin_addr, "admin server listening (/metrics, /livez, /readyz)");
     if let Some(tx) = started {
         let _ = tx.send(Running {
@@ -58,7 +63,11 @@ pub async fn run(
 
     let pool = db::pool(&cfg.db)?;
     if cfg.migrate_on_start {
-        if !retry_until(&stop, "applying migrations", || db::migrate(&pool, &cfg.db.schema)).await {
+        if !retry_until(&stop, "applying migrations", || {
+            db::migrate(&pool, &cfg.db.schema)
+        })
+        .await
+        {
             return Ok(());
         }
         info!(schema = cfg.db.schema, "migrations applied");
@@ -123,6 +132,7 @@ pub async fn run(
             metrics: metrics.clone(),
             relay_wakeup,
             origin: Origin::Live,
+            keepalive: Some(Arc::new(crate::pipeline::Keepalive::new(consumer.clone()))),
         },
         consumer: consumer.clone(),
     };
@@ -196,7 +206,10 @@ async fn check_retention(cfg: &RunConfig, metrics: &Metrics) {
     match kafka::retention_seconds(&cfg.brokers, &cfg.kafka, &cfg.input_topics).await {
         Ok(retentions) => {
             for (topic, secs) in retentions {
-                metrics.input_retention.with_label_values(&[topic.as_str()]).set(secs);
+                metrics
+                    .input_retention
+                    .with_label_values(&[topic.as_str()])
+                    .set(secs);
                 let ttl = cfg.ttl.as_secs() as i64;
                 if secs < 0 || ttl < secs {
                     warn!(topic, retention_s = secs, ttl_s = ttl,
@@ -204,7 +217,9 @@ async fn check_retention(cfg: &RunConfig, metrics: &Metrics) {
                 }
             }
         }
-        Err(e) => warn!(error = %e, "cannot read input topic retention; the TTL-vs-retention check is skipped"),
+        Err(e) => {
+            warn!(error = %e, "cannot read input topic retention; the TTL-vs-retention check is skipped")
+        }
     }
 }
 
@@ -223,7 +238,9 @@ async fn table_stats(pool: &PgPool, metrics: &Metrics) -> Result<(), sqlx::Error
     )
     .fetch_optional(pool)
     .await?;
-    metrics.outbox_oldest_age.set(oldest.map_or(0, |s| s.max(0.0) as i64));
+    metrics
+        .outbox_oldest_age
+        .set(oldest.map_or(0, |s| s.max(0.0) as i64));
     Ok(())
 }
 
@@ -246,7 +263,11 @@ async fn health_checks(
             .await
             .is_ok_and(|r| r.is_ok());
         if pg != health.postgres_up.swap(pg, Ordering::AcqRel) {
-            if pg { info!("postgres reachable") } else { warn!("postgres unreachable") }
+            if pg {
+                info!("postgres reachable")
+            } else {
+                warn!("postgres unreachable")
+            }
         }
         metrics.postgres_up.set(pg as i64);
         if pg {
@@ -267,7 +288,11 @@ async fn health_checks(
         .flatten()
         .is_some();
         if broker != health.broker_up.swap(broker, Ordering::AcqRel) {
-            if broker { info!("kafka cluster reachable") } else { warn!("kafka cluster unreachable") }
+            if broker {
+                info!("kafka cluster reachable")
+            } else {
+                warn!("kafka cluster unreachable")
+            }
         }
         metrics.broker_up.set(broker as i64);
     }

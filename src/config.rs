@@ -258,7 +258,11 @@ fn setting_name(flag: &str) -> String {
     if flag.starts_with(KAFKA_ENV_PREFIX) || flag.starts_with("--") {
         return flag.to_string();
     }
-    format!("--{} / KDEDUP_{}", flag.replace('_', "-"), flag.to_uppercase().replace('-', "_"))
+    format!(
+        "--{} / KDEDUP_{}",
+        flag.replace('_', "-"),
+        flag.to_uppercase().replace('-', "_")
+    )
 }
 
 /// Validated settings of `kdedup run`.
@@ -311,10 +315,80 @@ impl fmt::Debug for DbConfig {
 #[derive(Clone, Default)]
 pub struct KafkaProperties(pub BTreeMap<String, String>);
 
+/// Which kind of client a property is meant for. librdkafka warns (once per client) when
+/// a client is given a property of the other kind, so each client gets only its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientKind {
+    Consumer,
+    Producer,
+    Admin,
+}
+
+const CONSUMER_ONLY: &[&str] = &[
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "max.poll.interval.ms",
+    "auto.offset.reset",
+    "enable.auto.commit",
+    "auto.commit.interval.ms",
+    "partition.assignment.strategy",
+    "group.instance.id",
+    "group.protocol",
+    "group.remote.assignor",
+    "isolation.level",
+    "check.crcs",
+    "enable.partition.eof",
+    "fetch.wait.max.ms",
+    "fetch.min.bytes",
+    "fetch.max.bytes",
+    "max.partition.fetch.bytes",
+    "fetch.message.max.bytes",
+    "fetch.error.backoff.ms",
+    "fetch.queue.backoff.ms",
+    "queued.min.messages",
+    "queued.max.messages.kbytes",
+    "coordinator.query.interval.ms",
+    "consume.callback.max.messages",
+    "group.protocol.type",
+];
+
+const PRODUCER_ONLY: &[&str] = &[
+    "linger.ms",
+    "queue.buffering.max.ms",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.kbytes",
+    "batch.num.messages",
+    "batch.size",
+    "compression.type",
+    "compression.codec",
+    "compression.level",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "request.timeout.ms",
+    "retries",
+    "message.send.max.retries",
+    "request.required.acks",
+    "max.in.flight.requests.per.connection",
+    "max.in.flight",
+    "partitioner",
+    "sticky.partitioning.linger.ms",
+    "enable.gapless.guarantee",
+    "queuing.strategy",
+];
+
 impl KafkaProperties {
-    pub fn apply(&self, config: &mut rdkafka::ClientConfig) {
+    pub fn apply(&self, config: &mut rdkafka::ClientConfig, kind: ClientKind) {
         for (k, v) in &self.0 {
-            config.set(k, v);
+            let consumer_only = CONSUMER_ONLY.contains(&k.as_str());
+            let producer_only = PRODUCER_ONLY.contains(&k.as_str());
+            let wanted = match kind {
+                ClientKind::Consumer => !producer_only,
+                ClientKind::Producer => !consumer_only,
+                ClientKind::Admin => !consumer_only && !producer_only,
+            };
+            if wanted {
+                config.set(k, v);
+            }
         }
     }
 }
@@ -444,10 +518,16 @@ impl Env for BTreeMap<String, String> {
 /// Properties kdedup owns: overriding them would break the offsets-after-commit or
 /// the no-duplicate-publish guarantees.
 const RESERVED_PROPERTIES: &[(&str, &str)] = &[
-    ("enable.auto.offset.store", "offsets are stored only after the Postgres commit"),
+    (
+        "enable.auto.offset.store",
+        "offsets are stored only after the Postgres commit",
+    ),
     ("group.id", "use --group-id / KDEDUP_GROUP_ID"),
     ("bootstrap.servers", "use --brokers / KDEDUP_BROKERS"),
-    ("enable.idempotence", "the relay's producer must stay idempotent"),
+    (
+        "enable.idempotence",
+        "the relay's producer must stay idempotent",
+    ),
     ("acks", "the relay's producer must use acks=all"),
     ("transactional.id", "kdedup does not use Kafka transactions"),
 ];
@@ -629,7 +709,9 @@ impl RunArgs {
         if input_topics.contains(&output_topic) {
             return Err(ConfigError::new(
                 "output_topic",
-                format!("{output_topic:?} is also an input topic; kdedup would consume its own output"),
+                format!(
+                    "{output_topic:?} is also an input topic; kdedup would consume its own output"
+                ),
                 "choose a distinct output topic, e.g. <input>.dedup",
             ));
         }
@@ -721,7 +803,10 @@ impl RunArgs {
         if self.topic_replication_factor == 0 || self.topic_replication_factor < -1 {
             return Err(ConfigError::new(
                 "topic_replication_factor",
-                format!("{} is not a replication factor", self.topic_replication_factor),
+                format!(
+                    "{} is not a replication factor",
+                    self.topic_replication_factor
+                ),
                 "use -1 for the broker's default, or 1 or more",
             ));
         }
@@ -768,7 +853,11 @@ impl RunArgs {
             migrate_on_start: self.migrate_on_start,
             create_topics: self.create_topics,
             topic_replication_factor: self.topic_replication_factor,
-            prune: self.prune.pruner.then(|| self.prune.validate()).transpose()?,
+            prune: self
+                .prune
+                .pruner
+                .then(|| self.prune.validate())
+                .transpose()?,
             kafka,
         })
     }
@@ -867,7 +956,10 @@ mod tests {
 
         let e = env(&[("KDEDUP_KAFKA_ENABLE_AUTO_OFFSET_STORE", "true")]);
         let err = args(&[]).validate(&e).unwrap_err().to_string();
-        assert!(err.contains("KDEDUP_KAFKA_ENABLE_AUTO_OFFSET_STORE"), "{err}");
+        assert!(
+            err.contains("KDEDUP_KAFKA_ENABLE_AUTO_OFFSET_STORE"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -882,10 +974,7 @@ mod tests {
     fn topics_must_not_loop() {
         let mut a = args(&[]);
         a.output_topic = Some("orders".into());
-        let err = a
-            .validate(&env(&[]))
-            .unwrap_err()
-            .to_string();
+        let err = a.validate(&env(&[])).unwrap_err().to_string();
         assert!(err.contains("also an input topic"), "{err}");
     }
 

@@ -46,14 +46,16 @@ impl DbError {
     /// error an operator must look at.
     pub fn is_transient(&self) -> bool {
         match self {
-            DbError::Sqlx(sqlx::Error::Database(db)) => matches!(
-                db.code().as_deref(),
-                Some(sqlstate::SERIALIZATION_FAILURE)
-                    | Some(sqlstate::DEADLOCK_DETECTED)
-                    | Some(sqlstate::ADMIN_SHUTDOWN)
-                    | Some(sqlstate::CANNOT_CONNECT_NOW)
-                    | Some(sqlstate::TOO_MANY_CONNECTIONS)
-            ) || db.code().is_some_and(|c| c.starts_with("08")),
+            DbError::Sqlx(sqlx::Error::Database(db)) => {
+                matches!(
+                    db.code().as_deref(),
+                    Some(sqlstate::SERIALIZATION_FAILURE)
+                        | Some(sqlstate::DEADLOCK_DETECTED)
+                        | Some(sqlstate::ADMIN_SHUTDOWN)
+                        | Some(sqlstate::CANNOT_CONNECT_NOW)
+                        | Some(sqlstate::TOO_MANY_CONNECTIONS)
+                ) || db.code().is_some_and(|c| c.starts_with("08"))
+            }
             DbError::Sqlx(
                 sqlx::Error::Io(_)
                 | sqlx::Error::PoolTimedOut
@@ -200,8 +202,15 @@ LEFT JOIN processed_events pe
 ORDER BY b.ord
 "#;
 
+/// `(ord, inserted, first topic, first partition, first offset, payload differs)`.
+type GateResultRow = (i64, bool, Option<String>, Option<i32>, Option<i64>, bool);
+
 /// Runs the gate for `rows` in one transaction and commits it. Returns one outcome per row.
-pub async fn gate(pool: &PgPool, rows: &[GateRow], ttl: Duration) -> Result<Vec<GateOutcome>, DbError> {
+pub async fn gate(
+    pool: &PgPool,
+    rows: &[GateRow],
+    ttl: Duration,
+) -> Result<Vec<GateOutcome>, DbError> {
     if rows.is_empty() {
         return Ok(Vec::new());
     }
@@ -228,21 +237,20 @@ pub async fn gate(pool: &PgPool, rows: &[GateRow], ttl: Duration) -> Result<Vec<
         headers.push(r.headers.as_slice());
     }
     let mut tx = pool.begin().await?;
-    let result: Vec<(i64, bool, Option<String>, Option<i32>, Option<i64>, bool)> =
-        sqlx::query_as(GATE_SQL)
-            .bind(&scopes)
-            .bind(&ids)
-            .bind(&topics)
-            .bind(&partitions)
-            .bind(&offsets)
-            .bind(&timestamps)
-            .bind(&hashes)
-            .bind(&keys)
-            .bind(&values)
-            .bind(&headers)
-            .bind(ttl.as_secs_f64())
-            .fetch_all(&mut *tx)
-            .await?;
+    let result: Vec<GateResultRow> = sqlx::query_as(GATE_SQL)
+        .bind(&scopes)
+        .bind(&ids)
+        .bind(&topics)
+        .bind(&partitions)
+        .bind(&offsets)
+        .bind(&timestamps)
+        .bind(&hashes)
+        .bind(&keys)
+        .bind(&values)
+        .bind(&headers)
+        .bind(ttl.as_secs_f64())
+        .fetch_all(&mut *tx)
+        .await?;
     tx.commit().await?;
     debug_assert_eq!(result.len(), rows.len());
     Ok(result

@@ -60,7 +60,10 @@ pub async fn run(args: DemoArgs, env: &dyn Env) -> anyhow::Result<()> {
     pool.close().await;
 
     let cluster = MockCluster::new(3).context("cannot start the embedded mock Kafka cluster")?;
-    cluster.create_topic(INPUT, PARTITIONS, 1)?;
+    // The mock cluster does not serve CreateTopics, so the demo creates all three here.
+    for topic in [INPUT, OUTPUT, &format!("{INPUT}.dlq")] {
+        cluster.create_topic(topic, PARTITIONS, 1)?;
+    }
     let brokers = cluster.bootstrap_servers();
 
     let metrics_addr = free_or_ephemeral(&args.metrics_addr).await;
@@ -87,7 +90,7 @@ pub async fn run(args: DemoArgs, env: &dyn Env) -> anyhow::Result<()> {
         metrics_addr,
         shutdown_timeout: "5s".into(),
         migrate_on_start: true,
-        create_topics: true,
+        create_topics: false,
         topic_replication_factor: 1,
         prune: crate::config::PruneFlags {
             pruner: true,
@@ -115,8 +118,8 @@ pub async fn run(args: DemoArgs, env: &dyn Env) -> anyhow::Result<()> {
     );
     println!();
 
-    let producer: FutureProducer = crate::kafka::producer_config(&brokers, &KafkaProperties::default())
-        .create()?;
+    let producer: FutureProducer =
+        crate::kafka::producer_config(&brokers, &KafkaProperties::default()).create()?;
     let sent = produce_stream(&producer, args.events).await?;
     println!(
         "  produced {} messages: {} distinct ids, {} duplicates inside a batch, {} across batches, {} in a re-sent burst, {} without an id",
@@ -126,7 +129,12 @@ pub async fn run(args: DemoArgs, env: &dyn Env) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let stop = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let app = tokio::spawn(crate::app::run(cfg, stop.clone(), metrics.clone(), Some(tx)));
+    let app = tokio::spawn(crate::app::run(
+        cfg,
+        stop.clone(),
+        metrics.clone(),
+        Some(tx),
+    ));
     let running = rx.await.context("the pipeline did not start")?;
 
     // Wait until everything is consumed, settled and acknowledged on the output topic.
@@ -138,7 +146,8 @@ pub async fn run(args: DemoArgs, env: &dyn Env) -> anyhow::Result<()> {
         if consumed > 0 && first_consumed.is_none() {
             first_consumed = Some(Instant::now());
         }
-        let settled = metrics.events_gated.get() + metrics.duplicates_total() + metrics.dead_lettered_total();
+        let settled =
+            metrics.events_gated.get() + metrics.duplicates_total() + metrics.dead_lettered_total();
         if consumed as usize >= sent.messages
             && settled >= consumed
             && metrics.events_forwarded.get() >= metrics.events_gated.get()
@@ -165,14 +174,17 @@ pub async fn run(args: DemoArgs, env: &dyn Env) -> anyhow::Result<()> {
     let forwarded = metrics.events_forwarded.get();
     let rate = sent.messages as f64 / elapsed.as_secs_f64().max(1e-6);
 
-    println!("  consumed                   {:>8}", metrics.consumed_total());
+    println!(
+        "  consumed                   {:>8}",
+        metrics.consumed_total()
+    );
     println!(
         "  duplicates avoided         {:>8}   (expected {expected_dups})",
         duplicates
     );
     println!("  forwarded to `{OUTPUT}`  {:>8}", forwarded);
     println!(
-        "  dead-lettered              {:>8}   (`{INPUT}.dlq`, reason missing_id)",
+        "  dead-lettered              {:>8}   (`{INPUT}.dlq`, reason value_not_json)",
         metrics.dead_lettered_total()
     );
     println!(
@@ -220,6 +232,8 @@ pub async fn run(args: DemoArgs, env: &dyn Env) -> anyhow::Result<()> {
     }
     stop.cancel();
     app.await??;
+    // Clients first, then the cluster they talk to.
+    drop(producer);
     drop(cluster);
     if !ok {
         bail!("output verification failed");
@@ -265,16 +279,27 @@ async fn produce_stream(producer: &FutureProducer, distinct: usize) -> anyhow::R
     let event = |i: usize| {
         let id = format!("order-{i:07}");
         let key = format!("customer-{}", i % 97);
-        let value = format!(r#"{{"id":"{id}","customer":"{key}","seq":{i},"amount_cents":{}}}"#, (i * 7919) % 100_000);
+        let value = format!(
+            r#"{{"id":"{id}","customer":"{key}","seq":{i},"amount_cents":{}}}"#,
+            (i * 7919) % 100_000
+        );
         (id, key, value)
     };
     for i in 0..distinct {
         let (id, key, value) = event(i);
-        deliveries.push(producer.send_result(record(&id, &key, &value)).map_err(|(e, _)| e)?);
+        deliveries.push(
+            producer
+                .send_result(record(&id, &key, &value))
+                .map_err(|(e, _)| e)?,
+        );
         sent.messages += 1;
         let roll: f64 = rng.random();
         if roll < 0.10 {
-            deliveries.push(producer.send_result(record(&id, &key, &value)).map_err(|(e, _)| e)?);
+            deliveries.push(
+                producer
+                    .send_result(record(&id, &key, &value))
+                    .map_err(|(e, _)| e)?,
+            );
             sent.in_batch += 1;
             sent.messages += 1;
         } else if roll < 0.20 {
@@ -283,13 +308,19 @@ async fn produce_stream(producer: &FutureProducer, distinct: usize) -> anyhow::R
         if i % 2000 == 1999 {
             for j in later.drain(..) {
                 let (id, key, value) = event(j);
-                deliveries.push(producer.send_result(record(&id, &key, &value)).map_err(|(e, _)| e)?);
+                deliveries.push(
+                    producer
+                        .send_result(record(&id, &key, &value))
+                        .map_err(|(e, _)| e)?,
+                );
                 sent.cross_batch += 1;
                 sent.messages += 1;
             }
         }
         if i % 5000 == 2500 {
-            let bad = FutureRecord::<str, str>::to(INPUT).key("no-id").payload("not json, no event-id header");
+            let bad = FutureRecord::<str, str>::to(INPUT)
+                .key("no-id")
+                .payload("not json, no event-id header");
             deliveries.push(producer.send_result(bad).map_err(|(e, _)| e)?);
             sent.without_id += 1;
             sent.messages += 1;
@@ -302,13 +333,21 @@ async fn produce_stream(producer: &FutureProducer, distinct: usize) -> anyhow::R
     }
     for j in later.drain(..) {
         let (id, key, value) = event(j);
-        deliveries.push(producer.send_result(record(&id, &key, &value)).map_err(|(e, _)| e)?);
+        deliveries.push(
+            producer
+                .send_result(record(&id, &key, &value))
+                .map_err(|(e, _)| e)?,
+        );
         sent.cross_batch += 1;
         sent.messages += 1;
     }
     for i in 0..distinct / 10 {
         let (id, key, value) = event(i);
-        deliveries.push(producer.send_result(record(&id, &key, &value)).map_err(|(e, _)| e)?);
+        deliveries.push(
+            producer
+                .send_result(record(&id, &key, &value))
+                .map_err(|(e, _)| e)?,
+        );
         sent.burst += 1;
         sent.messages += 1;
     }

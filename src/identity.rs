@@ -176,9 +176,7 @@ impl IdSpec {
                         Ok(doc) => match doc.pointer(pointer) {
                             None | Some(serde_json::Value::Null) => None,
                             Some(serde_json::Value::String(s)) => Some(s.as_bytes().to_vec()),
-                            Some(serde_json::Value::Number(n)) => {
-                                Some(n.to_string().into_bytes())
-                            }
+                            Some(serde_json::Value::Number(n)) => Some(n.to_string().into_bytes()),
                             Some(_) => return Err(Rejection::IdNotScalar(source.to_string())),
                         },
                     }
@@ -329,9 +327,15 @@ mod tests {
 
     #[test]
     fn bad_specs_are_explained() {
-        assert!(IdSpec::parse("header:", 512).unwrap_err().contains("names no header"));
-        assert!(IdSpec::parse("json:id", 512).unwrap_err().contains("JSON pointer"));
-        assert!(IdSpec::parse("body", 512).unwrap_err().contains("not an id source"));
+        assert!(IdSpec::parse("header:", 512)
+            .unwrap_err()
+            .contains("names no header"));
+        assert!(IdSpec::parse("json:id", 512)
+            .unwrap_err()
+            .contains("JSON pointer"));
+        assert!(IdSpec::parse("body", 512)
+            .unwrap_err()
+            .contains("not an id source"));
     }
 
     #[test]
@@ -352,7 +356,9 @@ mod tests {
             "missing_scope"
         );
         assert_eq!(
-            ScopeSpec::parse("orders").unwrap().extract(&view(None, None, &[])),
+            ScopeSpec::parse("orders")
+                .unwrap()
+                .extract(&view(None, None, &[])),
             Ok("orders".into())
         );
     }

@@ -14,7 +14,7 @@ use rdkafka::ClientConfig;
 use tracing::{info, warn};
 
 use crate::admin::Health;
-use crate::config::KafkaProperties;
+use crate::config::{ClientKind, KafkaProperties};
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,11 +34,11 @@ pub enum KafkaSetupError {
 }
 
 /// Settings every kdedup Kafka client shares.
-pub fn base_config(brokers: &str, props: &KafkaProperties) -> ClientConfig {
+pub fn base_config(brokers: &str, props: &KafkaProperties, kind: ClientKind) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", brokers)
         .set("client.id", "kdedup");
-    props.apply(&mut c);
+    props.apply(&mut c, kind);
     c
 }
 
@@ -54,7 +54,7 @@ pub fn consumer_config(brokers: &str, group_id: &str, props: &KafkaProperties) -
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
         .set("statistics.interval.ms", "5000");
-    props.apply(&mut c);
+    props.apply(&mut c, ClientKind::Consumer);
     // Applied last: the whole design depends on it.
     c.set("enable.auto.offset.store", "false");
     c
@@ -63,7 +63,7 @@ pub fn consumer_config(brokers: &str, group_id: &str, props: &KafkaProperties) -
 /// Producer for the output and dead-letter topics: idempotent, `acks=all`, so a retried
 /// produce neither duplicates nor reorders within a partition.
 pub fn producer_config(brokers: &str, props: &KafkaProperties) -> ClientConfig {
-    let mut c = base_config(brokers, props);
+    let mut c = base_config(brokers, props, ClientKind::Producer);
     c.set_default("linger.ms", "5");
     c.set_default("compression.type", "lz4");
     c.set("enable.idempotence", "true").set("acks", "all");
@@ -136,8 +136,14 @@ impl ConsumerContext for KdedupContext {
                     .map(|e| format!("{}/{}", e.topic(), e.partition()))
                     .collect();
                 info!(partitions = ?parts, "partitions assigned");
-                self.state.metrics.assigned_partitions.set(tpl.count() as i64);
-                self.state.health.consumer_joined.store(true, Ordering::Release);
+                self.state
+                    .metrics
+                    .assigned_partitions
+                    .set(tpl.count() as i64);
+                self.state
+                    .health
+                    .consumer_joined
+                    .store(true, Ordering::Release);
                 self.state.metrics.consumer_joined.set(1);
             }
             Rebalance::Revoke(_) => {
@@ -200,7 +206,7 @@ pub async fn ensure_topics(
     partitions: i32,
     replication: i32,
 ) -> Result<(), KafkaSetupError> {
-    let admin: AdminClient<DefaultClientContext> = base_config(brokers, props)
+    let admin: AdminClient<DefaultClientContext> = base_config(brokers, props, ClientKind::Admin)
         .create()
         .map_err(KafkaSetupError::Client)?;
     let new_topics: Vec<NewTopic<'_>> = topics
@@ -243,11 +249,16 @@ pub async fn retention_seconds(
     topics: &[String],
 ) -> Result<Vec<(String, i64)>, KafkaError> {
     use rdkafka::admin::ResourceSpecifier;
-    let admin: AdminClient<DefaultClientContext> = base_config(brokers, props).create()?;
-    let specs: Vec<ResourceSpecifier<'_>> = topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let admin: AdminClient<DefaultClientContext> =
+        base_config(brokers, props, ClientKind::Admin).create()?;
+    let specs: Vec<ResourceSpecifier<'_>> =
+        topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
     let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
     let mut out = Vec::new();
-    for (topic, result) in topics.iter().zip(admin.describe_configs(specs.iter(), &opts).await?) {
+    for (topic, result) in topics
+        .iter()
+        .zip(admin.describe_configs(specs.iter(), &opts).await?)
+    {
         let Ok(resource) = result else { continue };
         let Some(ms) = resource
             .get("retention.ms")

@@ -3,7 +3,6 @@
 
 use std::process::ExitCode;
 
-
 use clap::Parser;
 use kdedup::config::{Cli, Command, ProcessEnv, EX_USAGE};
 use kdedup::metrics::Metrics;
@@ -91,7 +90,11 @@ async fn async_main(cli: Cli) -> ExitCode {
             }
         }
         Command::Prune(args) => {
-            let (db, settings) = match args.db.validate(&ProcessEnv).and_then(|db| Ok((db, args.prune.validate()?))) {
+            let (db, settings) = match args
+                .db
+                .validate(&ProcessEnv)
+                .and_then(|db| Ok((db, args.prune.validate()?)))
+            {
                 Ok(x) => x,
                 Err(e) => return usage_error(e),
             };
@@ -99,7 +102,14 @@ async fn async_main(cli: Cli) -> ExitCode {
             let result = async {
                 let mut conn = kdedup::db::dedicated_connection(&db).await?;
                 let metrics = Metrics::new();
-                let n = kdedup::pruner::prune_round(&mut conn, chrono::Utc::now(), &settings, &metrics, &CancellationToken::new()).await?;
+                let n = kdedup::pruner::prune_round(
+                    &mut conn,
+                    chrono::Utc::now(),
+                    &settings,
+                    &metrics,
+                    &CancellationToken::new(),
+                )
+                .await?;
                 anyhow::Ok(n)
             }
             .await;
@@ -141,4 +151,3 @@ async fn shutdown_signal() -> &'static str {
         _ = int.recv() => "SIGINT",
     }
 }
-

@@ -124,6 +124,86 @@ pub struct Gate {
     pub metrics: Metrics,
     pub relay_wakeup: Arc<Notify>,
     pub origin: Origin,
+    /// Keeps the consumer in its group while a batch waits to be retried (`None` for
+    /// consumers that are not group members, such as replay).
+    pub keepalive: Option<Arc<Keepalive>>,
+}
+
+/// While a batch is retried (Postgres or the DLQ topic down), the consumer must keep
+/// polling or it exceeds `max.poll.interval.ms` and is evicted from its group. Partitions
+/// are paused; messages that still arrive (already fetched) are dropped and their
+/// partitions rewound with a seek before fetching resumes, so none is skipped.
+pub struct Keepalive {
+    consumer: Arc<Consumer>,
+    /// Lowest dropped offset per partition: where to seek back to on resume.
+    rewind: std::sync::Mutex<BTreeMap<(String, i32), i64>>,
+    paused: std::sync::atomic::AtomicBool,
+}
+
+impl Keepalive {
+    pub fn new(consumer: Arc<Consumer>) -> Self {
+        Keepalive {
+            consumer,
+            rewind: Default::default(),
+            paused: Default::default(),
+        }
+    }
+
+    /// Polls (and drops) for `d`, with the assignment paused. False when stopped.
+    async fn idle(&self, d: Duration, stop: &CancellationToken) -> bool {
+        use std::sync::atomic::Ordering;
+        if !self.paused.swap(true, Ordering::AcqRel) {
+            if let Ok(assignment) = self.consumer.assignment() {
+                if let Err(e) = self.consumer.pause(&assignment) {
+                    warn!(error = %e, "cannot pause partitions");
+                }
+                info!(
+                    partitions = assignment.count(),
+                    "input paused until the batch in hand is durable"
+                );
+            }
+        }
+        let until = tokio::time::Instant::now() + d;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return false,
+                _ = tokio::time::sleep_until(until) => return true,
+                m = self.consumer.recv() => {
+                    if let Ok(m) = m {
+                        let mut rewind = self.rewind.lock().expect("rewind lock");
+                        let e = rewind.entry((m.topic().to_string(), m.partition())).or_insert(m.offset());
+                        *e = (*e).min(m.offset());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Seeks back over dropped messages and resumes fetching.
+    fn resume(&self) {
+        use std::sync::atomic::Ordering;
+        if !self.paused.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let rewind = std::mem::take(&mut *self.rewind.lock().expect("rewind lock"));
+        for ((topic, partition), offset) in rewind {
+            if let Err(e) = self.consumer.seek(
+                &topic,
+                partition,
+                Offset::Offset(offset),
+                Duration::from_secs(5),
+            ) {
+                // Revoked meanwhile: its next owner starts from the committed offset.
+                debug!(topic, partition, offset, error = %e, "seek back skipped");
+            }
+        }
+        if let Ok(assignment) = self.consumer.assignment() {
+            if let Err(e) = self.consumer.resume(&assignment) {
+                warn!(error = %e, "cannot resume partitions");
+            }
+        }
+        info!("input resumed");
+    }
 }
 
 /// The batch was not made durable because a stop was requested.
@@ -174,12 +254,27 @@ impl Gate {
                     in_batch_duplicates += 1;
                     let f = &candidates[first];
                     if f.payload_hash != hash {
-                        warn!(event_id, scope, topic = msg.topic, partition = msg.partition, offset = msg.offset,
-                              first_topic = f.topic, first_partition = f.partition, first_offset = f.offset,
-                              "same event id with a different payload");
+                        warn!(
+                            event_id,
+                            scope,
+                            topic = msg.topic,
+                            partition = msg.partition,
+                            offset = msg.offset,
+                            first_topic = f.topic,
+                            first_partition = f.partition,
+                            first_offset = f.offset,
+                            "same event id with a different payload"
+                        );
                     }
-                    debug!(event_id, scope, topic = msg.topic, partition = msg.partition, offset = msg.offset,
-                           cause = "upstream", "duplicate within batch");
+                    debug!(
+                        event_id,
+                        scope,
+                        topic = msg.topic,
+                        partition = msg.partition,
+                        offset = msg.offset,
+                        cause = "upstream",
+                        "duplicate within batch"
+                    );
                     self.metrics
                         .duplicates
                         .with_label_values(&[self.cause_for(false)])
@@ -212,13 +307,22 @@ impl Gate {
         }
 
         let outcomes = self.gate_with_retry(&candidates, stop).await?;
+        if let Some(k) = &self.keepalive {
+            k.resume();
+        }
         let committed_at = chrono::Utc::now().timestamp_millis();
         for (row, outcome) in candidates.iter().zip(&outcomes) {
             match outcome {
                 GateOutcome::Forwarded => {
                     summary.forwarded += 1;
-                    debug!(event_id = row.event_id, scope = row.scope, topic = row.topic,
-                           partition = row.partition, offset = row.offset, "first sighting, queued for output");
+                    debug!(
+                        event_id = row.event_id,
+                        scope = row.scope,
+                        topic = row.topic,
+                        partition = row.partition,
+                        offset = row.offset,
+                        "first sighting, queued for output"
+                    );
                     if let Some(ts) = row.timestamp_ms {
                         let secs = (committed_at - ts).max(0) as f64 / 1000.0;
                         self.metrics
@@ -233,19 +337,37 @@ impl Gate {
                 } => {
                     summary.duplicates += 1;
                     let same_position = first.as_ref().is_some_and(|f| {
-                        f.topic == row.topic && f.partition == row.partition && f.offset == row.offset
+                        f.topic == row.topic
+                            && f.partition == row.partition
+                            && f.offset == row.offset
                     });
                     let cause = self.cause_for(same_position);
                     self.metrics.duplicates.with_label_values(&[cause]).inc();
                     if *payload_differs {
-                        let f = first.as_ref().expect("payload_differs implies a first sighting");
-                        warn!(event_id = row.event_id, scope = row.scope, topic = row.topic,
-                              partition = row.partition, offset = row.offset,
-                              first_topic = f.topic, first_partition = f.partition, first_offset = f.offset,
-                              "same event id with a different payload");
+                        let f = first
+                            .as_ref()
+                            .expect("payload_differs implies a first sighting");
+                        warn!(
+                            event_id = row.event_id,
+                            scope = row.scope,
+                            topic = row.topic,
+                            partition = row.partition,
+                            offset = row.offset,
+                            first_topic = f.topic,
+                            first_partition = f.partition,
+                            first_offset = f.offset,
+                            "same event id with a different payload"
+                        );
                     }
-                    debug!(event_id = row.event_id, scope = row.scope, topic = row.topic,
-                           partition = row.partition, offset = row.offset, cause, "duplicate, not forwarded");
+                    debug!(
+                        event_id = row.event_id,
+                        scope = row.scope,
+                        topic = row.topic,
+                        partition = row.partition,
+                        offset = row.offset,
+                        cause,
+                        "duplicate, not forwarded"
+                    );
                 }
             }
         }
@@ -290,10 +412,21 @@ impl Gate {
                         error!(error = %e, retry_in_ms = delay.as_millis() as u64, rows = rows.len(),
                                "gate transaction failed with a non-transient error; retrying the batch");
                     }
-                    tokio::select! {
-                        _ = stop.cancelled() => return Err(Abandoned),
-                        _ = tokio::time::sleep(delay) => {}
+                    if !self.idle(delay, stop).await {
+                        return Err(Abandoned);
                     }
+                }
+            }
+        }
+    }
+
+    async fn idle(&self, d: Duration, stop: &CancellationToken) -> bool {
+        match &self.keepalive {
+            Some(k) => k.idle(d, stop).await,
+            None => {
+                tokio::select! {
+                    _ = stop.cancelled() => false,
+                    _ = tokio::time::sleep(d) => true,
                 }
             }
         }
@@ -337,9 +470,8 @@ impl Gate {
                 return Ok(());
             }
             pending = failed;
-            tokio::select! {
-                _ = stop.cancelled() => return Err(Abandoned),
-                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            if !self.idle(backoff.next_delay(), stop).await {
+                return Err(Abandoned);
             }
         }
     }
@@ -391,7 +523,9 @@ fn dlq_record<'a>(
 pub fn next_offsets(batch: &[InputMessage]) -> BTreeMap<(String, i32), i64> {
     let mut next = BTreeMap::new();
     for m in batch {
-        let e = next.entry((m.topic.clone(), m.partition)).or_insert(m.offset + 1);
+        let e = next
+            .entry((m.topic.clone(), m.partition))
+            .or_insert(m.offset + 1);
         *e = (*e).max(m.offset + 1);
     }
     next
@@ -405,7 +539,13 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
-        let topics: Vec<&str> = self.gate.cfg.input_topics.iter().map(String::as_str).collect();
+        let topics: Vec<&str> = self
+            .gate
+            .cfg
+            .input_topics
+            .iter()
+            .map(String::as_str)
+            .collect();
         self.consumer.subscribe(&topics)?;
         info!(topics = ?topics, group_id = self.gate.cfg.group_id, "consuming");
         // Offsets made durable so far, for the final commit.
@@ -500,7 +640,9 @@ impl Pipeline {
         }
         match self.consumer.commit(&tpl, CommitMode::Sync) {
             Ok(()) => info!(partitions = tpl.count(), "committed durable offsets"),
-            Err(e) => warn!(error = %e, "final offset commit failed; uncommitted work will be redelivered and absorbed by the gate"),
+            Err(e) => {
+                warn!(error = %e, "final offset commit failed; uncommitted work will be redelivered and absorbed by the gate")
+            }
         }
     }
 }
@@ -523,7 +665,12 @@ mod tests {
 
     #[test]
     fn next_offsets_point_past_the_last_message_of_each_partition() {
-        let batch = vec![msg("a", 0, 5), msg("a", 1, 9), msg("a", 0, 6), msg("b", 0, 1)];
+        let batch = vec![
+            msg("a", 0, 5),
+            msg("a", 1, 9),
+            msg("a", 0, 6),
+            msg("b", 0, 1),
+        ];
         let next = next_offsets(&batch);
         assert_eq!(next[&("a".to_string(), 0)], 7);
         assert_eq!(next[&("a".to_string(), 1)], 10);

@@ -135,8 +135,10 @@ impl Relay {
             .expect("metadata task does not panic");
             match found {
                 Ok(Some(n)) => return Some(n as i32),
-                Ok(None) => warn!(output_topic = self.cfg.output_topic,
-                                  "output topic does not exist; create it (or leave KDEDUP_CREATE_TOPICS on)"),
+                Ok(None) => warn!(
+                    output_topic = self.cfg.output_topic,
+                    "output topic does not exist; create it (or leave KDEDUP_CREATE_TOPICS on)"
+                ),
                 Err(e) => warn!(error = %e, "cannot read output topic metadata; retrying"),
             }
             tokio::select! {
@@ -146,7 +148,11 @@ impl Relay {
         }
     }
 
-    async fn publish_while_locked(&self, conn: &mut PgConnection, stop: &CancellationToken) -> Exit {
+    async fn publish_while_locked(
+        &self,
+        conn: &mut PgConnection,
+        stop: &CancellationToken,
+    ) -> Exit {
         let Some(partitions) = self.output_partitions(stop).await else {
             return Exit::Stopped;
         };
@@ -232,20 +238,33 @@ impl Relay {
                     Vec::new()
                 }
             };
-            let source = format!("{}/{}/{}", row.source_topic, row.source_partition, row.source_offset);
+            let source = format!(
+                "{}/{}/{}",
+                row.source_topic, row.source_partition, row.source_offset
+            );
             let mut hs = OwnedHeaders::new_with_capacity(input_headers.len() + 2);
             for (k, v) in &input_headers {
                 if k == header::EVENT_ID || k == header::SOURCE {
                     continue;
                 }
-                hs = hs.insert(Header { key: k, value: v.as_deref() });
+                hs = hs.insert(Header {
+                    key: k,
+                    value: v.as_deref(),
+                });
             }
             hs = hs
-                .insert(Header { key: header::EVENT_ID, value: Some(row.event_id.as_bytes()) })
-                .insert(Header { key: header::SOURCE, value: Some(source.as_bytes()) });
-            let mut record: FutureRecord<'_, Vec<u8>, Vec<u8>> = FutureRecord::to(&self.cfg.output_topic)
-                .partition(row.source_partition.rem_euclid(partitions))
-                .headers(hs);
+                .insert(Header {
+                    key: header::EVENT_ID,
+                    value: Some(row.event_id.as_bytes()),
+                })
+                .insert(Header {
+                    key: header::SOURCE,
+                    value: Some(source.as_bytes()),
+                });
+            let mut record: FutureRecord<'_, Vec<u8>, Vec<u8>> =
+                FutureRecord::to(&self.cfg.output_topic)
+                    .partition(row.source_partition.rem_euclid(partitions))
+                    .headers(hs);
             if let Some(k) = &row.key {
                 record = record.key(k);
             }
@@ -265,8 +284,11 @@ impl Relay {
                     }
                     Err((e, r)) => {
                         record = r;
-                        if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) {
-                            self.producer.poll(Timeout::After(Duration::from_millis(10)));
+                        if e.rdkafka_error_code()
+                            == Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
+                        {
+                            self.producer
+                                .poll(Timeout::After(Duration::from_millis(10)));
                             tokio::time::sleep(Duration::from_millis(5)).await;
                         } else {
                             error!(event_id = row.event_id, error = %e, "produce to output topic refused");
@@ -296,9 +318,17 @@ impl Relay {
                 Ok(()) => {
                     acked.push(row.id);
                     let secs = (now - row.created_at).num_milliseconds().max(0) as f64 / 1000.0;
-                    self.metrics.latency.with_label_values(&["commit_to_ack"]).observe(secs);
-                    debug!(event_id = row.event_id, topic = row.source_topic, partition = row.source_partition,
-                           offset = row.source_offset, "forwarded");
+                    self.metrics
+                        .latency
+                        .with_label_values(&["commit_to_ack"])
+                        .observe(secs);
+                    debug!(
+                        event_id = row.event_id,
+                        topic = row.source_topic,
+                        partition = row.source_partition,
+                        offset = row.source_offset,
+                        "forwarded"
+                    );
                 }
                 Err(e) => {
                     failed += 1;
@@ -311,4 +341,3 @@ impl Relay {
         (acked, failed)
     }
 }
-

@@ -32,9 +32,9 @@ pub fn init() {
     }
 }
 
-/// The demo prints its own summary; only warnings and errors are logged.
+/// The demo prints its own summary; only errors are logged unless KDEDUP_LOG says otherwise.
 pub fn init_for_demo() {
-    let filter = std::env::var("KDEDUP_LOG").unwrap_or_else(|_| "warn".to_string());
+    let filter = std::env::var("KDEDUP_LOG").unwrap_or_else(|_| "error".to_string());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("warn")))
         .with_writer(std::io::stderr)

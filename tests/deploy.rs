@@ -11,7 +11,11 @@ fn render(dir: &str) -> String {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("kubectl is needed to render deploy/kubernetes");
-    assert!(out.status.success(), "kubectl kustomize {dir}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {dir}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -49,9 +53,15 @@ fn every_variable_the_manifests_set_is_read_by_the_binary() {
     for dir in overlays() {
         let yaml = render(&dir);
         let vars = variables(&yaml);
-        assert!(vars.iter().any(|v| v == "KDEDUP_BROKERS"), "{dir} sets no KDEDUP_BROKERS");
+        assert!(
+            vars.iter().any(|v| v == "KDEDUP_BROKERS"),
+            "{dir} sets no KDEDUP_BROKERS"
+        );
         for v in vars {
-            assert!(kdedup::config::is_known_env_var(&v), "{dir} sets {v}, which kdedup does not read");
+            assert!(
+                kdedup::config::is_known_env_var(&v),
+                "{dir} sets {v}, which kdedup does not read"
+            );
         }
     }
 }
@@ -62,16 +72,34 @@ fn probes_and_scrape_port_match_the_admin_server() {
         use clap::CommandFactory;
         let cmd = kdedup::config::Cli::command();
         let run = cmd.find_subcommand("run").unwrap();
-        let arg = run.get_arguments().find(|a| a.get_id() == "metrics_addr").unwrap();
+        let arg = run
+            .get_arguments()
+            .find(|a| a.get_id() == "metrics_addr")
+            .unwrap();
         let default = arg.get_default_values()[0].to_str().unwrap().to_string();
         default.rsplit_once(':').unwrap().1.to_string()
     };
     for dir in overlays() {
         let yaml = render(&dir);
-        assert!(yaml.contains("path: /livez"), "{dir}: no liveness probe on /livez");
-        assert!(yaml.contains("path: /readyz"), "{dir}: no readiness probe on /readyz");
-        assert!(yaml.contains(&format!("containerPort: {default_port}")), "{dir}: metrics port is not {default_port}");
-        assert!(yaml.contains(&format!("prometheus.io/port: \"{default_port}\"")), "{dir}: scrape annotation port");
-        assert!(yaml.contains("restartPolicy: Always"), "{dir}: kdedup is not a native sidecar");
+        assert!(
+            yaml.contains("path: /livez"),
+            "{dir}: no liveness probe on /livez"
+        );
+        assert!(
+            yaml.contains("path: /readyz"),
+            "{dir}: no readiness probe on /readyz"
+        );
+        assert!(
+            yaml.contains(&format!("containerPort: {default_port}")),
+            "{dir}: metrics port is not {default_port}"
+        );
+        assert!(
+            yaml.contains(&format!("prometheus.io/port: \"{default_port}\"")),
+            "{dir}: scrape annotation port"
+        );
+        assert!(
+            yaml.contains("restartPolicy: Always"),
+            "{dir}: kdedup is not a native sidecar"
+        );
     }
 }

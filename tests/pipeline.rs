@@ -36,10 +36,15 @@ fn stream_with_duplicates(n: usize, partitions: i32, seed: u64) -> (Vec<In>, usi
 fn assert_exactly_once_in_order(out: &[Out], n: usize) {
     let mut seen: HashMap<String, usize> = HashMap::new();
     for m in out {
-        *seen.entry(m.header("kdedup-event-id").unwrap().to_string()).or_default() += 1;
+        *seen
+            .entry(m.header("kdedup-event-id").unwrap().to_string())
+            .or_default() += 1;
     }
     let repeated: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
-    assert!(repeated.is_empty(), "ids forwarded more than once: {repeated:?}");
+    assert!(
+        repeated.is_empty(),
+        "ids forwarded more than once: {repeated:?}"
+    );
     assert_eq!(seen.len(), n, "distinct ids on the output topic");
     let mut by_partition: HashMap<i32, Vec<&Out>> = HashMap::new();
     for m in out {
@@ -47,7 +52,10 @@ fn assert_exactly_once_in_order(out: &[Out], n: usize) {
     }
     for (p, mut msgs) in by_partition {
         msgs.sort_by_key(|m| m.offset);
-        let seqs: Vec<u64> = msgs.iter().map(|m| m.json()["seq"].as_u64().unwrap()).collect();
+        let seqs: Vec<u64> = msgs
+            .iter()
+            .map(|m| m.json()["seq"].as_u64().unwrap())
+            .collect();
         assert!(
             seqs.windows(2).all(|w| w[0] < w[1]),
             "partition {p} out of input order: {seqs:?}"
@@ -79,19 +87,34 @@ async fn forwards_each_distinct_id_once_in_input_order() {
     assert_eq!(out.len(), n, "messages on the output topic");
     assert_exactly_once_in_order(&out, n);
     // Output keeps key and value and says where the event was first seen.
-    let first = out.iter().find(|m| m.header("kdedup-event-id") == Some("ev-0")).unwrap();
+    let first = out
+        .iter()
+        .find(|m| m.header("kdedup-event-id") == Some("ev-0"))
+        .unwrap();
     assert_eq!(first.key.as_deref(), Some(&b"k-ev-0"[..]));
     assert_eq!(first.header("event-id"), Some("ev-0"));
-    assert_eq!(first.header("kdedup-source"), Some(format!("{}/0/0", t.input).as_str()));
+    assert_eq!(
+        first.header("kdedup-source"),
+        Some(format!("{}/0/0", t.input).as_str())
+    );
 
-    assert_eq!(sidecar.metric("kdedup_events_consumed_total") as usize, total);
+    assert_eq!(
+        sidecar.metric("kdedup_events_consumed_total") as usize,
+        total
+    );
     assert_eq!(sidecar.metric("kdedup_events_forwarded_total") as usize, n);
-    assert_eq!(sidecar.metric("kdedup_duplicates_total") as usize, total - n);
+    assert_eq!(
+        sidecar.metric("kdedup_duplicates_total") as usize,
+        total - n
+    );
     assert_eq!(sidecar.metric("kdedup_events_dead_lettered_total"), 0.0);
     assert_eq!(sidecar.metric("kdedup_outbox_backlog"), 0.0);
 
     let pool = pg().await;
-    assert_eq!(count(&pool, &t.schema, "processed_events").await as usize, n);
+    assert_eq!(
+        count(&pool, &t.schema, "processed_events").await as usize,
+        n
+    );
     assert_eq!(count(&pool, &t.schema, "outbox").await, 0);
     drop(sidecar);
     drop_schema(&pool, &t.schema).await;
@@ -113,19 +136,27 @@ async fn crash_after_db_commit_before_offset_commit_forwards_nothing_twice() {
         &cfg.clone().set("KDEDUP_KAFKA_ENABLE_AUTO_COMMIT", "false"),
         "crash_first_life",
     );
-    wait_until(Duration::from_secs(90), "first life forwarded everything", || {
-        first.metric("kdedup_events_forwarded_total") as usize >= n
-    })
+    wait_until(
+        Duration::from_secs(90),
+        "first life forwarded everything",
+        || first.metric("kdedup_events_forwarded_total") as usize >= n,
+    )
     .await;
     first.kill9();
 
     // Second life re-reads everything from the start: all of it must be absorbed.
     let second = Sidecar::start(&cfg, "crash_second_life");
-    wait_until(Duration::from_secs(90), "second life consumed everything", || {
-        second.metric("kdedup_events_consumed_total") as usize >= total
-    })
+    wait_until(
+        Duration::from_secs(90),
+        "second life consumed everything",
+        || second.metric("kdedup_events_consumed_total") as usize >= total,
+    )
     .await;
-    assert_eq!(second.metric("kdedup_events_forwarded_total"), 0.0, "nothing forwarded twice");
+    assert_eq!(
+        second.metric("kdedup_events_forwarded_total"),
+        0.0,
+        "nothing forwarded twice"
+    );
     assert_eq!(second.metric("kdedup_duplicates_total") as usize, total);
     assert_eq!(
         second.metric("kdedup_duplicates_total{cause=\"redelivery\"}") as usize,
@@ -153,7 +184,9 @@ async fn replicas_and_groups_racing_on_the_same_ids_forward_once() {
     let a1 = Sidecar::start(&base, "race_a1");
     let a2 = Sidecar::start(&base, "race_a2");
     let b1 = Sidecar::start(
-        &base.clone().set("KDEDUP_GROUP_ID", &format!("{}-b", t.group)),
+        &base
+            .clone()
+            .set("KDEDUP_GROUP_ID", &format!("{}-b", t.group)),
         "race_b1",
     );
     for s in [&a1, &a2, &b1] {
@@ -163,17 +196,29 @@ async fn replicas_and_groups_racing_on_the_same_ids_forward_once() {
 
     let all = [&a1, &a2, &b1];
     let sum = |name: &str| all.iter().map(|s| s.metric(name)).sum::<f64>() as usize;
-    wait_until(Duration::from_secs(120), "both groups consumed everything", || {
-        sum("kdedup_events_consumed_total") >= 2 * total && sum("kdedup_events_forwarded_total") >= n
-    })
+    wait_until(
+        Duration::from_secs(120),
+        "both groups consumed everything",
+        || {
+            sum("kdedup_events_consumed_total") >= 2 * total
+                && sum("kdedup_events_forwarded_total") >= n
+        },
+    )
     .await;
     let out = read_topic(&t.output, n, Duration::from_secs(30));
-    assert_eq!(out.len(), n, "one forwarding write per id across replicas and groups");
+    assert_eq!(
+        out.len(),
+        n,
+        "one forwarding write per id across replicas and groups"
+    );
     assert_exactly_once_in_order(&out, n);
     assert_eq!(sum("kdedup_events_forwarded_total"), n);
     assert_eq!(sum("kdedup_relay_active"), 1, "exactly one relay publishes");
     let pool = pg().await;
-    assert_eq!(count(&pool, &t.schema, "processed_events").await as usize, n);
+    assert_eq!(
+        count(&pool, &t.schema, "processed_events").await as usize,
+        n
+    );
     drop((a1, a2, b1));
     drop_schema(&pool, &t.schema).await;
 }
@@ -186,15 +231,24 @@ async fn events_without_a_usable_id_are_dead_lettered_and_the_partition_goes_on(
         partition: Some(0),
         key: Some(b"bad".to_vec()),
         value: Some(value.to_vec()),
-        headers: headers.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        headers: headers
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
     };
     let mut msgs = vec![In::event(0, "good-0", 0)];
     let cases: Vec<(In, &str)> = vec![
         (bad(vec![], b"{truncated"), "value_not_json"),
         (bad(vec![], br#"{"no_id":true}"#), "missing_id"),
         (bad(vec![("event-id", vec![])], b"{}"), "empty_id"),
-        (bad(vec![("event-id", vec![b'x'; 600])], b"{}"), "id_too_long"),
-        (bad(vec![("event-id", vec![0xff, 0xfe, 0xfd])], b"{}"), "id_not_utf8"),
+        (
+            bad(vec![("event-id", vec![b'x'; 600])], b"{}"),
+            "id_too_long",
+        ),
+        (
+            bad(vec![("event-id", vec![0xff, 0xfe, 0xfd])], b"{}"),
+            "id_not_utf8",
+        ),
     ];
     for (i, (m, _)) in cases.iter().enumerate() {
         msgs.push(m.clone());
@@ -215,23 +269,39 @@ async fn events_without_a_usable_id_are_dead_lettered_and_the_partition_goes_on(
 
     let dlq = read_topic(&t.dlq, cases.len(), Duration::from_secs(30));
     assert_eq!(dlq.len(), cases.len());
-    let reasons: HashSet<&str> = dlq.iter().map(|m| m.header("kdedup-dlq-reason").unwrap()).collect();
+    let reasons: HashSet<&str> = dlq
+        .iter()
+        .map(|m| m.header("kdedup-dlq-reason").unwrap())
+        .collect();
     for (_, reason) in &cases {
-        assert!(reasons.contains(reason), "{reason} missing from {reasons:?}");
+        assert!(
+            reasons.contains(reason),
+            "{reason} missing from {reasons:?}"
+        );
         assert_eq!(
-            sidecar.metric(&format!("kdedup_events_dead_lettered_total{{reason=\"{reason}\"}}")),
+            sidecar.metric(&format!(
+                "kdedup_events_dead_lettered_total{{reason=\"{reason}\"}}"
+            )),
             1.0
         );
     }
     for m in &dlq {
         assert_eq!(m.header("kdedup-source-topic"), Some(t.input.as_str()));
         assert_eq!(m.header("kdedup-source-partition"), Some("0"));
-        assert!(m.header("kdedup-source-offset").unwrap().parse::<i64>().is_ok());
+        assert!(m
+            .header("kdedup-source-offset")
+            .unwrap()
+            .parse::<i64>()
+            .is_ok());
         assert!(!m.header("kdedup-dlq-error").unwrap().is_empty());
         assert_eq!(m.key.as_deref(), Some(&b"bad"[..]), "original message kept");
     }
     let out = read_topic(&t.output, good, Duration::from_secs(30));
-    assert_eq!(out.len(), good, "every good event after a bad one was forwarded");
+    assert_eq!(
+        out.len(),
+        good,
+        "every good event after a bad one was forwarded"
+    );
     drop(sidecar);
     drop_schema(&pg().await, &t.schema).await;
 }
@@ -249,17 +319,28 @@ async fn sigterm_drains_commits_offsets_and_exits_zero() {
         s.metric("kdedup_events_forwarded_total") as usize >= n
     })
     .await;
-    assert_eq!(s.sigterm(Duration::from_secs(10)), Some(0), "{}", s.log_tail());
+    assert_eq!(
+        s.sigterm(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        s.log_tail()
+    );
 
     // The offsets were committed on the way out: a restart reads nothing old again.
-    let more: Vec<In> = (0..10).map(|i| In::event(i % 2, &format!("late-{i}"), 10_000 + i as u64)).collect();
+    let more: Vec<In> = (0..10)
+        .map(|i| In::event(i % 2, &format!("late-{i}"), 10_000 + i as u64))
+        .collect();
     produce(&t.input, &more).await;
     let s2 = Sidecar::start(&cfg, "sigterm_second");
     wait_until(Duration::from_secs(60), "late events forwarded", || {
         s2.metric("kdedup_events_forwarded_total") as usize >= 10
     })
     .await;
-    assert_eq!(s2.metric("kdedup_events_consumed_total"), 10.0, "no redelivery after a clean stop");
+    assert_eq!(
+        s2.metric("kdedup_events_consumed_total"),
+        10.0,
+        "no redelivery after a clean stop"
+    );
     assert_eq!(s2.metric("kdedup_duplicates_total"), 0.0);
     drop(s2);
     drop_schema(&pg().await, &t.schema).await;

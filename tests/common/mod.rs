@@ -27,7 +27,10 @@ pub fn database_url() -> String {
 
 /// A name no other test (or earlier run) uses.
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "{prefix}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 pub async fn create_topic(name: &str, partitions: i32) {
@@ -83,7 +86,10 @@ pub async fn produce(topic: &str, msgs: &[In]) {
     for m in msgs {
         let mut hs = OwnedHeaders::new();
         for (k, v) in &m.headers {
-            hs = hs.insert(Header { key: k, value: Some(v) });
+            hs = hs.insert(Header {
+                key: k,
+                value: Some(v),
+            });
         }
         let mut r: FutureRecord<'_, Vec<u8>, Vec<u8>> = FutureRecord::to(topic).headers(hs);
         if let Some(p) = m.partition {
@@ -155,7 +161,8 @@ pub fn read_topic(topic: &str, expect: usize, timeout: Duration) -> Vec<Out> {
         .expect("consumer");
     let mut tpl = TopicPartitionList::new();
     for p in 0..partition_count(topic) {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
     }
     c.assign(&tpl).expect("assign");
     let deadline = Instant::now() + timeout;
@@ -172,7 +179,8 @@ pub fn read_topic(topic: &str, expect: usize, timeout: Duration) -> Vec<Out> {
                             .map(|h| {
                                 (
                                     h.key.to_string(),
-                                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default())
+                                        .into_owned(),
                                 )
                             })
                             .collect()
