@@ -23,3 +23,15 @@ services:
 
 fmt:
 	cargo fmt --all
+
+## Benchmark (bench/README.md): kdedup vs its Postgres and Kafka ceilings and a naive
+## consumer, on the local services; writes bench/RESULTS.md. Takes 15-25 minutes.
+.PHONY: bench bench-quick
+bench: services
+	cargo build --release --locked --bin kdedup --examples
+	target/release/examples/bench
+
+## The same table with small sizes, under 2 minutes; writes .tmp/bench/RESULTS-quick.md.
+bench-quick: services
+	cargo build --release --locked --bin kdedup --examples
+	target/release/examples/bench --quick

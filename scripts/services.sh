@@ -2,7 +2,9 @@
 # Starts what the demo and the tests need on this machine, installing it where missing:
 #   postgres  - the local PostgreSQL server on 127.0.0.1:5432 (Debian's `postgresql`)
 #   broker    - tansu 0.6.0, a Kafka-protocol broker, in memory, on 127.0.0.1:$KDEDUP_TEST_BROKER_PORT
-# Usage: scripts/services.sh postgres|broker|all|stop-broker
+#   prometheus - Debian's `prometheus` package, for its binaries only: tests/prometheus.rs
+#               starts its own server on a free port and runs promtool; no service is kept
+# Usage: scripts/services.sh postgres|broker|prometheus|all|stop-broker
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -83,6 +85,22 @@ ensure_broker() {
   exit 1
 }
 
+ensure_prometheus() {
+  if [ -x /usr/bin/prometheus ] && [ -x /usr/bin/promtool ]; then
+    return 0
+  fi
+  log "installing Debian's prometheus package (prometheus + promtool for tests/prometheus.rs)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  # The package enables a system service on :9090. The tests run their own server on a
+  # free port with a data dir of their own, so the packaged one is stopped and disabled.
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    as_root systemctl disable --now prometheus >/dev/null 2>&1 || true
+  elif [ -x /etc/init.d/prometheus ]; then
+    as_root /etc/init.d/prometheus stop >/dev/null 2>&1 || true
+  fi
+}
+
 stop_broker() {
   if [ -f "$TMP/tansu.pid" ]; then
     kill "$(cat "$TMP/tansu.pid")" 2>/dev/null || true
@@ -93,7 +111,8 @@ stop_broker() {
 case "${1:-all}" in
   postgres) ensure_postgres ;;
   broker) ensure_broker ;;
-  all) ensure_postgres; ensure_broker ;;
+  prometheus) ensure_prometheus ;;
+  all) ensure_postgres; ensure_broker; ensure_prometheus ;;
   stop-broker) stop_broker ;;
-  *) echo "usage: $0 postgres|broker|all|stop-broker" >&2; exit 64 ;;
+  *) echo "usage: $0 postgres|broker|prometheus|all|stop-broker" >&2; exit 64 ;;
 esac

@@ -179,7 +179,8 @@ where
     }
 }
 
-async fn create_topics(cfg: &RunConfig, producer: &FutureProducer) -> anyhow::Result<()> {
+/// Creates the output and dead-letter topics with the first input topic's partition count.
+pub async fn create_topics(cfg: &RunConfig, producer: &FutureProducer) -> anyhow::Result<()> {
     let first = cfg.input_topics[0].clone();
     let (p, brokers) = (producer.clone(), cfg.brokers.clone());
     let partitions = tokio::task::spawn_blocking(move || {

@@ -42,8 +42,17 @@ pub enum Command {
     Migrate(DbArgs),
     /// Zero-setup demo: embedded mock Kafka cluster + the local Postgres.
     Demo(DemoArgs),
+    /// Re-feed events (the dead-letter topic by default) through the gate.
+    Replay(Box<crate::replay::ReplayArgs>),
     /// Delete expired processed_events rows once and exit.
     Prune(PruneArgs),
+    /// Show where and when an event id was first seen and whether it was forwarded.
+    ///
+    /// Exit codes: 0 found, 1 not recorded (never seen, or expired and pruned), 2 the
+    /// database could not be read.
+    Inspect(crate::ops::InspectArgs),
+    /// Gate table statistics: rows, expiry horizon, outbox backlog, duplicates avoided.
+    Stats(crate::ops::StatsArgs),
 }
 
 /// Connection settings shared by every subcommand that talks to Postgres.
@@ -99,6 +108,16 @@ pub struct RunArgs {
     /// Longest accepted event id, in bytes.
     #[arg(long, env = "KDEDUP_MAX_ID_BYTES", default_value_t = 512)]
     pub max_id_bytes: usize,
+
+    /// Largest message (key + value + headers) accepted, in bytes; larger ones are
+    /// dead-lettered. 0 turns the check off.
+    #[arg(long, env = "KDEDUP_MAX_MESSAGE_BYTES", default_value_t = 1_000_000)]
+    pub max_message_bytes: usize,
+
+    /// What to do with an event whose id was already seen with a different payload:
+    /// `skip` it (counted and logged) or send it to the dead-letter topic (`dlq`).
+    #[arg(long, env = "KDEDUP_ON_PAYLOAD_MISMATCH", value_enum, default_value_t = PayloadMismatch::Skip)]
+    pub on_payload_mismatch: PayloadMismatch,
 
     /// How long an id is remembered (e.g. `7d`, `36h`). Must outlive every way an event can
     /// come back: topic retention, consumer lag, the age of what sits in the DLQ.
@@ -233,6 +252,13 @@ pub struct DemoArgs {
     pub hold: bool,
 }
 
+/// `--on-payload-mismatch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PayloadMismatch {
+    Skip,
+    Dlq,
+}
+
 /// A setting that cannot be used, with what is wrong and how to fix it.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {setting}: {problem}. Fix: {fix}")]
@@ -277,6 +303,9 @@ pub struct RunConfig {
     pub id: IdSpec,
     pub scope: ScopeSpec,
     pub ttl: Duration,
+    /// `None` when the size check is off.
+    pub max_message_bytes: Option<usize>,
+    pub on_payload_mismatch: PayloadMismatch,
     pub batch_size: usize,
     pub batch_linger: Duration,
     pub batch_max_bytes: usize,
@@ -843,6 +872,8 @@ impl RunArgs {
             id,
             scope,
             ttl,
+            max_message_bytes: (self.max_message_bytes > 0).then_some(self.max_message_bytes),
+            on_payload_mismatch: self.on_payload_mismatch,
             batch_size: self.batch_size,
             batch_linger,
             batch_max_bytes: self.batch_max_bytes,

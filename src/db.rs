@@ -7,7 +7,10 @@
 //! The gate is one statement: insert the batch's `(scope, event_id)` rows, doing nothing
 //! on conflict with a live row, and insert outbox rows for exactly the rows that were
 //! inserted. The statement commits with the batch, so a crash leaves both or neither.
+//! The same statement adds the batch's decisions to the per-scope totals in
+//! `gate_counters` (read by `kdedup stats`).
 
+use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -190,30 +193,70 @@ queued AS (
     JOIN gate g ON g.scope = b.scope AND g.event_id = b.event_id
     ORDER BY b.ord
     RETURNING 1
+),
+decided AS (
+    SELECT b.ord, b.scope,
+           g.event_id IS NOT NULL AS inserted,
+           pe.source_topic, pe.source_partition, pe.source_offset,
+           (pe.scope IS NOT NULL AND pe.payload_hash IS DISTINCT FROM b.payload_hash)
+               AS payload_differs
+    FROM batch b
+    LEFT JOIN gate g ON g.scope = b.scope AND g.event_id = b.event_id
+    LEFT JOIN processed_events pe
+           ON g.event_id IS NULL AND pe.scope = b.scope AND pe.event_id = b.event_id
+),
+-- Running totals for `kdedup stats`, one upsert per scope in this batch. A duplicate is a
+-- row not inserted whose payload matches the first one (a reused id with another payload
+-- is a mismatch, not a duplicate), plus the in-batch duplicates the caller removed before
+-- this statement ($12 scopes, $13 counts). The counters row of a scope is a hot row: the
+-- transactions of all replicas gating that scope take its lock at the end of this
+-- statement and keep it until their COMMIT, so they serialise there for one round trip.
+-- Scopes are locked in order, and only after every gate row, so this cannot deadlock.
+counted AS (
+    INSERT INTO gate_counters AS c (scope, duplicates, forwarded)
+    SELECT scope, sum(duplicates)::int8, sum(forwarded)::int8
+    FROM (
+        SELECT scope, (NOT inserted AND NOT payload_differs)::int AS duplicates,
+               inserted::int AS forwarded
+        FROM decided
+        UNION ALL
+        SELECT scope, n, 0 FROM UNNEST($12::text[], $13::int8[]) AS d(scope, n)
+    ) t
+    GROUP BY scope
+    ORDER BY scope
+    ON CONFLICT (scope) DO UPDATE
+        SET duplicates = c.duplicates + EXCLUDED.duplicates,
+            forwarded = c.forwarded + EXCLUDED.forwarded,
+            updated_at = now()
+    RETURNING 1
 )
-SELECT b.ord,
-       g.event_id IS NOT NULL AS inserted,
-       pe.source_topic, pe.source_partition, pe.source_offset,
-       (pe.payload_hash IS DISTINCT FROM b.payload_hash) AS payload_differs
-FROM batch b
-LEFT JOIN gate g ON g.scope = b.scope AND g.event_id = b.event_id
-LEFT JOIN processed_events pe
-       ON g.event_id IS NULL AND pe.scope = b.scope AND pe.event_id = b.event_id
-ORDER BY b.ord
+SELECT ord, inserted, source_topic, source_partition, source_offset, payload_differs
+FROM decided
+ORDER BY ord
 "#;
 
 /// `(ord, inserted, first topic, first partition, first offset, payload differs)`.
 type GateResultRow = (i64, bool, Option<String>, Option<i32>, Option<i64>, bool);
 
 /// Runs the gate for `rows` in one transaction and commits it. Returns one outcome per row.
+///
+/// `in_batch_duplicates` counts, per scope, the duplicates the caller dropped from the batch
+/// before the gate (same id twice in one batch); they are added to the `gate_counters`
+/// totals in the same statement.
 pub async fn gate(
     pool: &PgPool,
     rows: &[GateRow],
     ttl: Duration,
+    in_batch_duplicates: &BTreeMap<String, i64>,
 ) -> Result<Vec<GateOutcome>, DbError> {
     if rows.is_empty() {
         return Ok(Vec::new());
     }
+    let (dup_scopes, dup_counts): (Vec<&str>, Vec<i64>) = in_batch_duplicates
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(s, n)| (s.as_str(), *n))
+        .unzip();
     let mut scopes = Vec::with_capacity(rows.len());
     let mut ids = Vec::with_capacity(rows.len());
     let mut topics = Vec::with_capacity(rows.len());
@@ -249,6 +292,8 @@ pub async fn gate(
         .bind(&values)
         .bind(&headers)
         .bind(ttl.as_secs_f64())
+        .bind(&dup_scopes)
+        .bind(&dup_counts)
         .fetch_all(&mut *tx)
         .await?;
     tx.commit().await?;
@@ -274,6 +319,26 @@ pub async fn gate(
             }
         })
         .collect())
+}
+
+/// How many of `keys` (scope, event_id) the gate holds and has not expired.
+pub async fn live_ids(pool: &PgPool, keys: &[(String, String)]) -> Result<usize, DbError> {
+    if keys.is_empty() {
+        return Ok(0);
+    }
+    let (scopes, ids): (Vec<&str>, Vec<&str>) =
+        keys.iter().map(|(s, i)| (s.as_str(), i.as_str())).unzip();
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM processed_events pe
+         JOIN UNNEST($1::text[], $2::text[]) AS k(scope, event_id)
+           ON pe.scope = k.scope AND pe.event_id = k.event_id
+         WHERE pe.expires_at > now()",
+    )
+    .bind(&scopes)
+    .bind(&ids)
+    .fetch_one(pool)
+    .await?;
+    Ok(n as usize)
 }
 
 /// Rows waiting in the outbox.

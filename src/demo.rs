@@ -81,6 +81,8 @@ pub async fn run(args: DemoArgs, env: &dyn Env) -> anyhow::Result<()> {
         id_from: "header:event-id,json:/id".into(),
         scope: Some("orders".into()),
         max_id_bytes: 512,
+        max_message_bytes: 1_000_000,
+        on_payload_mismatch: crate::config::PayloadMismatch::Skip,
         ttl: "7d".into(),
         batch_size: 1000,
         batch_linger: "10ms".into(),

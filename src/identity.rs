@@ -70,6 +70,8 @@ pub enum Rejection {
     MissingScope(String),
     #[error("message is {len} bytes, larger than --max-message-bytes {max}")]
     MessageTooLarge { len: usize, max: usize },
+    #[error("event id was first seen at {first} with a different payload")]
+    PayloadMismatch { first: String },
 }
 
 impl Rejection {
@@ -85,6 +87,7 @@ impl Rejection {
             Rejection::ValueNotJson { .. } => "value_not_json",
             Rejection::MissingScope(_) => "missing_scope",
             Rejection::MessageTooLarge { .. } => "message_too_large",
+            Rejection::PayloadMismatch { .. } => "payload_mismatch",
         }
     }
 }

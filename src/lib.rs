@@ -12,11 +12,13 @@
 //! - [`db`]: pool, embedded migrations, the gate statement.
 //! - [`pruner`]: deletes expired gate rows in bounded batches, one pruner per schema.
 //! - [`relay`]: outbox → output topic, one active relay per schema (advisory lock).
+//! - [`replay`]: re-feeds the DLQ (or any topic range) through the same gate.
 //! - [`kafka`]: client settings, rebalance bookkeeping, topic creation.
 //! - [`admin`]: `/metrics`, `/livez`, `/readyz`.
 //! - [`metrics`]: the metric set, on one registry passed down.
 //! - [`app`]: `kdedup run` start-up and shutdown order.
 //! - [`demo`]: `kdedup demo` on librdkafka's embedded mock cluster.
+//! - [`ops`]: `kdedup inspect` and `kdedup stats`, read-only views of the gate tables.
 
 pub mod admin;
 pub mod app;
@@ -27,8 +29,10 @@ pub mod headers;
 pub mod identity;
 pub mod kafka;
 pub mod metrics;
+pub mod ops;
 pub mod pipeline;
 pub mod pruner;
 pub mod relay;
+pub mod replay;
 pub mod retry;
 pub mod telemetry;

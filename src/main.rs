@@ -124,6 +124,30 @@ async fn async_main(cli: Cli) -> ExitCode {
                 }
             }
         }
+        Command::Inspect(args) => match args.db.clone().validate(&ProcessEnv) {
+            Ok(db) => kdedup::ops::inspect_command(&db, &args).await,
+            Err(e) => usage_error(e),
+        },
+        Command::Stats(args) => match args.db.clone().validate(&ProcessEnv) {
+            Ok(db) => kdedup::ops::stats_command(&db, &args).await,
+            Err(e) => usage_error(e),
+        },
+        Command::Replay(args) => {
+            kdedup::telemetry::init();
+            match kdedup::replay::run(*args, &ProcessEnv).await {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => match e.downcast_ref::<kdedup::config::ConfigError>() {
+                    Some(c) => {
+                        eprintln!("kdedup: {c}");
+                        ExitCode::from(EX_USAGE as u8)
+                    }
+                    None => {
+                        eprintln!("kdedup replay: {e:#}");
+                        ExitCode::FAILURE
+                    }
+                },
+            }
+        }
         Command::Demo(args) => {
             kdedup::telemetry::init_for_demo();
             match kdedup::demo::run(args, &ProcessEnv).await {

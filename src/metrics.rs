@@ -23,6 +23,8 @@ pub struct Metrics {
     pub events_forwarded: IntCounter,
     /// Messages sent to the dead-letter topic, by reason.
     pub dead_lettered: IntCounterVec,
+    /// Ids reused with a different payload, by action (skipped, dead_lettered).
+    pub payload_mismatches: IntCounterVec,
     pub batch_duration: Histogram,
     pub batch_size: Histogram,
     pub gate_retries: IntCounter,
@@ -88,6 +90,11 @@ impl Metrics {
                 "kdedup_events_dead_lettered_total",
                 "Messages sent to the dead-letter topic, by reason.",
                 &["reason"],
+            ),
+            payload_mismatches: counter_vec(
+                "kdedup_payload_mismatches_total",
+                "Events whose id was already recorded with a different payload (a producer bug, not a duplicate), by action taken.",
+                &["action"],
             ),
             batch_duration: Histogram::with_opts(
                 HistogramOpts::new(
@@ -222,6 +229,7 @@ impl Metrics {
             Box::new(self.events_gated.clone()),
             Box::new(self.events_forwarded.clone()),
             Box::new(self.dead_lettered.clone()),
+            Box::new(self.payload_mismatches.clone()),
             Box::new(self.batch_duration.clone()),
             Box::new(self.batch_size.clone()),
             Box::new(self.gate_retries.clone()),

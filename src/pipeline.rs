@@ -25,11 +25,11 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::config::RunConfig;
-use crate::db::{self, GateOutcome, GateRow};
+use crate::config::{PayloadMismatch, RunConfig};
+use crate::db::{self, FirstSighting, GateOutcome, GateRow};
 use crate::headers::{self, Headers};
 use crate::identity::{MessageView, Rejection};
-use crate::kafka::Consumer;
+use crate::kafka::{self, Consumer};
 use crate::metrics::Metrics;
 use crate::retry::Backoff;
 
@@ -43,6 +43,9 @@ pub mod header {
     pub const SOURCE_PARTITION: &str = "kdedup-source-partition";
     pub const SOURCE_OFFSET: &str = "kdedup-source-offset";
     pub const SOURCE_TIMESTAMP: &str = "kdedup-source-timestamp";
+    /// Set when the DLQ topic refused the message as it was and it was sent without its
+    /// value and headers.
+    pub const DLQ_STRIPPED: &str = "kdedup-dlq-stripped";
 }
 
 /// An input message copied out of librdkafka's buffer, so a batch can outlive a poll.
@@ -104,6 +107,8 @@ pub struct BatchSummary {
     pub forwarded: usize,
     pub duplicates: usize,
     pub dead_lettered: usize,
+    /// Same id as an earlier event, different payload (dead-lettered too with `dlq`).
+    pub mismatched: usize,
 }
 
 /// Where duplicates come from, for `kdedup_duplicates_total{cause}`.
@@ -157,11 +162,8 @@ impl Keepalive {
                 if let Err(e) = self.consumer.pause(&assignment) {
                     warn!(error = %e, "cannot pause partitions");
                 }
-                info!(
-                    partitions = assignment.count(),
-                    "input paused until the batch in hand is durable"
-                );
             }
+            info!("input held until the batch in hand is durable; polling to stay in the group");
         }
         let until = tokio::time::Instant::now() + d;
         loop {
@@ -186,6 +188,10 @@ impl Keepalive {
             return;
         }
         let rewind = std::mem::take(&mut *self.rewind.lock().expect("rewind lock"));
+        debug!(
+            partitions = rewind.len(),
+            "rewinding partitions over messages dropped while held"
+        );
         for ((topic, partition), offset) in rewind {
             if let Err(e) = self.consumer.seek(
                 &topic,
@@ -224,24 +230,40 @@ impl Gate {
         batch: Vec<InputMessage>,
         stop: &CancellationToken,
     ) -> Result<BatchSummary, Abandoned> {
+        self.settle_inner(batch, stop, true).await
+    }
+
+    /// Like [`Gate::settle`], but messages without a usable id are only counted and logged
+    /// (in `dead_lettered`), not produced: replay uses it so that re-reading the
+    /// dead-letter topic never writes into it again.
+    pub async fn settle_without_dead_letters(
+        &self,
+        batch: Vec<InputMessage>,
+        stop: &CancellationToken,
+    ) -> Result<BatchSummary, Abandoned> {
+        self.settle_inner(batch, stop, false).await
+    }
+
+    async fn settle_inner(
+        &self,
+        batch: Vec<InputMessage>,
+        stop: &CancellationToken,
+        produce_dead_letters: bool,
+    ) -> Result<BatchSummary, Abandoned> {
         let started = Instant::now();
         let mut summary = BatchSummary::default();
         let mut rejected: Vec<(InputMessage, Rejection)> = Vec::new();
         let mut candidates: Vec<GateRow> = Vec::with_capacity(batch.len());
         let mut first_in_batch: HashMap<(String, String), usize> = HashMap::new();
-        let mut in_batch_duplicates = 0usize;
+        // Per scope, for the gate_counters totals (db::gate).
+        let mut in_batch_duplicates: BTreeMap<String, i64> = BTreeMap::new();
 
         for msg in batch {
             self.metrics
                 .events_consumed
                 .with_label_values(&[&msg.topic])
                 .inc();
-            let identity = self
-                .cfg
-                .scope
-                .extract(&msg.view())
-                .and_then(|scope| Ok((scope, self.cfg.id.extract(&msg.view())?)));
-            let (scope, event_id) = match identity {
+            let (scope, event_id) = match self.identify(&msg) {
                 Ok(identity) => identity,
                 Err(rejection) => {
                     rejected.push((msg, rejection));
@@ -249,69 +271,67 @@ impl Gate {
                 }
             };
             let hash = payload_hash(msg.value.as_deref());
-            match first_in_batch.get(&(scope.clone(), event_id.clone())) {
-                Some(&first) => {
-                    in_batch_duplicates += 1;
-                    let f = &candidates[first];
-                    if f.payload_hash != hash {
-                        warn!(
-                            event_id,
-                            scope,
-                            topic = msg.topic,
-                            partition = msg.partition,
-                            offset = msg.offset,
-                            first_topic = f.topic,
-                            first_partition = f.partition,
-                            first_offset = f.offset,
-                            "same event id with a different payload"
-                        );
-                    }
-                    debug!(
-                        event_id,
-                        scope,
-                        topic = msg.topic,
-                        partition = msg.partition,
-                        offset = msg.offset,
-                        cause = "upstream",
-                        "duplicate within batch"
-                    );
-                    self.metrics
-                        .duplicates
-                        .with_label_values(&[self.cause_for(false)])
-                        .inc();
+            let Some(&first) = first_in_batch.get(&(scope.clone(), event_id.clone())) else {
+                first_in_batch.insert((scope.clone(), event_id.clone()), candidates.len());
+                candidates.push(GateRow {
+                    scope,
+                    event_id,
+                    topic: msg.topic,
+                    partition: msg.partition,
+                    offset: msg.offset,
+                    timestamp_ms: msg.timestamp_ms,
+                    payload_hash: hash,
+                    key: msg.key,
+                    value: msg.value,
+                    headers: headers::encode(&msg.headers),
+                });
+                continue;
+            };
+            let f = &candidates[first];
+            let first_seen = FirstSighting {
+                topic: f.topic.clone(),
+                partition: f.partition,
+                offset: f.offset,
+            };
+            if f.payload_hash != hash {
+                if let Some(r) = self.payload_mismatch(&scope, &event_id, &msg, &first_seen) {
+                    rejected.push((msg, r));
                 }
-                None => {
-                    first_in_batch.insert((scope.clone(), event_id.clone()), candidates.len());
-                    candidates.push(GateRow {
-                        scope,
-                        event_id,
-                        topic: msg.topic,
-                        partition: msg.partition,
-                        offset: msg.offset,
-                        timestamp_ms: msg.timestamp_ms,
-                        payload_hash: hash,
-                        key: msg.key,
-                        value: msg.value,
-                        headers: headers::encode(&msg.headers),
-                    });
-                }
+                summary.mismatched += 1;
+                continue;
             }
+            summary.duplicates += 1;
+            *in_batch_duplicates.entry(scope.clone()).or_default() += 1;
+            let cause = self.cause_for(false);
+            debug!(
+                event_id,
+                scope,
+                topic = msg.topic,
+                partition = msg.partition,
+                offset = msg.offset,
+                cause,
+                "duplicate within batch, not forwarded"
+            );
+            self.metrics.duplicates.with_label_values(&[cause]).inc();
         }
-        summary.duplicates += in_batch_duplicates;
 
         // Dead letters first: they are durable once acknowledged, and a retry of the gate
         // below must not send them twice.
         if !rejected.is_empty() {
-            self.dead_letter(&rejected, stop).await?;
-            summary.dead_lettered = rejected.len();
+            self.dead_letter_or_report(&rejected, stop, produce_dead_letters)
+                .await?;
+            summary.dead_lettered += rejected.len();
         }
 
-        let outcomes = self.gate_with_retry(&candidates, stop).await?;
+        let outcomes = self
+            .gate_with_retry(&candidates, &in_batch_duplicates, stop)
+            .await?;
         if let Some(k) = &self.keepalive {
             k.resume();
         }
         let committed_at = chrono::Utc::now().timestamp_millis();
-        for (row, outcome) in candidates.iter().zip(&outcomes) {
+        let mut late_rejects: Vec<(InputMessage, Rejection)> = Vec::new();
+        for (row, outcome) in candidates.into_iter().zip(outcomes) {
             match outcome {
                 GateOutcome::Forwarded => {
                     summary.forwarded += 1;
@@ -333,8 +353,17 @@ impl Gate {
                 }
                 GateOutcome::Duplicate {
                     first,
-                    payload_differs,
+                    payload_differs: true,
                 } => {
+                    summary.mismatched += 1;
+                    let first = first.expect("payload_differs implies a first sighting");
+                    let (scope, event_id) = (row.scope.clone(), row.event_id.clone());
+                    let msg = row_to_message(row);
+                    if let Some(r) = self.payload_mismatch(&scope, &event_id, &msg, &first) {
+                        late_rejects.push((msg, r));
+                    }
+                }
+                GateOutcome::Duplicate { first, .. } => {
                     summary.duplicates += 1;
                     let same_position = first.as_ref().is_some_and(|f| {
                         f.topic == row.topic
@@ -343,22 +372,6 @@ impl Gate {
                     });
                     let cause = self.cause_for(same_position);
                     self.metrics.duplicates.with_label_values(&[cause]).inc();
-                    if *payload_differs {
-                        let f = first
-                            .as_ref()
-                            .expect("payload_differs implies a first sighting");
-                        warn!(
-                            event_id = row.event_id,
-                            scope = row.scope,
-                            topic = row.topic,
-                            partition = row.partition,
-                            offset = row.offset,
-                            first_topic = f.topic,
-                            first_partition = f.partition,
-                            first_offset = f.offset,
-                            "same event id with a different payload"
-                        );
-                    }
                     debug!(
                         event_id = row.event_id,
                         scope = row.scope,
@@ -371,6 +384,13 @@ impl Gate {
                 }
             }
         }
+        // Mismatches found by the gate are dead-lettered after its commit; a crash before
+        // this produce redelivers the message, and the gate finds the mismatch again.
+        if !late_rejects.is_empty() {
+            self.dead_letter_or_report(&late_rejects, stop, produce_dead_letters)
+                .await?;
+            summary.dead_lettered += late_rejects.len();
+        }
         self.metrics.events_gated.inc_by(summary.forwarded as u64);
         if summary.forwarded > 0 {
             self.relay_wakeup.notify_one();
@@ -379,6 +399,56 @@ impl Gate {
             .batch_duration
             .observe(started.elapsed().as_secs_f64());
         Ok(summary)
+    }
+
+    /// `(scope, event_id)` of a message, or why it has none.
+    pub fn identify(&self, msg: &InputMessage) -> Result<(String, String), Rejection> {
+        if let Some(max) = self.cfg.max_message_bytes {
+            let len = msg.size();
+            if len > max {
+                return Err(Rejection::MessageTooLarge { len, max });
+            }
+        }
+        let scope = self.cfg.scope.extract(&msg.view())?;
+        let id = self.cfg.id.extract(&msg.view())?;
+        Ok((scope, id))
+    }
+
+    /// Counts and logs an id reused with a different payload; returns the rejection to
+    /// dead-letter it with, when `--on-payload-mismatch dlq`.
+    fn payload_mismatch(
+        &self,
+        scope: &str,
+        event_id: &str,
+        msg: &InputMessage,
+        first: &FirstSighting,
+    ) -> Option<Rejection> {
+        let action = match self.cfg.on_payload_mismatch {
+            PayloadMismatch::Skip => "skipped",
+            PayloadMismatch::Dlq => "dead_lettered",
+        };
+        self.metrics
+            .payload_mismatches
+            .with_label_values(&[action])
+            .inc();
+        warn!(
+            event_id,
+            scope,
+            topic = msg.topic,
+            partition = msg.partition,
+            offset = msg.offset,
+            first_topic = first.topic,
+            first_partition = first.partition,
+            first_offset = first.offset,
+            action,
+            "same event id with a different payload: not a duplicate but a producer bug"
+        );
+        match self.cfg.on_payload_mismatch {
+            PayloadMismatch::Skip => None,
+            PayloadMismatch::Dlq => Some(Rejection::PayloadMismatch {
+                first: format!("{}/{}/{}", first.topic, first.partition, first.offset),
+            }),
+        }
     }
 
     fn cause_for(&self, same_position: bool) -> &'static str {
@@ -392,11 +462,12 @@ impl Gate {
     async fn gate_with_retry(
         &self,
         rows: &[GateRow],
+        in_batch_duplicates: &BTreeMap<String, i64>,
         stop: &CancellationToken,
     ) -> Result<Vec<GateOutcome>, Abandoned> {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
         loop {
-            match db::gate(&self.pool, rows, self.cfg.ttl).await {
+            match db::gate(&self.pool, rows, self.cfg.ttl, in_batch_duplicates).await {
                 Ok(outcomes) => {
                     self.metrics.postgres_up.set(1);
                     return Ok(outcomes);
@@ -432,18 +503,37 @@ impl Gate {
         }
     }
 
+    async fn dead_letter_or_report(
+        &self,
+        rejected: &[(InputMessage, Rejection)],
+        stop: &CancellationToken,
+        produce: bool,
+    ) -> Result<(), Abandoned> {
+        if produce {
+            return self.dead_letter(rejected, stop).await;
+        }
+        for (msg, why) in rejected {
+            warn!(topic = msg.topic, partition = msg.partition, offset = msg.offset,
+                  reason = why.reason(), error = %why, "still no usable event id; left where it is");
+        }
+        Ok(())
+    }
+
     async fn dead_letter(
         &self,
         rejected: &[(InputMessage, Rejection)],
         stop: &CancellationToken,
     ) -> Result<(), Abandoned> {
         let mut pending: Vec<usize> = (0..rejected.len()).collect();
+        // Messages the broker refuses as they are (too large for the DLQ topic) are sent
+        // again without their value; the source position headers still lead to the original.
+        let mut stripped = vec![false; rejected.len()];
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
         loop {
             let mut deliveries = Vec::with_capacity(pending.len());
             for &i in &pending {
                 let (msg, why) = &rejected[i];
-                let record = dlq_record(&self.cfg.dlq_topic, msg, why);
+                let record = dlq_record(&self.cfg.dlq_topic, msg, why, stripped[i]);
                 deliveries.push(self.dlq.send(record, Duration::from_secs(30)));
             }
             let results = futures::future::join_all(deliveries).await;
@@ -458,6 +548,12 @@ impl Gate {
                             .inc();
                         warn!(topic = msg.topic, partition = msg.partition, offset = msg.offset,
                               reason = why.reason(), error = %why, "message dead-lettered");
+                    }
+                    Err((e, _)) if kafka::is_permanent_produce_error(&e) && !stripped[i] => {
+                        warn!(topic = msg.topic, partition = msg.partition, offset = msg.offset,
+                              error = %e, "dead-letter topic refused the message; sending it without its value");
+                        stripped[i] = true;
+                        failed.push(i);
                     }
                     Err((e, _)) => {
                         error!(topic = msg.topic, partition = msg.partition, offset = msg.offset,
@@ -477,16 +573,37 @@ impl Gate {
     }
 }
 
+/// The input message a gate row was made from.
+fn row_to_message(row: GateRow) -> InputMessage {
+    InputMessage {
+        topic: row.topic,
+        partition: row.partition,
+        offset: row.offset,
+        timestamp_ms: row.timestamp_ms,
+        key: row.key,
+        value: row.value,
+        headers: headers::decode(&row.headers).unwrap_or_default(),
+    }
+}
+
 fn dlq_record<'a>(
     topic: &'a str,
     msg: &'a InputMessage,
     why: &Rejection,
+    stripped: bool,
 ) -> FutureRecord<'a, Vec<u8>, Vec<u8>> {
-    let mut hs = OwnedHeaders::new_with_capacity(msg.headers.len() + 6);
-    for (k, v) in &msg.headers {
+    let mut hs = OwnedHeaders::new_with_capacity(msg.headers.len() + 7);
+    if !stripped {
+        for (k, v) in &msg.headers {
+            hs = hs.insert(Header {
+                key: k,
+                value: v.as_deref(),
+            });
+        }
+    } else {
         hs = hs.insert(Header {
-            key: k,
-            value: v.as_deref(),
+            key: header::DLQ_STRIPPED,
+            value: Some(b"true"),
         });
     }
     let partition = msg.partition.to_string();
@@ -510,7 +627,7 @@ fn dlq_record<'a>(
     if let Some(k) = &msg.key {
         record = record.key(k);
     }
-    if let Some(v) = &msg.value {
+    if let Some(v) = msg.value.as_ref().filter(|_| !stripped) {
         record = record.payload(v);
     }
     if let Some(ts) = msg.timestamp_ms {

@@ -1,0 +1,810 @@
+//! `kdedup inspect` and `kdedup stats`: read-only views of the gate tables for operators.
+//!
+//! Both open one connection of their own, read in one `REPEATABLE READ READ ONLY`
+//! transaction (a consistent snapshot; `now()` is the same in every query) under a
+//! statement timeout, and never write. They print aligned text for a person, or one JSON
+//! document with `--json` for scripts.
+//!
+//! Exit codes, like grep's: 0 found (inspect) or printed (stats); 1 the id is not in
+//! `processed_events` (inspect only); 2 the database could not be read; 64 bad arguments.
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use clap::Args;
+use serde_json::{json, Value};
+use sqlx::{Connection, PgConnection, Postgres, Transaction};
+
+use crate::config::{DbArgs, DbConfig};
+use crate::db;
+
+/// `kdedup inspect`: the id is not in `processed_events`.
+pub const EXIT_NOT_FOUND: u8 = 1;
+/// `kdedup inspect` / `kdedup stats`: the database could not be read.
+pub const EXIT_ERROR: u8 = 2;
+
+/// Above this many rows (Postgres' `reltuples` estimate) `stats` reports the estimate
+/// instead of `count(*)`, and takes the oldest/newest first sighting from the ends of the
+/// `expires_at` index instead of scanning the table (exact as long as the TTL never
+/// changed).
+pub const EXACT_COUNT_LIMIT: i64 = 1_000_000;
+
+/// Longest any single query of `inspect` or `stats` may run.
+const STATEMENT_TIMEOUT: &str = "60s";
+
+/// `kdedup inspect <event-id>`.
+#[derive(Debug, Clone, Args)]
+pub struct InspectArgs {
+    /// The event id, exactly as kdedup extracted it from the message.
+    pub event_id: String,
+
+    /// Only this scope, as stored: the group id, the literal `--scope` of `kdedup run`, or
+    /// the header's value for `header:<name>` scopes [default: every scope].
+    #[arg(long)]
+    pub scope: Option<String>,
+
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub db: DbArgs,
+}
+
+/// `kdedup stats`.
+#[derive(Debug, Clone, Args)]
+pub struct StatsArgs {
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub db: DbArgs,
+}
+
+/// One `processed_events` row of the inspected id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sighting {
+    pub scope: String,
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+    pub payload_hash: Option<Vec<u8>>,
+    pub first_seen_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// When its outbox row was written, while the relay has not published it yet.
+    pub queued_since: Option<DateTime<Utc>>,
+}
+
+impl Sighting {
+    pub fn expired(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at <= now
+    }
+
+    pub fn status(&self) -> &'static str {
+        if self.queued_since.is_some() {
+            "queued for output"
+        } else {
+            "forwarded"
+        }
+    }
+}
+
+/// What `kdedup inspect` found.
+#[derive(Debug, Clone)]
+pub struct Inspection {
+    pub event_id: String,
+    pub scope: Option<String>,
+    pub schema: String,
+    pub now: DateTime<Utc>,
+    pub sightings: Vec<Sighting>,
+}
+
+/// Totals of one scope in `gate_counters`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScopeCounters {
+    pub scope: String,
+    pub duplicates: i64,
+    pub forwarded: i64,
+    pub since: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What `kdedup stats` read.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    pub schema: String,
+    pub now: DateTime<Utc>,
+    pub rows: i64,
+    /// `count(*)`, or else Postgres' estimate (above [`EXACT_COUNT_LIMIT`]).
+    pub rows_exact: bool,
+    /// Oldest and newest `first_seen_at`.
+    pub first_seen: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    /// Earliest and latest `expires_at`: the expiry horizon.
+    pub expires: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    /// Rows past `expires_at` the pruner has not deleted yet.
+    pub expired_rows: i64,
+    pub outbox_rows: i64,
+    pub outbox_oldest: Option<DateTime<Utc>>,
+    /// `None` when the schema predates the `gate_counters` migration.
+    pub counters: Option<Vec<ScopeCounters>>,
+}
+
+impl Stats {
+    pub fn duplicates(&self) -> Option<i64> {
+        self.counters
+            .as_ref()
+            .map(|c| c.iter().map(|s| s.duplicates).sum())
+    }
+
+    pub fn forwarded(&self) -> Option<i64> {
+        self.counters
+            .as_ref()
+            .map(|c| c.iter().map(|s| s.forwarded).sum())
+    }
+}
+
+/// `kdedup inspect`: prints the result and returns the exit code.
+pub async fn inspect_command(db: &DbConfig, args: &InspectArgs) -> ExitCode {
+    match inspect(db, &args.event_id, args.scope.as_deref()).await {
+        Ok(found) => {
+            if args.json {
+                println!("{}", inspect_json(&found));
+            } else {
+                print!("{}", inspect_text(&found));
+            }
+            if found.sightings.is_empty() {
+                ExitCode::from(EXIT_NOT_FOUND)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("kdedup inspect: {e:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+/// `kdedup stats`: prints the result and returns the exit code.
+pub async fn stats_command(db: &DbConfig, args: &StatsArgs) -> ExitCode {
+    match stats(db).await {
+        Ok(s) => {
+            if args.json {
+                println!("{}", stats_json(&s));
+            } else {
+                print!("{}", stats_text(&s));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("kdedup stats: {e:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+async fn connect(cfg: &DbConfig) -> anyhow::Result<PgConnection> {
+    let mut conn = tokio::time::timeout(Duration::from_secs(10), db::dedicated_connection(cfg))
+        .await
+        .map_err(|_| anyhow::anyhow!("cannot connect to Postgres within 10s"))??;
+    sqlx::query(&format!("SET statement_timeout = '{STATEMENT_TIMEOUT}'"))
+        .execute(&mut conn)
+        .await?;
+    Ok(conn)
+}
+
+async fn snapshot(conn: &mut PgConnection) -> anyhow::Result<Transaction<'_, Postgres>> {
+    let mut tx = conn.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
+/// `(processed_events, outbox, gate_counters)` exist in the schema.
+async fn tables(
+    tx: &mut Transaction<'_, Postgres>,
+    schema: &str,
+) -> anyhow::Result<(bool, bool, bool)> {
+    let found: (bool, bool, bool) = sqlx::query_as(
+        "SELECT to_regclass('processed_events') IS NOT NULL,
+                to_regclass('outbox') IS NOT NULL,
+                to_regclass('gate_counters') IS NOT NULL",
+    )
+    .fetch_one(&mut **tx)
+    .await?;
+    if !found.0 || !found.1 {
+        anyhow::bail!(
+            "schema {schema:?} holds no kdedup tables: check --db-schema / KDEDUP_DB_SCHEMA, \
+             or apply the migrations (kdedup migrate)"
+        );
+    }
+    Ok(found)
+}
+
+type SightingRow = (
+    String,
+    String,
+    i32,
+    i64,
+    Option<Vec<u8>>,
+    DateTime<Utc>,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+);
+
+// The outbox has no index on the id: its rows live only until the relay publishes them,
+// so scanning it for one id is cheap unless the relay has been down for a long time.
+const SIGHTING_COLUMNS: &str = "pe.scope, pe.source_topic, pe.source_partition, \
+    pe.source_offset, pe.payload_hash, pe.first_seen_at, pe.expires_at, \
+    (SELECT min(o.created_at) FROM outbox o \
+     WHERE o.scope = pe.scope AND o.event_id = pe.event_id) AS queued_since";
+
+/// Looks `event_id` up in one scope, or in every scope. Without a scope the primary key
+/// `(scope, event_id)` is still used: the distinct scopes are walked with a loose index
+/// scan (one index probe per scope), then each `(scope, event_id)` is a key lookup.
+pub async fn inspect(
+    cfg: &DbConfig,
+    event_id: &str,
+    scope: Option<&str>,
+) -> anyhow::Result<Inspection> {
+    let mut conn = connect(cfg).await?;
+    let mut tx = snapshot(&mut conn).await?;
+    tables(&mut tx, &cfg.schema).await?;
+    let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&mut *tx)
+        .await?;
+    let rows: Vec<SightingRow> = match scope {
+        Some(scope) => {
+            sqlx::query_as(&format!(
+                "SELECT {SIGHTING_COLUMNS} FROM processed_events pe
+                 WHERE pe.scope = $1 AND pe.event_id = $2"
+            ))
+            .bind(scope)
+            .bind(event_id)
+            .fetch_all(&mut *tx)
+            .await?
+        }
+        None => {
+            sqlx::query_as(&format!(
+                "WITH RECURSIVE scopes(scope) AS (
+                     (SELECT scope FROM processed_events ORDER BY scope LIMIT 1)
+                     UNION ALL
+                     SELECT (SELECT p.scope FROM processed_events p
+                             WHERE p.scope > s.scope ORDER BY p.scope LIMIT 1)
+                     FROM scopes s WHERE s.scope IS NOT NULL
+                 )
+                 SELECT {SIGHTING_COLUMNS}
+                 FROM scopes s
+                 JOIN processed_events pe ON pe.scope = s.scope AND pe.event_id = $1
+                 ORDER BY pe.scope"
+            ))
+            .bind(event_id)
+            .fetch_all(&mut *tx)
+            .await?
+        }
+    };
+    tx.rollback().await?;
+    Ok(Inspection {
+        event_id: event_id.to_string(),
+        scope: scope.map(str::to_string),
+        schema: cfg.schema.clone(),
+        now,
+        sightings: rows
+            .into_iter()
+            .map(
+                |(scope, topic, partition, offset, hash, first_seen, expires, queued)| Sighting {
+                    scope,
+                    source_topic: topic,
+                    source_partition: partition,
+                    source_offset: offset,
+                    payload_hash: hash,
+                    first_seen_at: first_seen,
+                    expires_at: expires,
+                    queued_since: queued,
+                },
+            )
+            .collect(),
+    })
+}
+
+/// `(scope, duplicates, forwarded, created_at, updated_at)` of `gate_counters`.
+type CounterRow = (String, i64, i64, DateTime<Utc>, DateTime<Utc>);
+
+/// Reads the numbers `kdedup stats` prints.
+pub async fn stats(cfg: &DbConfig) -> anyhow::Result<Stats> {
+    let mut conn = connect(cfg).await?;
+    let mut tx = snapshot(&mut conn).await?;
+    let (_, _, has_counters) = tables(&mut tx, &cfg.schema).await?;
+    let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&mut *tx)
+        .await?;
+    // -1 until the table was first analysed.
+    let estimate: i64 = sqlx::query_scalar(
+        "SELECT reltuples::int8 FROM pg_class WHERE oid = 'processed_events'::regclass",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let (rows, rows_exact, oldest, newest) = if estimate > EXACT_COUNT_LIMIT {
+        // Both ends of the expires_at index: no table scan.
+        let (oldest, newest): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) = sqlx::query_as(
+            "SELECT (SELECT first_seen_at FROM processed_events ORDER BY expires_at LIMIT 1),
+                    (SELECT first_seen_at FROM processed_events ORDER BY expires_at DESC LIMIT 1)",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        (estimate, false, oldest, newest)
+    } else {
+        let (n, oldest, newest): (i64, Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
+            sqlx::query_as(
+                "SELECT count(*), min(first_seen_at), max(first_seen_at) FROM processed_events",
+            )
+            .fetch_one(&mut *tx)
+            .await?;
+        (n, true, oldest, newest)
+    };
+    let (earliest, latest): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
+        sqlx::query_as("SELECT min(expires_at), max(expires_at) FROM processed_events")
+            .fetch_one(&mut *tx)
+            .await?;
+    let expired_rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM processed_events WHERE expires_at <= now()")
+            .fetch_one(&mut *tx)
+            .await?;
+    let (outbox_rows, outbox_oldest): (i64, Option<DateTime<Utc>>) =
+        sqlx::query_as("SELECT count(*), min(created_at) FROM outbox")
+            .fetch_one(&mut *tx)
+            .await?;
+    let counters = if has_counters {
+        let rows: Vec<CounterRow> = sqlx::query_as(
+            "SELECT scope, duplicates, forwarded, created_at, updated_at FROM gate_counters
+             ORDER BY duplicates DESC, scope",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        Some(
+            rows.into_iter()
+                .map(
+                    |(scope, duplicates, forwarded, since, updated_at)| ScopeCounters {
+                        scope,
+                        duplicates,
+                        forwarded,
+                        since,
+                        updated_at,
+                    },
+                )
+                .collect(),
+        )
+    } else {
+        None
+    };
+    tx.rollback().await?;
+    Ok(Stats {
+        schema: cfg.schema.clone(),
+        now,
+        rows,
+        rows_exact,
+        first_seen: oldest.zip(newest),
+        expires: earliest.zip(latest),
+        expired_rows,
+        outbox_rows,
+        outbox_oldest,
+        counters,
+    })
+}
+
+// ---- output ----
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn timestamp(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S%.3f UTC").to_string()
+}
+
+/// `12345678` -> `12,345,678`.
+pub fn grouped(n: i64) -> String {
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 {
+        out.insert(0, '-');
+    }
+    out
+}
+
+/// The two largest units of a span: `45s`, `3m 12s`, `2h 5m`, `6d 23h`.
+pub fn span(secs: i64) -> String {
+    let secs = secs.unsigned_abs();
+    let parts = [
+        (secs / 86_400, "d"),
+        (secs / 3_600 % 24, "h"),
+        (secs / 60 % 60, "m"),
+        (secs % 60, "s"),
+    ];
+    let Some(first) = parts.iter().position(|(v, _)| *v > 0) else {
+        return "0s".into();
+    };
+    parts[first..]
+        .iter()
+        .take(2)
+        .filter(|(v, _)| *v > 0)
+        .map(|(v, u)| format!("{v}{u}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `2026-11-23 09:41:02.123 UTC (3m 12s ago)` or `(in 6d 23h)`.
+fn when(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
+    let secs = (t - now).num_seconds();
+    if secs > 0 {
+        format!("{} (in {})", timestamp(t), span(secs))
+    } else {
+        format!("{} ({} ago)", timestamp(t), span(secs))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Label/value lines with the values aligned.
+fn aligned(lines: &[(&str, String)], indent: usize) -> String {
+    let width = lines.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (label, value) in lines {
+        let _ = writeln!(out, "{:indent$}{label:<width$}  {value}", "");
+    }
+    out
+}
+
+pub fn inspect_text(r: &Inspection) -> String {
+    let where_ = match &r.scope {
+        Some(s) => format!("scope {s:?}"),
+        None => "every scope".to_string(),
+    };
+    if r.sightings.is_empty() {
+        return format!(
+            "event {:?} (schema {}, {where_}): never seen, or expired and pruned\n",
+            r.event_id, r.schema
+        );
+    }
+    let mut out = format!(
+        "event {:?} (schema {}, {where_}): seen in {} scope{}\n",
+        r.event_id,
+        r.schema,
+        r.sightings.len(),
+        if r.sightings.len() == 1 { "" } else { "s" }
+    );
+    for s in &r.sightings {
+        let status = match s.queued_since {
+            Some(t) => format!(
+                "queued for output (outbox row waiting for the relay since {})",
+                when(t, r.now)
+            ),
+            None => "forwarded (no outbox row left: the relay published it)".to_string(),
+        };
+        let expires = if s.expired(r.now) {
+            format!(
+                "{}; expired: the next sighting is forwarded as new, the pruner deletes this row",
+                when(s.expires_at, r.now)
+            )
+        } else {
+            when(s.expires_at, r.now)
+        };
+        let hash = match &s.payload_hash {
+            Some(h) => format!("{} (SHA-256, first {} bytes)", hex(h), h.len()),
+            None => "none".to_string(),
+        };
+        out.push('\n');
+        out.push_str(&aligned(
+            &[
+                ("scope", s.scope.clone()),
+                ("status", status),
+                ("first seen", when(s.first_seen_at, r.now)),
+                (
+                    "source",
+                    format!(
+                        "{} partition {} offset {}",
+                        s.source_topic, s.source_partition, s.source_offset
+                    ),
+                ),
+                ("expires", expires),
+                ("payload hash", hash),
+            ],
+            2,
+        ));
+    }
+    out
+}
+
+pub fn inspect_json(r: &Inspection) -> Value {
+    json!({
+        "event_id": r.event_id,
+        "schema": r.schema,
+        "scope": r.scope,
+        "now": rfc3339(r.now),
+        "found": !r.sightings.is_empty(),
+        "matches": r.sightings.iter().map(|s| json!({
+            "scope": s.scope,
+            "status": s.status(),
+            "source_topic": s.source_topic,
+            "source_partition": s.source_partition,
+            "source_offset": s.source_offset,
+            "first_seen_at": rfc3339(s.first_seen_at),
+            "expires_at": rfc3339(s.expires_at),
+            "expired": s.expired(r.now),
+            "payload_hash": s.payload_hash.as_deref().map(hex),
+            "queued_since": s.queued_since.map(rfc3339),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Scopes listed one by one in the text output; `--json` lists them all.
+const SCOPES_SHOWN: usize = 20;
+
+pub fn stats_text(s: &Stats) -> String {
+    let mut out = format!("schema {} at {}\n\n", s.schema, timestamp(s.now));
+    let mut lines = vec![(
+        "processed_events",
+        format!(
+            "{} rows ({})",
+            grouped(s.rows),
+            if s.rows_exact {
+                "exact count"
+            } else {
+                "Postgres estimate"
+            }
+        ),
+    )];
+    if let Some((oldest, newest)) = s.first_seen {
+        let note = if s.rows_exact {
+            ""
+        } else {
+            " (by expiry order)"
+        };
+        lines.push((
+            "  oldest first seen",
+            format!("{}{note}", when(oldest, s.now)),
+        ));
+        lines.push((
+            "  newest first seen",
+            format!("{}{note}", when(newest, s.now)),
+        ));
+    }
+    if let Some((earliest, latest)) = s.expires {
+        lines.push(("  earliest expiry", when(earliest, s.now)));
+        lines.push(("  latest expiry", when(latest, s.now)));
+    }
+    lines.push((
+        "  expired, not pruned",
+        format!("{} rows", grouped(s.expired_rows)),
+    ));
+    lines.push((
+        "outbox backlog",
+        match s.outbox_oldest {
+            Some(t) => format!("{} rows, oldest {}", grouped(s.outbox_rows), when(t, s.now)),
+            None => format!("{} rows", grouped(s.outbox_rows)),
+        },
+    ));
+    match &s.counters {
+        Some(counters) => {
+            let since = counters.iter().map(|c| c.since).min();
+            lines.push((
+                "duplicates avoided",
+                match since {
+                    Some(t) => format!(
+                        "{} (every replica, since {})",
+                        grouped(s.duplicates().unwrap_or(0)),
+                        timestamp(t)
+                    ),
+                    None => "0 (nothing gated yet)".to_string(),
+                },
+            ));
+            lines.push(("forwarded", grouped(s.forwarded().unwrap_or(0))));
+        }
+        None => lines.push((
+            "duplicates avoided",
+            "unknown: no gate_counters table (apply the migrations: kdedup migrate)".into(),
+        )),
+    }
+    out.push_str(&aligned(&lines, 0));
+    if let Some(counters) = s.counters.as_ref().filter(|c| c.len() > 1) {
+        let width = counters
+            .iter()
+            .take(SCOPES_SHOWN)
+            .map(|c| c.scope.len())
+            .max()
+            .unwrap_or(0)
+            .max(5);
+        let _ = writeln!(
+            out,
+            "\n  {:<width$}  {:>14}  {:>14}",
+            "scope", "duplicates", "forwarded"
+        );
+        for c in counters.iter().take(SCOPES_SHOWN) {
+            let _ = writeln!(
+                out,
+                "  {:<width$}  {:>14}  {:>14}",
+                c.scope,
+                grouped(c.duplicates),
+                grouped(c.forwarded)
+            );
+        }
+        if counters.len() > SCOPES_SHOWN {
+            let _ = writeln!(
+                out,
+                "  ... and {} more scopes (--json lists them all)",
+                counters.len() - SCOPES_SHOWN
+            );
+        }
+    }
+    out
+}
+
+pub fn stats_json(s: &Stats) -> Value {
+    json!({
+        "schema": s.schema,
+        "now": rfc3339(s.now),
+        "processed_events": {
+            "rows": s.rows,
+            "rows_exact": s.rows_exact,
+            "oldest_first_seen_at": s.first_seen.map(|(t, _)| rfc3339(t)),
+            "newest_first_seen_at": s.first_seen.map(|(_, t)| rfc3339(t)),
+            "earliest_expires_at": s.expires.map(|(t, _)| rfc3339(t)),
+            "latest_expires_at": s.expires.map(|(_, t)| rfc3339(t)),
+            "expired_awaiting_prune": s.expired_rows,
+        },
+        "outbox": {
+            "rows": s.outbox_rows,
+            "oldest_created_at": s.outbox_oldest.map(rfc3339),
+            "oldest_age_seconds": s.outbox_oldest.map(|t| (s.now - t).num_milliseconds() as f64 / 1000.0),
+        },
+        "duplicates_avoided": s.duplicates(),
+        "forwarded": s.forwarded(),
+        "scopes": s.counters.as_ref().map(|c| c.iter().map(|c| json!({
+            "scope": c.scope,
+            "duplicates": c.duplicates,
+            "forwarded": c.forwarded,
+            "since": rfc3339(c.since),
+            "updated_at": rfc3339(c.updated_at),
+        })).collect::<Vec<_>>()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn t(secs: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_795_000_000 + secs, 0).unwrap()
+    }
+
+    fn sighting(queued: bool, expires_in: i64) -> Sighting {
+        Sighting {
+            scope: "orders".into(),
+            source_topic: "orders.in".into(),
+            source_partition: 2,
+            source_offset: 1234,
+            payload_hash: Some(vec![0xab, 0x01, 0xff]),
+            first_seen_at: t(-192),
+            expires_at: t(expires_in),
+            queued_since: queued.then(|| t(-12)),
+        }
+    }
+
+    #[test]
+    fn numbers_and_spans_read_well() {
+        assert_eq!(grouped(0), "0");
+        assert_eq!(grouped(999), "999");
+        assert_eq!(grouped(1000), "1,000");
+        assert_eq!(grouped(-1234567), "-1,234,567");
+        assert_eq!(span(0), "0s");
+        assert_eq!(span(45), "45s");
+        assert_eq!(span(192), "3m 12s");
+        assert_eq!(span(3600), "1h");
+        assert_eq!(span(7 * 86_400 - 60), "6d 23h");
+        assert_eq!(span(-90), "1m 30s");
+        assert_eq!(hex(&[0xab, 0x01]), "ab01");
+    }
+
+    #[test]
+    fn inspect_text_says_where_when_and_status() {
+        let r = Inspection {
+            event_id: "ev-1".into(),
+            scope: None,
+            schema: "kdedup".into(),
+            now: t(0),
+            sightings: vec![sighting(false, 3600), sighting(true, -60)],
+        };
+        let text = inspect_text(&r);
+        assert!(text.contains("seen in 2 scopes"), "{text}");
+        assert!(text.contains("  status        forwarded"), "{text}");
+        assert!(text.contains("queued for output"), "{text}");
+        assert!(text.contains("orders.in partition 2 offset 1234"), "{text}");
+        assert!(text.contains("(3m 12s ago)"), "{text}");
+        assert!(text.contains("(in 1h)"), "{text}");
+        assert!(text.contains("(1m ago); expired"), "{text}");
+        assert!(text.contains("ab01ff (SHA-256, first 3 bytes)"), "{text}");
+        let j = inspect_json(&r);
+        assert_eq!(j["found"], true);
+        assert_eq!(j["matches"][0]["status"], "forwarded");
+        assert_eq!(j["matches"][0]["expired"], false);
+        assert_eq!(j["matches"][1]["status"], "queued for output");
+        assert_eq!(j["matches"][1]["expired"], true);
+        assert_eq!(j["matches"][0]["payload_hash"], "ab01ff");
+    }
+
+    #[test]
+    fn inspect_says_when_nothing_is_found() {
+        let r = Inspection {
+            event_id: "nope".into(),
+            scope: Some("orders".into()),
+            schema: "kdedup".into(),
+            now: t(0),
+            sightings: vec![],
+        };
+        assert_eq!(
+            inspect_text(&r),
+            "event \"nope\" (schema kdedup, scope \"orders\"): never seen, or expired and pruned\n"
+        );
+        assert_eq!(inspect_json(&r)["found"], false);
+    }
+
+    #[test]
+    fn stats_text_and_json() {
+        let c = |scope: &str, d, f| ScopeCounters {
+            scope: scope.into(),
+            duplicates: d,
+            forwarded: f,
+            since: t(-600),
+            updated_at: t(-1),
+        };
+        let s = Stats {
+            schema: "kdedup".into(),
+            now: t(0),
+            rows: 20_000,
+            rows_exact: true,
+            first_seen: Some((t(-600), t(-1))),
+            expires: Some((t(7 * 86_400 - 600), t(7 * 86_400 - 1))),
+            expired_rows: 0,
+            outbox_rows: 3,
+            outbox_oldest: Some(t(-2)),
+            counters: Some(vec![c("a", 5000, 15_000), c("b", 1012, 5000)]),
+        };
+        let text = stats_text(&s);
+        assert!(text.contains("20,000 rows (exact count)"), "{text}");
+        assert!(text.contains("6,012 (every replica"), "{text}");
+        assert!(text.contains("3 rows, oldest"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.split_whitespace().eq(["b", "1,012", "5,000"])),
+            "{text}"
+        );
+        let j = stats_json(&s);
+        assert_eq!(j["duplicates_avoided"], 6012);
+        assert_eq!(j["forwarded"], 20_000);
+        assert_eq!(j["outbox"]["oldest_age_seconds"], 2.0);
+        assert_eq!(j["scopes"][1]["scope"], "b");
+
+        let old = Stats {
+            counters: None,
+            ..s
+        };
+        assert!(stats_text(&old).contains("unknown: no gate_counters table"));
+        assert!(stats_json(&old)["duplicates_avoided"].is_null());
+    }
+}

@@ -1,0 +1,184 @@
+//! `kdedup inspect` and `kdedup stats` against tables a real sidecar filled, and the
+//! per-scope `gate_counters` totals the gate statement keeps.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// Runs `kdedup <args>` with the database settings of `cfg`: (exit code, stdout).
+fn kdedup(cfg: &SidecarConfig, args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kdedup"))
+        .args(args)
+        .env_clear()
+        .env("KDEDUP_DATABASE_URL", &cfg.env["KDEDUP_DATABASE_URL"])
+        .env("KDEDUP_DB_SCHEMA", &cfg.env["KDEDUP_DB_SCHEMA"])
+        .output()
+        .expect("run kdedup");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(2) || stderr.is_empty(),
+        "kdedup {args:?} wrote to stderr: {stderr}"
+    );
+    (out.status.code(), stdout)
+}
+
+fn json(cfg: &SidecarConfig, args: &[&str]) -> (Option<i32>, Value) {
+    let (code, out) = kdedup(cfg, args);
+    let doc = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"));
+    (code, doc)
+}
+
+fn event(tenant: &str, partition: i32, id: &str, seq: u64) -> In {
+    let mut ev = In::event(partition, id, seq);
+    ev.headers
+        .push(("tenant".into(), tenant.as_bytes().to_vec()));
+    ev
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inspect_and_stats_report_what_the_gate_recorded() {
+    let t = names("ops");
+    create_topic(&t.input, 2).await;
+    // Two tenants (scope from a header) with the same 40 ids each. Tenant a sends every
+    // 5th id twice in a row (8 duplicates), tenant b re-sends every 4th id at the end, in
+    // later batches (10 duplicates).
+    let mut msgs = Vec::new();
+    let mut later = Vec::new();
+    for i in 0..40u64 {
+        let id = format!("ev-{i}");
+        let p = (i % 2) as i32;
+        msgs.push(event("a", p, &id, i));
+        if i % 5 == 0 {
+            msgs.push(event("a", p, &id, i));
+        }
+        msgs.push(event("b", p, &id, i));
+        if i % 4 == 0 {
+            later.push(event("b", p, &id, i));
+        }
+    }
+    msgs.extend(later);
+    let total = msgs.len();
+    produce(&t.input, &msgs).await;
+
+    // First life without a relay: every first sighting stays queued in the outbox.
+    let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
+        .set("KDEDUP_SCOPE", "header:tenant")
+        .set("KDEDUP_BATCH_SIZE", "20")
+        .set("KDEDUP_PRUNER", "false");
+    let mut first = Sidecar::start(&cfg.clone().set("KDEDUP_RELAY", "false"), "ops_first");
+    wait_until(Duration::from_secs(90), "everything gated", || {
+        first.metric("kdedup_events_consumed_total") as usize >= total
+            && first.metric("kdedup_events_gated_total") as usize >= 80
+    })
+    .await;
+    let first_duplicates = first.metric("kdedup_duplicates_total");
+    assert_eq!(first_duplicates, 18.0);
+
+    let (code, doc) = json(&cfg, &["inspect", "ev-5", "--scope", "a", "--json"]);
+    assert_eq!(code, Some(0), "{doc}");
+    assert_eq!(doc["found"], true);
+    let m = &doc["matches"][0];
+    assert_eq!(m["scope"], "a");
+    assert_eq!(m["status"], "queued for output", "{doc}");
+    assert!(m["queued_since"].is_string(), "{doc}");
+    assert_eq!(m["source_topic"], t.input.as_str());
+    assert_eq!(m["source_partition"], 1);
+    assert_eq!(m["expired"], false);
+    assert_eq!(m["payload_hash"].as_str().unwrap().len(), 32, "{doc}");
+
+    let (code, stats) = json(&cfg, &["stats", "--json"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(stats["processed_events"]["rows"], 80, "{stats}");
+    assert_eq!(stats["processed_events"]["rows_exact"], true);
+    assert_eq!(stats["outbox"]["rows"], 80, "{stats}");
+    assert!(stats["outbox"]["oldest_age_seconds"].is_number());
+    assert_eq!(stats["duplicates_avoided"], 18, "{stats}");
+    assert_eq!(stats["forwarded"], 80);
+    let scopes = stats["scopes"].as_array().unwrap();
+    assert_eq!(scopes.len(), 2, "{stats}");
+    assert_eq!(
+        (&scopes[0]["scope"], &scopes[0]["duplicates"]),
+        (&"b".into(), &10.into())
+    );
+    assert_eq!(
+        (&scopes[1]["scope"], &scopes[1]["duplicates"]),
+        (&"a".into(), &8.into())
+    );
+    assert_eq!(first.sigterm(Duration::from_secs(20)), Some(0));
+
+    // Second life with the relay: the outbox drains.
+    let second = Sidecar::start(&cfg, "ops_second");
+    wait_until(Duration::from_secs(90), "outbox drained", || {
+        second.metric("kdedup_events_forwarded_total") >= 80.0
+            && json(&cfg, &["stats", "--json"]).1["outbox"]["rows"] == 0
+    })
+    .await;
+
+    let (code, text) = kdedup(&cfg, &["inspect", "ev-5"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("\"ev-5\""), "{text}");
+    assert!(text.contains("seen in 2 scopes"), "{text}");
+    assert_eq!(
+        text.matches("forwarded (no outbox row left").count(),
+        2,
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("{} partition 1 offset", t.input)),
+        "{text}"
+    );
+
+    // Every duplicate either process counted is in the totals, and nothing else.
+    let (_, stats) = json(&cfg, &["stats", "--json"]);
+    assert_eq!(
+        stats["duplicates_avoided"].as_f64().unwrap(),
+        first_duplicates + second.metric("kdedup_duplicates_total"),
+        "{stats}"
+    );
+    assert_eq!(stats["forwarded"], 80);
+    let (code, text) = kdedup(&cfg, &["stats"]);
+    assert_eq!(code, Some(0));
+    assert!(text.contains("80 rows (exact count)"), "{text}");
+    assert!(text.contains("duplicates avoided"), "{text}");
+    drop(second);
+
+    // An expired row the pruner has not deleted yet.
+    let pool = pg().await;
+    sqlx::query(&format!(
+        "UPDATE \"{}\".processed_events SET expires_at = now() - interval '1 minute'
+         WHERE scope = 'b' AND event_id = 'ev-5'",
+        t.schema
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (code, doc) = json(&cfg, &["inspect", "ev-5", "--json"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(doc["matches"][0]["expired"], false, "{doc}");
+    assert_eq!(doc["matches"][1]["scope"], "b");
+    assert_eq!(doc["matches"][1]["expired"], true, "{doc}");
+    let (_, text) = kdedup(&cfg, &["inspect", "ev-5", "--scope", "b"]);
+    assert!(text.contains("expired: the next sighting"), "{text}");
+    let (_, stats) = json(&cfg, &["stats", "--json"]);
+    assert_eq!(stats["processed_events"]["expired_awaiting_prune"], 1);
+
+    // Absent ids exit 1; a database that cannot be read exits 2.
+    let (code, text) = kdedup(&cfg, &["inspect", "never-sent"]);
+    assert_eq!(code, Some(1));
+    assert!(text.contains("never seen, or expired and pruned"), "{text}");
+    let (code, doc) = json(&cfg, &["inspect", "ev-5", "--scope", "c", "--json"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(doc["found"], false);
+    let (code, _) = kdedup(
+        &cfg.clone().set("KDEDUP_DB_SCHEMA", "kdedup_no_such_schema"),
+        &["stats"],
+    );
+    assert_eq!(code, Some(2));
+
+    drop_schema(&pool, &t.schema).await;
+}
