@@ -1,0 +1,123 @@
+//! The TTL pruner against real Postgres, with injected time: rows past expiry go, rows
+//! before it stay, deletes come in bounded batches, and an expired id is accepted again.
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::{TimeZone, Utc};
+use common::*;
+use kdedup::config::DbConfig;
+use kdedup::db::{self, GateOutcome, GateRow};
+use kdedup::metrics::Metrics;
+use kdedup::pruner::{prune_batch, prune_round, PruneSettings};
+use tokio_util::sync::CancellationToken;
+
+fn db_config(schema: &str) -> DbConfig {
+    DbConfig {
+        url: database_url(),
+        schema: schema.to_string(),
+        max_connections: 2,
+    }
+}
+
+fn row(id: &str) -> GateRow {
+    GateRow {
+        scope: "s".into(),
+        event_id: id.into(),
+        topic: "t".into(),
+        partition: 0,
+        offset: 0,
+        timestamp_ms: None,
+        payload_hash: vec![0; 16],
+        key: None,
+        value: Some(b"v".to_vec()),
+        headers: kdedup::headers::encode(&[]),
+    }
+}
+
+async fn setup(schema: &str) -> sqlx::PgPool {
+    let pool = db::pool(&db_config(schema)).unwrap();
+    db::migrate(&pool, schema).await.unwrap();
+    // 1000 rows that expire at t0 + i seconds.
+    sqlx::query(
+        "INSERT INTO processed_events (scope, event_id, source_topic, source_partition, source_offset, first_seen_at, expires_at)
+         SELECT 's', 'e-' || i, 't', 0, i, '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z'::timestamptz + make_interval(secs => i)
+         FROM generate_series(1, 1000) AS i",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool
+}
+
+#[tokio::test]
+async fn rows_past_expiry_go_in_bounded_batches_and_younger_rows_stay() {
+    let schema = unique("prune").to_lowercase();
+    let pool = setup(&schema).await;
+    let mut conn = db::dedicated_connection(&db_config(&schema)).await.unwrap();
+    let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+
+    // One batch deletes at most its size, oldest first.
+    let now = t0 + chrono::Duration::seconds(600);
+    assert_eq!(prune_batch(&mut conn, now, 100).await.unwrap(), 100);
+    let oldest_left: i64 = sqlx::query_scalar("SELECT min(source_offset) FROM processed_events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(oldest_left, 101, "the oldest rows went first");
+
+    // A round runs batches until nothing expired is left: rows 1..=600 expired at `now`.
+    let metrics = Metrics::new();
+    let settings = PruneSettings {
+        interval: Duration::from_secs(60),
+        batch_size: 64,
+        pause: Duration::from_millis(1),
+    };
+    let n = prune_round(
+        &mut conn,
+        now,
+        &settings,
+        &metrics,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(n, 500);
+    assert_eq!(metrics.rows_pruned.get(), 500);
+    assert!(metrics.prune_batches.get() >= 500 / 64, "bounded batches");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 400, "rows whose expiry is after `now` stay");
+    drop_schema(&pg().await, &schema).await;
+}
+
+#[tokio::test]
+async fn an_expired_id_is_accepted_again_as_new() {
+    let schema = unique("ttl").to_lowercase();
+    let pool = setup(&schema).await;
+    // e-1 expired long ago (2026-01-01) but has not been pruned: the gate treats it as
+    // absent. e-new is new. Then with a live TTL both are duplicates.
+    let ttl = Duration::from_secs(3600);
+    let first = db::gate(&pool, &[row("e-1"), row("e-new")], ttl, &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(first, vec![GateOutcome::Forwarded, GateOutcome::Forwarded]);
+    let again = db::gate(&pool, &[row("e-1"), row("e-new")], ttl, &Default::default())
+        .await
+        .unwrap();
+    assert!(
+        again
+            .iter()
+            .all(|o| matches!(o, GateOutcome::Duplicate { .. })),
+        "{again:?}"
+    );
+    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(outbox, 2, "one forwarding write each");
+    drop_schema(&pg().await, &schema).await;
+}
