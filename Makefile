@@ -35,3 +35,8 @@ bench: services
 bench-quick: services
 	cargo build --release --locked --bin kdedup --examples
 	target/release/examples/bench --quick
+
+## Chaos: SIGKILLs at random moments under steady load, a Postgres restart, invariants.
+.PHONY: chaos
+chaos: services
+	cargo test --locked --test chaos -- --ignored --nocapture
