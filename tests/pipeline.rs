@@ -79,6 +79,7 @@ async fn forwards_each_distinct_id_once_in_input_order() {
     wait_until(Duration::from_secs(90), "all events forwarded", || {
         sidecar.metric("kdedup_events_forwarded_total") as usize >= n
             && sidecar.metric("kdedup_events_consumed_total") as usize >= total
+            && sidecar.metric("kdedup_duplicates_total") as usize >= total - n
     })
     .await;
     sidecar.wait_ready(Duration::from_secs(10)).await;

@@ -303,26 +303,35 @@ impl Bench {
             }
         }
         if self.wants("e2e") {
-            step("kdedup end to end, 0% duplicates");
-            let schema = self.name("e2e0");
-            let r = self.kdedup("e2e0", &topic_a, n, n, &schema, &[]).await?;
-            println!("    {:.0} events/s", r.rate);
-            report.runs.insert("e2e0", r);
-            self.drop_schema(&schema).await;
-
             let topic_b = self.name("b");
             step(&format!(
                 "producing {n} messages (50% duplicates) to {topic_b}"
             ));
             let p = self.produce_input(&topic_b, n, 0.5, 2).await?;
-            step("kdedup end to end, 50% duplicates");
-            let schema = self.name("e2e50");
-            let r = self
-                .kdedup("e2e50", &topic_b, n, p.distinct, &schema, &[])
-                .await?;
-            println!("    {:.0} events/s", r.rate);
-            report.runs.insert("e2e50", r);
-            self.drop_schema(&schema).await;
+            // Full mode runs each twice, alternating, and the better run counts (as the
+            // better L-db pass does): a burst of load from elsewhere then spoils at most one.
+            let keys: &[(&'static str, &'static str)] = if self.args.quick {
+                &[("e2e0", "e2e50")]
+            } else {
+                &[("e2e0", "e2e50"), ("e2e0b", "e2e50b")]
+            };
+            for (k0, k50) in keys {
+                step("kdedup end to end, 0% duplicates");
+                let schema = self.name(k0);
+                let r = self.kdedup(k0, &topic_a, n, n, &schema, &[]).await?;
+                println!("    {:.0} events/s", r.rate);
+                report.runs.insert(k0, r);
+                self.drop_schema(&schema).await;
+
+                step("kdedup end to end, 50% duplicates");
+                let schema = self.name(k50);
+                let r = self
+                    .kdedup(k50, &topic_b, n, p.distinct, &schema, &[])
+                    .await?;
+                println!("    {:.0} events/s", r.rate);
+                report.runs.insert(k50, r);
+                self.drop_schema(&schema).await;
+            }
         }
         if self.wants("naive") {
             for mode in ["outbox", "produce"] {
@@ -407,8 +416,7 @@ impl Bench {
         }
         if self.wants("latency") {
             let max = report
-                .runs
-                .get("e2e0")
+                .best("e2e0")
                 .map(|r| r.rate)
                 .or(self.args.latency_rate.map(|r| r * 2.0))
                 .unwrap_or(10_000.0);
@@ -431,6 +439,15 @@ impl Bench {
                     l.p50_ms, l.p99_ms
                 );
                 report.latency.push((label, l));
+            }
+        }
+        if self.wants("ldb") && !self.args.quick {
+            for clients in [1, 2] {
+                step(&format!("L-db, second pass: pgbench, {clients} client(s)"));
+                let mut r = self.ldb(clients).await?;
+                r.pass = 2;
+                println!("    {:.0} events/s", r.events_per_s);
+                report.ldb.push(r);
             }
         }
         if self.wants("shapes") && (self.args.shapes || !self.args.quick) {
@@ -575,6 +592,7 @@ FROM ids;
             .unwrap_or(0.0);
         self.drop_schema(&schema).await;
         Ok(Ldb {
+            pass: 1,
             clients,
             batch,
             tps,
@@ -1742,6 +1760,7 @@ impl CpuSnap {
 // -------------------------------------------------------------------- results
 
 struct Ldb {
+    pass: u32,
     clients: u32,
     batch: usize,
     tps: f64,
@@ -1866,6 +1885,15 @@ fn cargo_lock_version(root: &Path, package: &str) -> Option<String> {
 }
 
 impl Report {
+    /// The better of a run and its repeat (`<key>b`), if it was repeated.
+    fn best(&self, key: &str) -> Option<&E2e> {
+        let again = format!("{key}b");
+        [self.runs.get(key), self.runs.get(again.as_str())]
+            .into_iter()
+            .flatten()
+            .max_by(|a, b| a.rate.total_cmp(&b.rate))
+    }
+
     async fn new(b: &Bench) -> anyhow::Result<Report> {
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
         let mem_kib: u64 = meminfo
@@ -2026,8 +2054,8 @@ impl Report {
             .iter()
             .find(|(m, _)| *m == "outbox")
             .map(|(_, r)| r.rate);
-        let e0 = self.runs.get("e2e0").map(|r| r.rate);
-        let e50 = self.runs.get("e2e50").map(|r| r.rate);
+        let e0 = self.best("e2e0").map(|r| r.rate);
+        let e50 = self.best("e2e50").map(|r| r.rate);
         let big = self.runs.get("big").map(|r| r.rate);
         let prune = self.runs.get("prune").map(|r| r.rate);
         let off = self.runs.get("exp_off").map(|r| r.rate);
@@ -2058,8 +2086,8 @@ impl Report {
         for l in &self.ldb {
             let _ = writeln!(
                 s,
-                "| L-db: pgbench, {} client(s), {} events per transaction | {:.0} | {} | {} | {:.1} tx/s, {:.1} ms per tx |",
-                l.clients, l.batch, l.events_per_s, ratio(Some(l.events_per_s), ldb), ratio(Some(l.events_per_s), naive), l.tps, l.latency_ms
+                "| L-db: pgbench, {} client(s), {} events per transaction{} | {:.0} | {} | {} | {:.1} tx/s, {:.1} ms per tx |",
+                l.clients, l.batch, if l.pass > 1 { " (second pass, end of run)" } else { "" }, l.events_per_s, ratio(Some(l.events_per_s), ldb), ratio(Some(l.events_per_s), naive), l.tps, l.latency_ms
             );
         }
         for (label, r) in &self.lkafka {
@@ -2078,7 +2106,13 @@ impl Report {
             );
         }
         let run_row = |s: &mut String, label: &str, key: &str, extra: String| {
-            if let Some(r) = self.runs.get(key) {
+            let twice = self.runs.contains_key(format!("{key}b").as_str());
+            let extra = if twice {
+                format!("{extra}; the better of two runs (both in \"Where the time goes\")")
+            } else {
+                extra
+            };
+            if let Some(r) = self.best(key) {
                 let _ = writeln!(
                     s,
                     "| {label} | {:.0} | {} | {} | {:.1} s, {} forwarded, peak RSS {}{} |",
@@ -2100,7 +2134,7 @@ impl Report {
             "e2e50",
             format!(
                 ", {} duplicates",
-                self.runs.get("e2e50").map_or(0, |r| r.duplicates)
+                self.best("e2e50").map_or(0, |r| r.duplicates)
             ),
         );
         run_row(
@@ -2339,7 +2373,9 @@ impl Report {
         };
         for (key, label) in [
             ("e2e0", "0% duplicates"),
+            ("e2e0b", "0% duplicates, second run"),
             ("e2e50", "50% duplicates"),
+            ("e2e50b", "50% duplicates, second run"),
             ("big", "large table"),
             ("exp_off", "expired rows, pruner off"),
             ("prune", "expired rows, pruner on"),
