@@ -633,6 +633,28 @@ FROM ids;
             .unwrap_or_default()
     }
 
+    /// Cluster-wide WAL and checkpoint counters (pg_stat_wal, pg_stat_bgwriter) and this
+    /// database's blocks read from outside shared_buffers.
+    async fn pg_snap(&self) -> PgSnap {
+        let row: Result<(i64, i64, i64, i64), _> = sqlx::query_as(
+            "SELECT w.wal_bytes::int8, w.wal_fpi, b.checkpoints_timed + b.checkpoints_req,
+                    d.blks_read
+             FROM pg_stat_wal w, pg_stat_bgwriter b, pg_stat_database d
+             WHERE d.datname = current_database()",
+        )
+        .fetch_one(&self.pg)
+        .await;
+        match row {
+            Ok((wal_bytes, fpi, checkpoints, blks_read)) => PgSnap {
+                wal_bytes,
+                fpi,
+                checkpoints,
+                blks_read,
+            },
+            Err(_) => PgSnap::default(),
+        }
+    }
+
     async fn checkpoint(&self) {
         // Every measured run starts right after a checkpoint, so none of them pays for the
         // dirty pages of the set-up before it, and all pay the same full-page writes.
@@ -834,6 +856,7 @@ FROM ids;
         extra: &[(String, String)],
     ) -> anyhow::Result<E2e> {
         self.checkpoint().await;
+        let pg0 = self.pg_snap().await;
         let mut side = self.start_sidecar(name, input, schema, extra)?;
         let r = measure(&mut side, n, expect_forwarded, self.args.until_gated).await;
         let r = match r {
@@ -846,6 +869,7 @@ FROM ids;
         };
         side.stop();
         let mut r = r;
+        r.pg = self.pg_snap().await.since(&pg0);
         if !self.args.until_gated {
             r.output = self.read_back(&side.output_topic, r.distinct);
         }
@@ -866,6 +890,7 @@ FROM ids;
         before: TableStats,
     ) -> anyhow::Result<(E2e, Bloat)> {
         self.checkpoint().await;
+        let pg0 = self.pg_snap().await;
         let mut side = self.start_sidecar("prune", input, schema, extra)?;
         let mut r = match measure(&mut side, n, n, self.args.until_gated).await {
             Ok(r) => r,
@@ -875,6 +900,7 @@ FROM ids;
                 bail!("prune: {e:#}\nlog tail:\n{tail}");
             }
         };
+        r.pg = self.pg_snap().await.since(&pg0);
         // Let the pruner finish, then stop kdedup (its backends flush their statistics
         // when they exit) and look at the table.
         let started = Instant::now();
@@ -1660,6 +1686,7 @@ async fn measure(
         pruned_in_window: (c1.pruned - c0.pruned) as u64,
         cpu: cpu1.since(&cpu0),
         output: None,
+        pg: PgSnap::default(),
     })
 }
 
@@ -1791,6 +1818,28 @@ struct E2e {
     pruned_in_window: u64,
     cpu: CpuUse,
     output: Option<Output>,
+    /// Postgres counters over the whole kdedup process (start-up included).
+    pg: PgSnap,
+}
+
+/// Postgres activity counters (or their difference over a run).
+#[derive(Debug, Clone, Default)]
+struct PgSnap {
+    wal_bytes: i64,
+    fpi: i64,
+    checkpoints: i64,
+    blks_read: i64,
+}
+
+impl PgSnap {
+    fn since(&self, earlier: &PgSnap) -> PgSnap {
+        PgSnap {
+            wal_bytes: self.wal_bytes - earlier.wal_bytes,
+            fpi: self.fpi - earlier.fpi,
+            checkpoints: self.checkpoints - earlier.checkpoints,
+            blks_read: self.blks_read - earlier.blks_read,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -2383,6 +2432,38 @@ impl Report {
         ] {
             if let Some(r) = self.runs.get(key) {
                 detail(&mut s, label, r);
+            }
+        }
+        let _ = writeln!(
+            s,
+            "\nPostgres work per input event over each kdedup process's life (cluster-wide `pg_stat_wal` and \
+             `pg_stat_bgwriter`, so anything else writing to this Postgres at the time is included; blocks read = \
+             this database's reads from outside shared_buffers, `pg_stat_database.blks_read`):\n"
+        );
+        let _ = writeln!(
+            s,
+            "| run | WAL bytes / event | full-page images / 1000 events | checkpoints during the run | blocks read / 1000 events |\n|---|---:|---:|---:|---:|"
+        );
+        for (key, label) in [
+            ("e2e0", "0% duplicates"),
+            ("e2e0b", "0% duplicates, second run"),
+            ("e2e50", "50% duplicates"),
+            ("e2e50b", "50% duplicates, second run"),
+            ("big", "large table"),
+            ("exp_off", "expired rows, pruner off"),
+            ("prune", "expired rows, pruner on"),
+            ("paced", "expired rows, pruner on, 200 ms pause"),
+        ] {
+            if let Some(r) = self.runs.get(key) {
+                let per = |v: i64, k: f64| v as f64 * k / r.input.max(1) as f64;
+                let _ = writeln!(
+                    s,
+                    "| {label} | {:.0} | {:.0} | {} | {:.0} |",
+                    per(r.pg.wal_bytes, 1.0),
+                    per(r.pg.fpi, 1000.0),
+                    r.pg.checkpoints,
+                    per(r.pg.blks_read, 1000.0),
+                );
             }
         }
 
