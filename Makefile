@@ -25,7 +25,7 @@ fmt:
 	cargo fmt --all
 
 ## Benchmark (bench/README.md): kdedup vs its Postgres and Kafka ceilings and a naive
-## consumer, on the local services; writes bench/RESULTS.md. Takes 15-25 minutes.
+## consumer, on the local services; writes bench/RESULTS.md. Takes 12-20 minutes.
 .PHONY: bench bench-quick
 bench: services
 	cargo build --release --locked --bin kdedup --examples

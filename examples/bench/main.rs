@@ -1184,6 +1184,7 @@ FROM ids;
             .set("bootstrap.servers", &self.brokers)
             .set("linger.ms", "5")
             .create()?;
+        let cpu0 = CpuSnap::take(side.child.id());
         let start_ms = now_ms();
         let started = Instant::now();
         let mut sent = 0usize;
@@ -1219,6 +1220,7 @@ FROM ids;
         let samples = tokio::task::spawn_blocking(move || reader.join())
             .await?
             .map_err(|_| anyhow::anyhow!("latency reader panicked"))??;
+        let cpu = CpuSnap::take(side.child.id()).since(&cpu0);
         let metrics = side.metrics_text();
         let peak_rss_kib = side.vm_hwm_kib();
         side.stop();
@@ -1255,6 +1257,7 @@ FROM ids;
             ack_p50_ms: hist("commit_to_ack", 0.5),
             ack_p99_ms: hist("commit_to_ack", 0.99),
             peak_rss_kib,
+            cpu,
         })
     }
 }
@@ -1899,6 +1902,7 @@ struct Latency {
     ack_p50_ms: Option<f64>,
     ack_p99_ms: Option<f64>,
     peak_rss_kib: Option<u64>,
+    cpu: CpuUse,
 }
 
 struct Report {
@@ -2310,12 +2314,12 @@ impl Report {
             let f = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.0} ms"));
             let _ = writeln!(
                 s,
-                "| kdedup consumer settings | input rate achieved | read back / sent (measured) | **p50** | **p99** | max | input_to_commit p50 / p99 | commit_to_ack p50 / p99 | peak RSS |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+                "| kdedup consumer settings | input rate achieved | read back / sent (measured) | **p50** | **p99** | max | input_to_commit p50 / p99 | commit_to_ack p50 / p99 | peak RSS | CPU kdedup / postgres / tansu / other |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
             );
             for (label, l) in &self.latency {
                 let _ = writeln!(
                     s,
-                    "| {label} | {:.0}/s | {} / {} ({}) | {:.0} ms | {:.0} ms | {:.0} ms | {} / {} | {} / {} | {} |",
+                    "| {label} | {:.0}/s | {} / {} ({}) | {:.0} ms | {:.0} ms | {:.0} ms | {} / {} | {} / {} | {} | {:.2} / {:.2} / {:.2} / {:.2} |",
                     l.achieved_rate,
                     l.received,
                     l.sent,
@@ -2328,6 +2332,10 @@ impl Report {
                     f(l.ack_p50_ms),
                     f(l.ack_p99_ms),
                     l.peak_rss_kib.map_or("n/a".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
+                    l.cpu.kdedup,
+                    l.cpu.postgres,
+                    l.cpu.tansu,
+                    l.cpu.other,
                 );
             }
         }
