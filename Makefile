@@ -11,12 +11,12 @@ demo:
 
 ## Everything CI checks: formatting, lints, unit and integration tests, deploy manifests.
 test: lint services
-	cargo test --locked --all-targets
+	cargo test --locked --all-targets --features crash-points
 	scripts/check-deploy.sh
 
 lint:
 	cargo fmt --all -- --check
-	cargo clippy --locked --all-targets -- -D warnings
+	cargo clippy --locked --all-targets --all-features -- -D warnings
 
 services:
 	scripts/services.sh all
@@ -36,7 +36,10 @@ bench-quick: services
 	cargo build --release --locked --bin kdedup --examples
 	target/release/examples/bench --quick
 
-## Chaos: SIGKILLs at random moments under steady load, a Postgres restart, invariants.
+## Chaos (README "Chaos"): steady load through a tansu of the test's own (Postgres
+## storage), 12 SIGKILLs of the sidecar at random moments, one Postgres and one broker
+## restart, then the invariants, checked on sets; prints a summary, fails on a violation.
+## Under 10 minutes. Restarts the shared Postgres.
 .PHONY: chaos
 chaos: services
 	cargo test --locked --test chaos -- --ignored --nocapture

@@ -622,11 +622,14 @@ tests:
         values: '1209600x30'
       - series: 'kdedup_input_retention_seconds{job="orders/kdedup", namespace="orders", pod="p", instance="a", topic="audit"}'
         values: '86400x30'
+      - series: 'kdedup_input_retention_seconds{job="orders/kdedup", namespace="orders", pod="p", instance="a", topic="ledger"}'
+        values: '-1x30'
     alert_rule_test:
       - eval_time: 20m
         alertname: KdedupTtlShorterThanRetention
         exp_alerts:
           - exp_labels: {severity: warning, job: orders/kdedup, namespace: orders, pod: p, instance: a, topic: orders}
+          - exp_labels: {severity: warning, job: orders/kdedup, namespace: orders, pod: p, instance: a, topic: ledger}
 EOF
 (cd "$WORK" && "$PROMTOOL" test rules alerts-test.yaml) >"$WORK/promtool-test.log" 2>&1 || {
   cat "$WORK/promtool-test.log" >&2

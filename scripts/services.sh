@@ -60,7 +60,7 @@ ensure_tansu_installed() {
     return 0
   fi
   log "installing tansu $TANSU_VERSION (a Kafka-protocol broker; takes ~15 minutes once, then cached in ~/.cargo/bin)"
-  cargo install tansu --locked --version "$TANSU_VERSION" --features dynostore
+  cargo install tansu --locked --version "$TANSU_VERSION" --features dynostore,postgres
 }
 
 ensure_broker() {

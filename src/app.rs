@@ -224,7 +224,9 @@ async fn check_retention(cfg: &RunConfig, metrics: &Metrics) {
     }
 }
 
-/// Gauges read from Postgres: table size estimate and the age of the oldest outbox row.
+/// Gauges read from Postgres, on every replica (so a standby relay or pruner still reports
+/// them): table size estimate, outbox backlog and the age of its oldest row, and the age of
+/// the oldest gate row.
 async fn table_stats(pool: &PgPool, metrics: &Metrics) -> Result<(), sqlx::Error> {
     let rows: Option<i64> = sqlx::query_scalar(
         "SELECT greatest(c.reltuples, 0)::int8 FROM pg_class c
@@ -242,6 +244,24 @@ async fn table_stats(pool: &PgPool, metrics: &Metrics) -> Result<(), sqlx::Error
     metrics
         .outbox_oldest_age
         .set(oldest.map_or(0, |s| s.max(0.0) as i64));
+    // Counting is linear in the backlog; capped so that a huge backlog (an output topic
+    // down for hours) does not turn this check into a heavy scan every two seconds.
+    let backlog: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM (SELECT 1 FROM outbox LIMIT 10000000) o")
+            .fetch_one(pool)
+            .await?;
+    metrics.outbox_backlog.set(backlog);
+    // The row that expires first is the oldest one (the TTL is the same for every row
+    // written by one configuration); found through the pruner's index, not a scan.
+    let oldest_row: Option<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM now() - first_seen_at)::float8 FROM processed_events \
+         ORDER BY expires_at LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    metrics
+        .oldest_row_age
+        .set(oldest_row.map_or(0, |s| s.max(0.0) as i64));
     Ok(())
 }
 

@@ -41,6 +41,8 @@ pub enum DbError {
     Sqlx(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("no answer from postgres within {0:?}")]
+    Timeout(Duration),
 }
 
 impl DbError {
@@ -66,6 +68,7 @@ impl DbError {
                 | sqlx::Error::Tls(_)
                 | sqlx::Error::Protocol(_),
             ) => true,
+            DbError::Timeout(_) => true,
             _ => false,
         }
     }
@@ -296,6 +299,7 @@ pub async fn gate(
         .bind(&dup_counts)
         .fetch_all(&mut *tx)
         .await?;
+    crate::crash::reached(crate::crash::Point::BeforeDbCommit);
     tx.commit().await?;
     debug_assert_eq!(result.len(), rows.len());
     Ok(result

@@ -71,10 +71,24 @@ pub enum Rejection {
     #[error("message is {len} bytes, larger than --max-message-bytes {max}")]
     MessageTooLarge { len: usize, max: usize },
     #[error("event id was first seen at {first} with a different payload")]
-    PayloadMismatch { first: String },
+    PayloadMismatch {
+        first: String,
+        scope: String,
+        event_id: String,
+    },
 }
 
 impl Rejection {
+    /// The event's `(scope, event_id)`, for log lines, where the message has one.
+    pub fn identity(&self) -> (Option<&str>, Option<&str>) {
+        match self {
+            Rejection::PayloadMismatch {
+                scope, event_id, ..
+            } => (Some(scope), Some(event_id)),
+            _ => (None, None),
+        }
+    }
+
     /// Bounded label for metrics and the `kdedup-dlq-reason` header.
     pub fn reason(&self) -> &'static str {
         match self {

@@ -103,15 +103,36 @@ impl ClientContext for KdedupContext {
     /// librdkafka statistics (every `statistics.interval.ms`): lag per assigned partition,
     /// measured against the stored offset, i.e. against durable work.
     fn stats(&self, stats: rdkafka::Statistics) {
+        use prometheus::core::Collector;
         let lag = &self.state.metrics.consumer_lag;
-        lag.reset();
+        let mut live = std::collections::BTreeSet::new();
         for (topic, t) in &stats.topics {
             for (partition, p) in &t.partitions {
                 if *partition < 0 || p.fetch_state != "active" || p.consumer_lag_stored < 0 {
                     continue;
                 }
-                lag.with_label_values(&[topic.as_str(), &partition.to_string()])
+                let partition = partition.to_string();
+                lag.with_label_values(&[topic.as_str(), &partition])
                     .set(p.consumer_lag_stored);
+                live.insert((topic.clone(), partition));
+            }
+        }
+        // Series of partitions no longer fetched go away; the others were overwritten in
+        // place, so a scrape never sees the lag of an assigned partition missing.
+        for family in lag.collect() {
+            for m in family.get_metric() {
+                let labels: std::collections::BTreeMap<&str, &str> = m
+                    .get_label()
+                    .iter()
+                    .map(|l| (l.name(), l.value()))
+                    .collect();
+                let (Some(topic), Some(partition)) = (labels.get("topic"), labels.get("partition"))
+                else {
+                    continue;
+                };
+                if !live.contains(&(topic.to_string(), partition.to_string())) {
+                    let _ = lag.remove_label_values(&[topic, partition]);
+                }
             }
         }
     }
@@ -147,7 +168,14 @@ impl ConsumerContext for KdedupContext {
                 self.state.metrics.consumer_joined.set(1);
             }
             Rebalance::Revoke(_) => {
+                // Not ready until the next assignment: a consumer evicted from its group
+                // (or between two rebalance steps) is not consuming.
                 self.state.metrics.assigned_partitions.set(0);
+                self.state
+                    .health
+                    .consumer_joined
+                    .store(false, Ordering::Release);
+                self.state.metrics.consumer_joined.set(0);
             }
             Rebalance::Error(e) => {
                 warn!(error = %e, "rebalance error");

@@ -7,6 +7,7 @@
 //!
 //! Layout:
 //! - [`config`]: flags, `KDEDUP_*` environment, validation (exit 64 on bad config).
+//! - [`crash`]: named crash points for the crash tests (feature `crash-points`).
 //! - [`identity`]: where an event id and its scope come from; why a message has none.
 //! - [`pipeline`]: consume → identify → gate → store offsets; dead letters.
 //! - [`db`]: pool, embedded migrations, the gate statement.
@@ -23,6 +24,7 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod crash;
 pub mod db;
 pub mod demo;
 pub mod headers;

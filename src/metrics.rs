@@ -26,6 +26,8 @@ pub struct Metrics {
     /// Ids reused with a different payload, by action (skipped, dead_lettered).
     pub payload_mismatches: IntCounterVec,
     pub batch_duration: Histogram,
+    /// One gate transaction (statement + COMMIT), successful attempts only.
+    pub gate_duration: Histogram,
     pub batch_size: Histogram,
     pub gate_retries: IntCounter,
     pub outbox_backlog: IntGauge,
@@ -75,7 +77,7 @@ impl Metrics {
             ),
             duplicates: counter_vec(
                 "kdedup_duplicates_total",
-                "Events not forwarded because their (scope, event_id) was already recorded. cause: redelivery (same topic/partition/offset as the first sighting), upstream (anything else).",
+                "Events not forwarded because their (scope, event_id) was already recorded. cause: redelivery (same topic/partition/offset as the first sighting), replay (re-fed by kdedup replay), upstream (anything else).",
                 &["cause"],
             ),
             events_gated: counter(
@@ -104,6 +106,14 @@ impl Metrics {
                 .buckets(seconds_buckets.clone()),
             )
             .expect("valid metric"),
+            gate_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "kdedup_gate_transaction_duration_seconds",
+                    "Time of one successful gate transaction: the gate statement and its COMMIT.",
+                )
+                .buckets(seconds_buckets.clone()),
+            )
+            .expect("valid metric"),
             batch_size: Histogram::with_opts(
                 HistogramOpts::new("kdedup_batch_size", "Messages per gate batch.")
                     .buckets(vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0]),
@@ -115,7 +125,7 @@ impl Metrics {
             ),
             outbox_backlog: gauge(
                 "kdedup_outbox_backlog",
-                "Outbox rows committed but not yet acknowledged by the broker (as last seen by the relay).",
+                "Outbox rows committed but not yet acknowledged by the broker (every replica reads the shared outbox).",
             ),
             relay_active: gauge(
                 "kdedup_relay_active",
@@ -162,7 +172,7 @@ impl Metrics {
             .expect("valid metric"),
             oldest_row_age: gauge(
                 "kdedup_oldest_row_age_seconds",
-                "Age of the oldest processed_events row after the last prune round.",
+                "Age of the oldest processed_events row (the one that expires first).",
             ),
             consumer_lag: IntGaugeVec::new(
                 Opts::new(
@@ -231,6 +241,7 @@ impl Metrics {
             Box::new(self.dead_lettered.clone()),
             Box::new(self.payload_mismatches.clone()),
             Box::new(self.batch_duration.clone()),
+            Box::new(self.gate_duration.clone()),
             Box::new(self.batch_size.clone()),
             Box::new(self.gate_retries.clone()),
             Box::new(self.outbox_backlog.clone()),

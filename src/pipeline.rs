@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{PayloadMismatch, RunConfig};
+use crate::crash;
 use crate::db::{self, FirstSighting, GateOutcome, GateRow};
 use crate::headers::{self, Headers};
 use crate::identity::{MessageView, Rejection};
@@ -143,6 +144,9 @@ pub struct Keepalive {
     /// Lowest dropped offset per partition: where to seek back to on resume.
     rewind: std::sync::Mutex<BTreeMap<(String, i32), i64>>,
     paused: std::sync::atomic::AtomicBool,
+    /// A partition, still assigned, that could not be rewound: fetching it further would
+    /// skip the dropped messages. The pipeline stops when this is set (see [`Pipeline::run`]).
+    rewind_failed: std::sync::Mutex<Option<(String, i32, i64)>>,
 }
 
 impl Keepalive {
@@ -151,6 +155,7 @@ impl Keepalive {
             consumer,
             rewind: Default::default(),
             paused: Default::default(),
+            rewind_failed: Default::default(),
         }
     }
 
@@ -181,8 +186,11 @@ impl Keepalive {
         }
     }
 
-    /// Seeks back over dropped messages and resumes fetching.
-    fn resume(&self) {
+    /// Seeks back over dropped messages and resumes fetching. A seek can fail for a
+    /// moment (a partition whose fetcher is not started yet answers "erroneous state"),
+    /// so it is retried; a partition that was revoked meanwhile is left to its next owner,
+    /// which starts from the committed offset.
+    async fn resume(&self) {
         use std::sync::atomic::Ordering;
         if !self.paused.swap(false, Ordering::AcqRel) {
             return;
@@ -193,14 +201,29 @@ impl Keepalive {
             "rewinding partitions over messages dropped while held"
         );
         for ((topic, partition), offset) in rewind {
-            if let Err(e) = self.consumer.seek(
-                &topic,
-                partition,
-                Offset::Offset(offset),
-                Duration::from_secs(5),
-            ) {
-                // Revoked meanwhile: its next owner starts from the committed offset.
-                debug!(topic, partition, offset, error = %e, "seek back skipped");
+            let mut attempt = 0;
+            loop {
+                let Err(e) = self.consumer.seek(
+                    &topic,
+                    partition,
+                    Offset::Offset(offset),
+                    Duration::from_secs(5),
+                ) else {
+                    break;
+                };
+                if !self.is_assigned(&topic, partition) {
+                    debug!(topic, partition, offset, error = %e, "seek back skipped: partition revoked");
+                    break;
+                }
+                attempt += 1;
+                if attempt >= 10 {
+                    error!(topic, partition, offset, error = %e,
+                           "cannot rewind a held partition; stopping so that it is re-read from its committed offset");
+                    *self.rewind_failed.lock().expect("rewind lock") =
+                        Some((topic.clone(), partition, offset));
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
         if let Ok(assignment) = self.consumer.assignment() {
@@ -209,6 +232,19 @@ impl Keepalive {
             }
         }
         info!("input resumed");
+    }
+
+    fn is_assigned(&self, topic: &str, partition: i32) -> bool {
+        self.consumer.assignment().is_ok_and(|a| {
+            a.elements()
+                .iter()
+                .any(|e| e.topic() == topic && e.partition() == partition)
+        })
+    }
+
+    /// The partition that could not be rewound, if any (see `rewind_failed`).
+    pub fn rewind_failure(&self) -> Option<(String, i32, i64)> {
+        self.rewind_failed.lock().expect("rewind lock").clone()
     }
 }
 
@@ -327,7 +363,7 @@ impl Gate {
             .gate_with_retry(&candidates, &in_batch_duplicates, stop)
             .await?;
         if let Some(k) = &self.keepalive {
-            k.resume();
+            k.resume().await;
         }
         let committed_at = chrono::Utc::now().timestamp_millis();
         let mut late_rejects: Vec<(InputMessage, Rejection)> = Vec::new();
@@ -390,6 +426,10 @@ impl Gate {
             self.dead_letter_or_report(&late_rejects, stop, produce_dead_letters)
                 .await?;
             summary.dead_lettered += late_rejects.len();
+            // A dead-letter retry above may have held the input again.
+            if let Some(k) = &self.keepalive {
+                k.resume().await;
+            }
         }
         self.metrics.events_gated.inc_by(summary.forwarded as u64);
         if summary.forwarded > 0 {
@@ -447,6 +487,8 @@ impl Gate {
             PayloadMismatch::Skip => None,
             PayloadMismatch::Dlq => Some(Rejection::PayloadMismatch {
                 first: format!("{}/{}/{}", first.topic, first.partition, first.offset),
+                scope: scope.to_string(),
+                event_id: event_id.to_string(),
             }),
         }
     }
@@ -466,9 +508,22 @@ impl Gate {
         stop: &CancellationToken,
     ) -> Result<Vec<GateOutcome>, Abandoned> {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        let timeout = self.gate_timeout();
         loop {
-            match db::gate(&self.pool, rows, self.cfg.ttl, in_batch_duplicates).await {
+            let started = Instant::now();
+            let attempt = db::gate(&self.pool, rows, self.cfg.ttl, in_batch_duplicates);
+            // A timed-out attempt may still have committed (the answer to COMMIT was lost):
+            // the retry then finds its rows at their own positions, counts them as
+            // redeliveries and forwards nothing twice.
+            let result = match tokio::time::timeout(timeout, attempt).await {
+                Ok(result) => result,
+                Err(_elapsed) => Err(db::DbError::Timeout(timeout)),
+            };
+            match result {
                 Ok(outcomes) => {
+                    self.metrics
+                        .gate_duration
+                        .observe(started.elapsed().as_secs_f64());
                     self.metrics.postgres_up.set(1);
                     return Ok(outcomes);
                 }
@@ -489,6 +544,22 @@ impl Gate {
                 }
             }
         }
+    }
+
+    /// How long one gate attempt may take before it is given up and retried. Nothing polls
+    /// the consumer while the statement runs, so an attempt hung on a dead connection (a
+    /// blackholed port answers nothing, not even a reset) must end well within
+    /// `max.poll.interval.ms`, or the consumer is evicted from its group.
+    fn gate_timeout(&self) -> Duration {
+        let max_poll_ms = self
+            .cfg
+            .kafka
+            .0
+            .get("max.poll.interval.ms")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(300_000);
+        Duration::from_millis(max_poll_ms / 3)
+            .clamp(Duration::from_secs(5), Duration::from_secs(60))
     }
 
     async fn idle(&self, d: Duration, stop: &CancellationToken) -> bool {
@@ -513,7 +584,8 @@ impl Gate {
             return self.dead_letter(rejected, stop).await;
         }
         for (msg, why) in rejected {
-            warn!(topic = msg.topic, partition = msg.partition, offset = msg.offset,
+            let (scope, event_id) = why.identity();
+            warn!(event_id, scope, topic = msg.topic, partition = msg.partition, offset = msg.offset,
                   reason = why.reason(), error = %why, "still no usable event id; left where it is");
         }
         Ok(())
@@ -546,17 +618,20 @@ impl Gate {
                             .dead_lettered
                             .with_label_values(&[why.reason()])
                             .inc();
-                        warn!(topic = msg.topic, partition = msg.partition, offset = msg.offset,
+                        let (scope, event_id) = why.identity();
+                        warn!(event_id, scope, topic = msg.topic, partition = msg.partition, offset = msg.offset,
                               reason = why.reason(), error = %why, "message dead-lettered");
                     }
                     Err((e, _)) if kafka::is_permanent_produce_error(&e) && !stripped[i] => {
-                        warn!(topic = msg.topic, partition = msg.partition, offset = msg.offset,
+                        let (scope, event_id) = why.identity();
+                        warn!(event_id, scope, topic = msg.topic, partition = msg.partition, offset = msg.offset,
                               error = %e, "dead-letter topic refused the message; sending it without its value");
                         stripped[i] = true;
                         failed.push(i);
                     }
                     Err((e, _)) => {
-                        error!(topic = msg.topic, partition = msg.partition, offset = msg.offset,
+                        let (scope, event_id) = why.identity();
+                        error!(event_id, scope, topic = msg.topic, partition = msg.partition, offset = msg.offset,
                                dlq_topic = self.cfg.dlq_topic, error = %e, "dead-letter produce failed; retrying");
                         failed.push(i);
                     }
@@ -685,8 +760,26 @@ impl Pipeline {
                     break;
                 }
             }
+            crash::reached(crash::Point::AfterDbCommit);
             self.store_offsets(&next);
+            if crash::armed(crash::Point::AfterOffsetCommit) {
+                let _ = self.consumer.commit_consumer_state(CommitMode::Sync);
+                crash::reached(crash::Point::AfterOffsetCommit);
+            }
             durable.extend(next);
+            if let Some((topic, partition, offset)) = self
+                .gate
+                .keepalive
+                .as_ref()
+                .and_then(|k| k.rewind_failure())
+            {
+                self.final_commit(&durable);
+                self.consumer.unsubscribe();
+                anyhow::bail!(
+                    "partition {topic}/{partition} could not be rewound to offset {offset} after the input was held; \
+                     stopping so that a restart re-reads it from its committed offset (nothing is lost)"
+                );
+            }
         }
         self.final_commit(&durable);
         self.consumer.unsubscribe();

@@ -79,13 +79,6 @@ pub async fn prune_round(
     metrics
         .prune_duration
         .observe(started.elapsed().as_secs_f64());
-    let oldest: Option<DateTime<Utc>> =
-        sqlx::query_scalar("SELECT min(first_seen_at) FROM processed_events")
-            .fetch_one(&mut *conn)
-            .await?;
-    metrics
-        .oldest_row_age
-        .set(oldest.map_or(0, |t| (Utc::now() - t).num_seconds().max(0)));
     Ok(total)
 }
 

@@ -42,6 +42,7 @@ pub struct Relay {
 #[derive(sqlx::FromRow)]
 struct OutboxRow {
     id: i64,
+    scope: String,
     event_id: String,
     source_topic: String,
     source_partition: i32,
@@ -161,7 +162,7 @@ impl Relay {
         loop {
             let stopping = stop.is_cancelled();
             let rows: Vec<OutboxRow> = match sqlx::query_as(
-                "SELECT id, event_id, source_topic, source_partition, source_offset, source_timestamp_ms, \
+                "SELECT id, scope, event_id, source_topic, source_partition, source_offset, source_timestamp_ms, \
                         created_at, key, value, headers \
                  FROM outbox ORDER BY id LIMIT $1",
             )
@@ -189,6 +190,7 @@ impl Relay {
             let full_round = rows.len() == self.cfg.relay_batch_size;
             let (acked, failed) = self.publish(&rows, partitions).await;
             if !acked.is_empty() {
+                crate::crash::reached(crate::crash::Point::RelayAfterAck);
                 if let Err(e) = sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
                     .bind(&acked)
                     .execute(&mut *conn)
@@ -211,8 +213,6 @@ impl Relay {
                 {
                     self.metrics.outbox_backlog.set(n);
                 }
-            } else if !full_round {
-                self.metrics.outbox_backlog.set(0);
             }
             if failed > 0 {
                 if stopping {
@@ -233,7 +233,9 @@ impl Relay {
             let input_headers = match headers::decode(&row.headers) {
                 Ok(h) => h,
                 Err(e) => {
-                    error!(event_id = row.event_id, outbox_id = row.id, error = %e,
+                    error!(event_id = row.event_id, scope = row.scope, topic = row.source_topic,
+                           partition = row.source_partition, offset = row.source_offset,
+                           outbox_id = row.id, error = %e,
                            "outbox row has corrupt headers; publishing without them");
                     Vec::new()
                 }
@@ -291,7 +293,9 @@ impl Relay {
                                 .poll(Timeout::After(Duration::from_millis(10)));
                             tokio::time::sleep(Duration::from_millis(5)).await;
                         } else {
-                            error!(event_id = row.event_id, error = %e, "produce to output topic refused");
+                            error!(event_id = row.event_id, scope = row.scope, topic = row.source_topic,
+                                   partition = row.source_partition, offset = row.source_offset,
+                                   error = %e, "produce to output topic refused");
                             deliveries.push(None);
                             break;
                         }
@@ -324,6 +328,7 @@ impl Relay {
                         .observe(secs);
                     debug!(
                         event_id = row.event_id,
+                        scope = row.scope,
                         topic = row.source_topic,
                         partition = row.source_partition,
                         offset = row.source_offset,
@@ -333,7 +338,7 @@ impl Relay {
                 Err(e) => {
                     failed += 1;
                     self.metrics.relay_failures.inc();
-                    warn!(event_id = row.event_id, topic = row.source_topic, partition = row.source_partition,
+                    warn!(event_id = row.event_id, scope = row.scope, topic = row.source_topic, partition = row.source_partition,
                           offset = row.source_offset, error = %e, "output produce failed; the row stays in the outbox");
                 }
             }

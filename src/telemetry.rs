@@ -10,9 +10,16 @@ pub fn init() {
     let filter = std::env::var("KDEDUP_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info".to_string());
-    // librdkafka's own log lines and sqlx's per-statement lines are noisy at info.
-    let filter = EnvFilter::try_new(format!("{filter},sqlx=warn"))
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    // sqlx's per-statement lines are noisy at info: quiet by default, but a filter that
+    // names sqlx itself (KDEDUP_LOG=info,sqlx=debug) wins, as it comes later.
+    let filter = match EnvFilter::try_new(format!("sqlx=warn,{filter}")) {
+        Ok(f) => f,
+        Err(e) => {
+            // Logging is not set up yet: say it on stderr, once, and carry on at info.
+            eprintln!("kdedup: KDEDUP_LOG/RUST_LOG {filter:?} is not a valid filter ({e}); logging at info. Example: KDEDUP_LOG=info,kdedup=debug");
+            EnvFilter::new("sqlx=warn,info")
+        }
+    };
     let json = match std::env::var("KDEDUP_LOG_FORMAT").as_deref() {
         Ok("json") => true,
         Ok("text") => false,

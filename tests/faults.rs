@@ -39,7 +39,7 @@ async fn postgres_outage_pauses_input_keeps_the_group_and_loses_nothing() {
         .set("KDEDUP_KAFKA_MAX_POLL_INTERVAL_MS", "10000")
         .set("KDEDUP_BATCH_SIZE", "100");
     let _ = std::fs::remove_file(log_dir().join("pgdown.log"));
-    let s = Sidecar::start(&cfg, "pgdown");
+    let mut s = Sidecar::start(&cfg, "pgdown");
     s.wait_ready(Duration::from_secs(60)).await;
     let first: Vec<In> = (0..300)
         .map(|i| In::event(i % 2, &format!("a-{i}"), i as u64))
@@ -61,7 +61,11 @@ async fn postgres_outage_pauses_input_keeps_the_group_and_loses_nothing() {
     let mut peak_rss = 0;
     while outage.elapsed() < Duration::from_secs(60) {
         peak_rss = peak_rss.max(rss_kib(s.child.id()));
-        assert!(s.child.id() > 0);
+        assert!(
+            matches!(s.child.try_wait(), Ok(None)),
+            "the sidecar exited during the outage; log:\n{}",
+            s.log_tail()
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(s.metric("kdedup_postgres_up"), 0.0);
@@ -142,14 +146,20 @@ async fn fuzzed_input_never_stops_a_partition_and_nothing_is_lost() {
     let mut msgs = Vec::new();
     let mut good = 0usize;
     let mut bad = 0usize;
+    // Where each bad message lands: one producer, in order, so offsets count up per partition.
+    let mut next_offset = [0i64; 3];
+    let mut bad_positions = std::collections::HashSet::new();
     for i in 0..3000usize {
         let p = (i % 3) as i32;
+        let offset = next_offset[p as usize];
+        next_offset[p as usize] += 1;
         if rng.random_bool(0.6) {
             msgs.push(In::event(p, &format!("f-{i}"), i as u64));
             good += 1;
             continue;
         }
         bad += 1;
+        bad_positions.insert((p, offset));
         let random: Vec<u8> = (0..rng.random_range(0..200))
             .map(|_| rng.random())
             .collect();
@@ -207,20 +217,29 @@ async fn fuzzed_input_never_stops_a_partition_and_nothing_is_lost() {
         msgs.push(m);
     }
     produce(&t.input, &msgs).await;
-    let s = Sidecar::start(
+    let mut s = Sidecar::start(
         &SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
             .set("KDEDUP_ID_FROM", "header:event-id,json:/id")
             .set("KDEDUP_MAX_MESSAGE_BYTES", "100000"),
         "fuzz",
     );
-    let pid = s.child.id();
     wait_until(Duration::from_secs(120), "all consumed and settled", || {
         s.metric("kdedup_events_consumed_total") as usize >= msgs.len()
             && s.metric("kdedup_events_forwarded_total") as usize >= good
             && s.metric("kdedup_events_dead_lettered_total") as usize >= bad
     })
     .await;
-    assert_eq!(s.child.id(), pid);
+    assert!(
+        matches!(s.child.try_wait(), Ok(None)),
+        "the sidecar exited; log:\n{}",
+        s.log_tail()
+    );
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    assert_eq!(
+        log.matches(r#""message":"consuming""#).count(),
+        1,
+        "the pipeline started more than once"
+    );
     assert!(
         s.get("/livez").is_some_and(|(c, _)| c == 200),
         "the process is alive"
@@ -233,6 +252,29 @@ async fn fuzzed_input_never_stops_a_partition_and_nothing_is_lost() {
     assert!(dlq
         .iter()
         .all(|m| m.header("kdedup-dlq-reason").is_some_and(|r| !r.is_empty())));
+    // Exactly the bad messages, each once, traced back to its own input position.
+    let dead_lettered: std::collections::HashSet<(i32, i64)> = dlq
+        .iter()
+        .map(|m| {
+            assert_eq!(m.header("kdedup-source-topic"), Some(t.input.as_str()));
+            (
+                m.header("kdedup-source-partition")
+                    .unwrap()
+                    .parse()
+                    .unwrap(),
+                m.header("kdedup-source-offset").unwrap().parse().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        dead_lettered.len(),
+        bad,
+        "a bad message dead-lettered twice"
+    );
+    assert_eq!(
+        dead_lettered, bad_positions,
+        "DLQ positions are the bad inputs'"
+    );
     assert_eq!(s.metric("kdedup_events_dead_lettered_total") as usize, bad);
     drop(s);
     drop_schema(&pg().await, &t.schema).await;

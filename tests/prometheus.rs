@@ -195,9 +195,14 @@ async fn sidecar_with_traffic(test: &str, distinct: usize) -> (Sidecar, Names, u
             .set("KDEDUP_BATCH_SIZE", "50"),
         test,
     );
+    // Consumption is counted when a batch starts, its duplicates and dead letters once
+    // it is durable: wait for every message to have its outcome, then check the exact
+    // counts (an over-count still fails below).
     wait_until(Duration::from_secs(90), "all traffic settled", || {
         sidecar.metric("kdedup_events_consumed_total") as usize >= total
             && sidecar.metric("kdedup_events_forwarded_total") as usize >= distinct
+            && sidecar.metric("kdedup_duplicates_total") as usize >= duplicates
+            && sidecar.metric("kdedup_events_dead_lettered_total") as usize >= 1
     })
     .await;
     assert_eq!(
