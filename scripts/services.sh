@@ -55,8 +55,16 @@ ensure_postgres() {
   exit 1
 }
 
+# Whether the installed tansu was built with the postgres storage engine (the broker
+# restart and chaos tests run a broker whose data survives its own restart). cargo records
+# each install's features in ~/.cargo/.crates2.json.
+tansu_has_postgres() {
+  local meta="${CARGO_HOME:-$HOME/.cargo}/.crates2.json"
+  [ -f "$meta" ] && grep -o "\"tansu $TANSU_VERSION [^}]*}" "$meta" | grep -q '"postgres"'
+}
+
 ensure_tansu_installed() {
-  if [ -x "$TANSU" ] && "$TANSU" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+  if [ -x "$TANSU" ] && "$TANSU" --version 2>/dev/null | grep -q "$TANSU_VERSION" && tansu_has_postgres; then
     return 0
   fi
   log "installing tansu $TANSU_VERSION (a Kafka-protocol broker; takes ~15 minutes once, then cached in ~/.cargo/bin)"

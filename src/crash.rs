@@ -72,6 +72,25 @@ pub fn reached(point: Point) {
 #[inline(always)]
 pub fn reached(_point: Point) {}
 
+/// With `KDEDUP_GATE_DELAY_MS=<ms>`, each gate transaction waits that long before its
+/// COMMIT: the rebalance test uses it to keep batches in flight while partitions move.
+#[cfg(feature = "crash-points")]
+pub async fn gate_delay() {
+    static DELAY: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let delay = *DELAY.get_or_init(|| {
+        std::env::var("KDEDUP_GATE_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    if let Some(ms) = delay {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+}
+
+#[cfg(not(feature = "crash-points"))]
+#[inline(always)]
+pub async fn gate_delay() {}
+
 #[cfg(feature = "crash-points")]
 fn armed_point() -> Option<(Point, u64)> {
     static ARMED: std::sync::OnceLock<Option<(Point, u64)>> = std::sync::OnceLock::new();

@@ -299,6 +299,7 @@ pub async fn gate(
         .bind(&dup_counts)
         .fetch_all(&mut *tx)
         .await?;
+    crate::crash::gate_delay().await;
     crate::crash::reached(crate::crash::Point::BeforeDbCommit);
     tx.commit().await?;
     debug_assert_eq!(result.len(), rows.len());
