@@ -117,8 +117,30 @@ async fn forwards_each_distinct_id_once_in_input_order() {
         n
     );
     assert_eq!(count(&pool, &t.schema, "outbox").await, 0);
+    assert_event_lines_carry_their_position(&sidecar);
     drop(sidecar);
     drop_schema(&pool, &t.schema).await;
+}
+
+/// Every JSON log line about an event (it has `event_id`) also says which scope and where
+/// it came from, so `grep event_id=X` finds the whole story of one event.
+fn assert_event_lines_carry_their_position(sidecar: &Sidecar) {
+    let log = std::fs::read_to_string(&sidecar.log).unwrap();
+    let mut event_lines = 0;
+    for line in log.lines() {
+        let Ok(doc) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if doc.get("event_id").is_none() {
+            continue;
+        }
+        event_lines += 1;
+        for field in ["scope", "topic", "partition", "offset"] {
+            assert!(doc.get(field).is_some(), "no {field} in: {line}");
+        }
+    }
+    // Debug level: one line per first sighting, duplicate and forward.
+    assert!(event_lines > 1000, "{event_lines} event lines in the log");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -226,8 +226,26 @@ async fn a_real_prometheus_scrapes_the_duplicate_count() {
             Duration::from_secs(60),
         )
         .await;
-    // The same scrape carries the rest of the picture.
+    // The same scrape carries the rest of the picture. Every duplicate here is an upstream
+    // one (sent again by the producer), none a redelivery or a replay.
     assert_eq!(prometheus.query("up{job=\"kdedup\"}"), Some(1.0));
+    assert_eq!(
+        prometheus.query("kdedup_duplicates_total{cause=\"upstream\"}"),
+        Some(duplicates as f64)
+    );
+    assert_eq!(
+        prometheus.query("kdedup_duplicates_total{cause=\"redelivery\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        prometheus.query(&format!(
+            "kdedup_build_info{{version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
+        )),
+        Some(1.0)
+    );
+    assert_eq!(prometheus.query("kdedup_postgres_up"), Some(1.0));
+    assert_eq!(prometheus.query("kdedup_outbox_backlog"), Some(0.0));
     assert_eq!(
         prometheus.query("sum(kdedup_events_forwarded_total)"),
         Some(300.0)
@@ -296,6 +314,54 @@ async fn promtool_finds_nothing_to_lint_in_metrics() {
         out.status.success() && report.trim().is_empty(),
         "promtool check metrics ({}):\n{report}",
         out.status
+    );
+    drop(sidecar);
+    drop_schema(&pg().await, &t.schema).await;
+}
+
+/// Creates `name` with `retention.ms` set, through the admin API.
+async fn create_topic_with_retention(name: &str, partitions: i32, retention_ms: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))
+                .set("retention.ms", retention_ms)],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create topic");
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ttl_shorter_than_the_input_retention_is_exported_and_warned_about() {
+    let t = names("ttl_retention");
+    // Seven days of retention, one hour of TTL: a redelivery after an hour slips through.
+    create_topic_with_retention(&t.input, 1, "604800000").await;
+    let sidecar = Sidecar::start(
+        &SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema).set("KDEDUP_TTL", "1h"),
+        "ttl_retention",
+    );
+    sidecar.wait_ready(Duration::from_secs(60)).await;
+    let retention = format!("kdedup_input_retention_seconds{{topic=\"{}\"}}", t.input);
+    assert_eq!(sidecar.metric(&retention), 604_800.0, "retention gauge");
+    assert_eq!(sidecar.metric("kdedup_ttl_seconds"), 3600.0, "TTL gauge");
+    let log = std::fs::read_to_string(&sidecar.log).unwrap();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("TTL is shorter than the input topic's retention"))
+        .unwrap_or_else(|| panic!("no start-up warning:\n{}", sidecar.log_tail()));
+    assert!(warning.contains(r#""level":"WARN""#), "{warning}");
+    assert!(
+        warning.contains("KDEDUP_TTL"),
+        "the warning names the fix: {warning}"
     );
     drop(sidecar);
     drop_schema(&pg().await, &t.schema).await;
