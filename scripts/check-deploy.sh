@@ -530,7 +530,15 @@ tests:
         values: '1x12'
       - series: 'kdedup_broker_up{job="orders/kdedup", instance="b"}'
         values: '1x12'
+      - series: 'kdedup_consumer_joined{job="orders/kdedup", instance="a"}'
+        values: '0x20'
+      - series: 'kdedup_consumer_joined{job="orders/kdedup", instance="b"}'
+        values: '0 0 1x18'
     alert_rule_test:
+      - eval_time: 15m
+        alertname: KdedupNotInGroup
+        exp_alerts:
+          - exp_labels: {severity: critical, job: orders/kdedup, instance: a}
       - eval_time: 10m
         alertname: KdedupPostgresDown
         exp_alerts:
