@@ -3,9 +3,174 @@
 
 mod common;
 
-use std::time::Duration;
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use common::*;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+use sqlx::Connection;
+
+/// The event ids of output messages, in the order read.
+fn output_ids(output: &[Out]) -> Vec<String> {
+    output
+        .iter()
+        .map(|m| {
+            m.header("kdedup-event-id")
+                .expect("every output message names its event id")
+                .to_string()
+        })
+        .collect()
+}
+
+/// Asserts that `output` holds each of `expected` exactly once, and nothing else.
+fn assert_exactly_once(output: &[Out], expected: &BTreeSet<String>) {
+    let ids = output_ids(output);
+    let distinct: BTreeSet<String> = ids.iter().cloned().collect();
+    assert_eq!(
+        ids.len(),
+        distinct.len(),
+        "an event reached the output twice"
+    );
+    let missing: Vec<_> = expected.difference(&distinct).collect();
+    let unexpected: Vec<_> = distinct.difference(expected).collect();
+    assert!(
+        missing.is_empty() && unexpected.is_empty(),
+        "missing from the output: {missing:?}; not expected there: {unexpected:?}"
+    );
+}
+
+fn id_set(prefix: &str, n: usize) -> BTreeSet<String> {
+    (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+/// Event ids recorded in the schema's gate table (none when the table does not exist).
+async fn gated(schema: &str) -> BTreeSet<String> {
+    let pool = pg().await;
+    let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+        .bind(format!("\"{schema}\".processed_events"))
+        .fetch_one(&pool)
+        .await
+        .expect("to_regclass");
+    if exists.is_none() {
+        return BTreeSet::new();
+    }
+    sqlx::query_scalar(&format!(
+        "SELECT event_id FROM \"{schema}\".processed_events"
+    ))
+    .fetch_all(&pool)
+    .await
+    .expect("read processed_events")
+    .into_iter()
+    .collect()
+}
+
+fn dlq_headers(input: &str, offset: i64, timestamp_ms: i64) -> Vec<(String, Vec<u8>)> {
+    vec![
+        ("kdedup-dlq-reason".into(), b"missing_id".to_vec()),
+        ("kdedup-source-topic".into(), input.as_bytes().to_vec()),
+        ("kdedup-source-partition".into(), b"0".to_vec()),
+        (
+            "kdedup-source-offset".into(),
+            offset.to_string().into_bytes(),
+        ),
+        (
+            "kdedup-source-timestamp".into(),
+            timestamp_ms.to_string().into_bytes(),
+        ),
+    ]
+}
+
+/// A `kdedup replay` child process whose output is collected while it runs.
+struct ReplayProcess {
+    child: Child,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl ReplayProcess {
+    fn spawn(cfg: &SidecarConfig, args: &[&str], env: &[(&str, &str)]) -> ReplayProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kdedup"))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(&cfg.env)
+            .env("KDEDUP_METRICS_ADDR", "127.0.0.1:0")
+            .env("KDEDUP_LOG", "warn")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kdedup replay");
+        let collect = |mut from: Box<dyn Read + Send>| {
+            let text = Arc::new(Mutex::new(String::new()));
+            let sink = text.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = from.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+            text
+        };
+        let stdout = collect(Box::new(child.stdout.take().unwrap()));
+        let stderr = collect(Box::new(child.stderr.take().unwrap()));
+        ReplayProcess {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits for the exit: (exit code, stdout, stderr). Kills it and fails after `timeout`.
+    async fn finish(mut self, timeout: Duration) -> (Option<i32>, String, String) {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait for kdedup replay") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "kdedup replay still running after {timeout:?}; stdout:\n{}\nstderr:\n{}",
+                    self.stdout.lock().unwrap(),
+                    self.stderr()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        // Let the reader threads drain the closed pipes.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let out = self.stdout.lock().unwrap().clone();
+        (status.code(), out, self.stderr())
+    }
+}
+
+impl Drop for ReplayProcess {
+    fn drop(&mut self) {
+        if self.running() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn replaying_the_whole_input_again_forwards_nothing() {
@@ -32,7 +197,7 @@ async fn replaying_the_whole_input_again_forwards_nothing() {
     assert_eq!(summary_value(&out, "forwarded"), 0, "{out}");
     assert_eq!(summary_value(&out, "duplicates"), 400, "{out}");
     let output = read_topic(&t.output, 400, Duration::from_secs(20));
-    assert_eq!(output.len(), 400, "nothing new reached the output topic");
+    assert_exactly_once(&output, &id_set("r", 400));
     drop(s);
     drop_schema(&pg().await, &t.schema).await;
 }
@@ -77,7 +242,7 @@ async fn replaying_the_dlq_after_a_fix_forwards_exactly_the_dead_lettered_events
     assert_eq!(summary_value(&again, "duplicates"), 30, "{again}");
 
     let output = read_topic(&t.output, 100, Duration::from_secs(20));
-    assert_eq!(output.len(), 100, "every event exactly once");
+    assert_exactly_once(&output, &id_set("d", 100));
     let replayed = output
         .iter()
         .find(|m| m.header("kdedup-event-id") == Some("d-0"))
@@ -95,32 +260,291 @@ async fn replaying_the_dlq_after_a_fix_forwards_exactly_the_dead_lettered_events
     drop_schema(&pg().await, &t.schema).await;
 }
 
+/// A dead-lettered event from 1970 (its original timestamp travels in the DLQ headers).
+fn event_from_1970(input: &str, id: &str, source_offset: i64) -> In {
+    let mut old = In::event(0, id, 0);
+    old.headers.extend(dlq_headers(input, source_offset, 1000));
+    old
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn events_older_than_the_ttl_are_refused_without_force() {
     let t = names("replay_old");
     create_topic(&t.input, 1).await;
+    create_topic(&t.output, 1).await;
+    produce(&t.input, &[event_from_1970(&t.input, "old-0", 99)]).await;
     produce(&t.input, &[In::event(0, "new-1", 1)]).await;
     let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema).set("KDEDUP_TTL", "1h");
-    // A dead-lettered event from 1970: its original timestamp travels in the DLQ headers.
-    let mut old = In::event(0, "old-2", 2);
-    old.headers
-        .push(("kdedup-source-topic".into(), t.input.clone().into_bytes()));
-    old.headers
-        .push(("kdedup-source-partition".into(), b"0".to_vec()));
-    old.headers
-        .push(("kdedup-source-offset".into(), b"99".to_vec()));
-    old.headers
-        .push(("kdedup-source-timestamp".into(), b"1000".to_vec()));
-    produce(&t.input, &[old]).await;
+
+    let (code, out, err) = kdedup_command(&cfg, &["replay", "--from-topic", &t.input]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        err.contains("older than the TTL")
+            && err.contains("--force")
+            && err.contains("Nothing was written")
+            && err.contains(&format!("{}/0/99", t.input)),
+        "{err}"
+    );
+    // A dry run with --force, on a schema nothing was ever written to.
+    let (code, dry, err) = kdedup_command(
+        &cfg,
+        &["replay", "--from-topic", &t.input, "--force", "--dry-run"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(summary_value(&dry, "would be forwarded"), 2, "{dry}");
+    assert!(
+        read_topic(&t.output, 0, Duration::from_secs(3)).is_empty(),
+        "a refused replay forwards nothing"
+    );
+    assert!(
+        gated(&t.schema).await.is_empty(),
+        "a refused replay records nothing"
+    );
+
+    let (code, out, err) = kdedup_command(&cfg, &["replay", "--from-topic", &t.input, "--force"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(summary_value(&out, "forwarded"), 2, "{out}");
+    let output = read_topic(&t.output, 2, Duration::from_secs(20));
+    assert_exactly_once(&output, &["old-0", "new-1"].map(String::from).into());
+    drop_schema(&pg().await, &t.schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_old_event_late_in_the_range_is_refused_before_earlier_ones_are_written() {
+    let t = names("replay_old_late");
+    create_topic(&t.input, 1).await;
+    create_topic(&t.output, 1).await;
+    let mut msgs: Vec<In> = (0..5)
+        .map(|i| In::event(0, &format!("new-{i}"), i))
+        .collect();
+    msgs.push(event_from_1970(&t.input, "old-5", 5));
+    produce(&t.input, &msgs).await;
+    // One event per gate transaction: a check made batch by batch would have forwarded
+    // the five new events before meeting the old one.
+    let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
+        .set("KDEDUP_TTL", "1h")
+        .set("KDEDUP_BATCH_SIZE", "1");
+
     let (code, out, err) = kdedup_command(&cfg, &["replay", "--from-topic", &t.input]);
     assert_eq!(code, Some(1), "{out}{err}");
     assert!(
         err.contains("older than the TTL") && err.contains("--force"),
         "{err}"
     );
-    let (code, out, err) = kdedup_command(&cfg, &["replay", "--from-topic", &t.input, "--force"]);
+    assert!(
+        read_topic(&t.output, 0, Duration::from_secs(3)).is_empty(),
+        "a refused replay forwards nothing"
+    );
+    assert!(
+        gated(&t.schema).await.is_empty(),
+        "a refused replay records nothing"
+    );
+    drop_schema(&pg().await, &t.schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stripped_dlq_record_is_skipped_and_reported_with_its_source_position() {
+    let t = names("replay_stripped");
+    create_topic(&t.input, 1).await;
+    create_topic(&t.dlq, 1).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    // A whole dead letter: the original value and headers, plus the DLQ headers.
+    let mut whole = In::event(0, "w-1", 1);
+    whole.headers.extend(dlq_headers(&t.input, 3, now));
+    // A stripped one: the DLQ topic refused it whole, so it was sent with its key and the
+    // DLQ headers only. Its key would yield an id, but the real event is not in it.
+    let mut stripped = In {
+        partition: Some(0),
+        key: Some(b"k-s-1".to_vec()),
+        value: None,
+        headers: dlq_headers(&t.input, 7, now),
+    };
+    stripped
+        .headers
+        .push(("kdedup-dlq-stripped".into(), b"true".to_vec()));
+    produce(&t.dlq, &[whole, stripped]).await;
+    let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
+        .set("KDEDUP_ID_FROM", "header:event-id,key");
+    let source = format!("{}/0/7", t.input);
+
+    let (code, out, err) = kdedup_command(&cfg, &["replay"]);
     assert_eq!(code, Some(0), "{err}");
-    assert_eq!(summary_value(&out, "forwarded"), 2, "{out}");
-    assert_eq!(read_topic(&t.output, 2, Duration::from_secs(20)).len(), 2);
+    assert_eq!(summary_value(&out, "read"), 2, "{out}");
+    assert_eq!(summary_value(&out, "forwarded"), 1, "{out}");
+    assert_eq!(
+        summary_value(&out, "skipped: stripped in the DLQ"),
+        1,
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("re-read it from its source position {source}")),
+        "{out}"
+    );
+    assert!(
+        err.contains("stripped in the DLQ") && err.contains(&source),
+        "a warning names the source position: {err}"
+    );
+
+    // A dry run now: nothing left to forward, and the stripped record is still reported.
+    let (code, dry, err) = kdedup_command(&cfg, &["replay", "--dry-run"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(summary_value(&dry, "would be forwarded"), 0, "{dry}");
+    assert_eq!(
+        summary_value(&dry, "skipped: stripped in the DLQ"),
+        1,
+        "{dry}"
+    );
+
+    let output = read_topic(&t.output, 1, Duration::from_secs(20));
+    assert_exactly_once(&output, &["w-1".to_string()].into());
+    assert_eq!(
+        output[0].json()["id"],
+        "w-1",
+        "the real event, with its value"
+    );
+    assert_eq!(
+        gated(&t.schema).await,
+        ["w-1".to_string()].into(),
+        "the stripped record's id is not recorded"
+    );
+    assert_eq!(
+        read_topic(&t.dlq, 2, Duration::from_secs(10)).len(),
+        2,
+        "replay writes nothing to the DLQ"
+    );
+    drop_schema(&pg().await, &t.schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_without_an_end_stops_at_the_end_listed_at_start_while_the_topic_grows() {
+    let t = names("replay_live");
+    create_topic(&t.input, 1).await;
+    produce(
+        &t.input,
+        &(0..50)
+            .map(|i| In::event(0, &format!("pre-{i}"), i))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema);
+    let mut replay = ReplayProcess::spawn(
+        &cfg,
+        &["replay", "--from-topic", &t.input],
+        &[("KDEDUP_LOG", "warn,kdedup::replay=info")],
+    );
+    wait_until(Duration::from_secs(30), "the replay range listed", || {
+        replay.stderr().contains("replay range listed")
+    })
+    .await;
+
+    // The topic keeps growing until the replay exits.
+    let producer = producer();
+    let mut live = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while replay.running() {
+        assert!(
+            Instant::now() < deadline,
+            "replay did not stop while the topic kept growing; stderr:\n{}",
+            replay.stderr()
+        );
+        let id = format!("live-{live}");
+        let hs = OwnedHeaders::new().insert(Header {
+            key: "event-id",
+            value: Some(id.as_bytes()),
+        });
+        let value = format!(r#"{{"id":"{id}"}}"#);
+        producer
+            .send(
+                FutureRecord::<str, str>::to(&t.input)
+                    .partition(0)
+                    .payload(&value)
+                    .headers(hs),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("live produce acknowledged");
+        live += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, out, err) = replay.finish(Duration::from_secs(5)).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(live > 0, "the topic grew while the replay ran");
+    assert_eq!(summary_value(&out, "read"), 50, "{out}");
+    assert_eq!(summary_value(&out, "forwarded"), 50, "{out}");
+    let output = read_topic(&t.output, 50, Duration::from_secs(20));
+    assert_exactly_once(&output, &id_set("pre", 50));
+    drop_schema(&pg().await, &t.schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_serves_its_duplicate_counts_on_metrics_while_it_runs() {
+    let t = names("replay_metrics");
+    create_topic(&t.input, 1).await;
+    produce(
+        &t.input,
+        &(0..5)
+            .map(|i| In::event(0, &format!("m-{i}"), i))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema);
+    // A first replay forwards the five events (no sidecar needed).
+    let (code, out, err) = kdedup_command(&cfg, &["replay", "--from-topic", &t.input]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(summary_value(&out, "forwarded"), 5, "{out}");
+    produce(
+        &t.input,
+        &(5..8)
+            .map(|i| In::event(0, &format!("m-{i}"), i))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+
+    // Hold the schema's relay lock, so the replay waits for its outbox to be published
+    // and can be scraped at that point.
+    let mut lock = sqlx::PgConnection::connect(&database_url())
+        .await
+        .expect("connect");
+    sqlx::query("SELECT pg_advisory_lock($1, hashtext('relay:' || $2))")
+        .bind(kdedup::db::ADVISORY_LOCK_CLASS)
+        .bind(&t.schema)
+        .execute(&mut lock)
+        .await
+        .expect("take the relay lock");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut replay = ReplayProcess::spawn(
+        &cfg,
+        &[
+            "replay",
+            "--from-topic",
+            &t.input,
+            "--serve-metrics",
+            "--publish-timeout",
+            "120s",
+        ],
+        &[("KDEDUP_METRICS_ADDR", addr.as_str())],
+    );
+    let scrape = || {
+        http_get(port, "/metrics")
+            .map(|(_, t)| t)
+            .unwrap_or_default()
+    };
+    wait_until(Duration::from_secs(60), "replay counts on /metrics", || {
+        let text = scrape();
+        metric_value(&text, "kdedup_duplicates_total{cause=\"replay\"}") == 5.0
+            && metric_value(&text, "kdedup_events_gated_total") == 3.0
+    })
+    .await;
+    assert!(replay.running(), "scraped while the replay runs");
+    lock.close().await.expect("release the relay lock");
+
+    let (code, out, err) = replay.finish(Duration::from_secs(60)).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(summary_value(&out, "read"), 8, "{out}");
+    assert_eq!(summary_value(&out, "forwarded"), 3, "{out}");
+    assert_eq!(summary_value(&out, "duplicates (cause=replay)"), 5, "{out}");
+    let output = read_topic(&t.output, 8, Duration::from_secs(20));
+    assert_exactly_once(&output, &id_set("m", 8));
     drop_schema(&pg().await, &t.schema).await;
 }
