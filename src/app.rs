@@ -228,8 +228,12 @@ async fn check_retention(cfg: &RunConfig, metrics: &Metrics) {
 /// them): table size estimate, outbox backlog and the age of its oldest row, and the age of
 /// the oldest gate row.
 async fn table_stats(pool: &PgPool, metrics: &Metrics) -> Result<(), sqlx::Error> {
+    // The statistics collector's live-tuple count follows inserts and deletes within a
+    // second or so; the planner's reltuples waits for the next ANALYZE (and is -1 on a
+    // table never analyzed), so it is only the fallback.
     let rows: Option<i64> = sqlx::query_scalar(
-        "SELECT greatest(c.reltuples, 0)::int8 FROM pg_class c
+        "SELECT greatest(coalesce(s.n_live_tup, c.reltuples::int8), 0)::int8
+         FROM pg_class c LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
          WHERE c.oid = to_regclass('processed_events')",
     )
     .fetch_optional(pool)

@@ -246,6 +246,14 @@ async fn a_real_prometheus_scrapes_the_duplicate_count() {
     );
     assert_eq!(prometheus.query("kdedup_postgres_up"), Some(1.0));
     assert_eq!(prometheus.query("kdedup_outbox_backlog"), Some(0.0));
+    // The table size is Postgres' live-row statistic, which trails commits by seconds.
+    prometheus
+        .wait_for_value(
+            "kdedup_processed_events_rows",
+            300.0,
+            Duration::from_secs(60),
+        )
+        .await;
     assert_eq!(
         prometheus.query("sum(kdedup_events_forwarded_total)"),
         Some(300.0)
