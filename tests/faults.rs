@@ -325,3 +325,133 @@ async fn same_id_with_a_different_payload_is_counted_and_dead_lettered_on_reques
     drop(s);
     drop_schema(&pg().await, &t.schema).await;
 }
+
+/// A TCP proxy that can *blackhole* Postgres: connections stay open but nothing crosses
+/// them, and new ones are accepted and never answered. Unlike a reset, this is what a
+/// dropped network path or a frozen server looks like: a query waits for ever.
+struct Blackhole {
+    port: u16,
+    frozen: tokio::sync::watch::Sender<bool>,
+}
+
+/// Waits until the frozen flag is `want` (the watch guard never outlives the call).
+async fn until_frozen(rx: &mut tokio::sync::watch::Receiver<bool>, want: bool) {
+    let _ = rx.wait_for(|frozen| *frozen == want).await;
+}
+
+impl Blackhole {
+    async fn start(target: std::net::SocketAddr) -> Blackhole {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (frozen, _) = tokio::sync::watch::channel(false);
+        let f = frozen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut rx = f.subscribe();
+                tokio::spawn(async move {
+                    let frozen_now = *rx.borrow_and_update();
+                    if frozen_now {
+                        // Held, never answered, dropped once the path is back.
+                        until_frozen(&mut rx, false).await;
+                        return;
+                    }
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = until_frozen(&mut rx, true) => {
+                            // Both sockets stay open and silent until the thaw.
+                            until_frozen(&mut rx, false).await;
+                        }
+                    }
+                });
+            }
+        });
+        Blackhole { port, frozen }
+    }
+
+    fn freeze(&self, frozen: bool) {
+        self.frozen.send_replace(frozen);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blackholed_postgres_keeps_the_group_and_sigterm_still_exits_cleanly() {
+    let t = names("pghang");
+    create_topic(&t.input, 2).await;
+    let hole = Blackhole::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = format!("postgres://postgres@127.0.0.1:{}/test", hole.port);
+    // max.poll.interval.ms 12 s: a gate attempt that waited on the dead connection for
+    // ever would get the consumer evicted; the attempt must give up after 5 s instead.
+    let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
+        .set("KDEDUP_DATABASE_URL", &url)
+        .set("KDEDUP_KAFKA_MAX_POLL_INTERVAL_MS", "12000")
+        .set("KDEDUP_BATCH_SIZE", "50");
+    let mut s = Sidecar::start(&cfg, "pghang");
+    s.wait_ready(Duration::from_secs(60)).await;
+    let first: Vec<In> = (0..200)
+        .map(|i| In::event(i % 2, &format!("h-{i}"), i as u64))
+        .collect();
+    produce(&t.input, &first).await;
+    wait_until(Duration::from_secs(60), "first wave forwarded", || {
+        s.metric("kdedup_events_forwarded_total") >= 200.0
+    })
+    .await;
+
+    hole.freeze(true);
+    let second: Vec<In> = (200..500)
+        .map(|i| In::event(i % 2, &format!("h-{i}"), i as u64))
+        .collect();
+    produce(&t.input, &second).await;
+    wait_until(Duration::from_secs(30), "readiness to drop", || !s.ready()).await;
+    // Longer than max.poll.interval.ms with Postgres silent.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    // Each attempt is given up (a connection that never answers, or a pool that cannot
+    // hand one out) and retried, several times over the hang.
+    let given_up = log
+        .matches("gate transaction failed; retrying the batch")
+        .count();
+    assert!(
+        given_up >= 2,
+        "the hung gate attempt was not given up and retried ({given_up}):\n{}",
+        s.log_tail()
+    );
+    assert!(
+        !log.contains("partitions revoked"),
+        "the consumer left its group while Postgres hung:\n{}",
+        s.log_tail()
+    );
+    // Kubernetes stops the pod in the middle of it: exit 0 within the drain deadline (5s).
+    let stopping = Instant::now();
+    assert_eq!(
+        s.sigterm(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        s.log_tail()
+    );
+    assert!(
+        stopping.elapsed() < Duration::from_secs(8),
+        "drain took {:?}",
+        stopping.elapsed()
+    );
+
+    hole.freeze(false);
+    let s2 = Sidecar::start(&cfg, "pghang_second");
+    wait_until(
+        Duration::from_secs(90),
+        "everything forwarded after the hang",
+        || {
+            s2.metric("kdedup_events_forwarded_total") + s.metric("kdedup_events_forwarded_total")
+                >= 500.0
+                || read_topic(&t.output, 500, Duration::from_secs(2)).len() >= 500
+        },
+    )
+    .await;
+    let out = read_topic(&t.output, 500, Duration::from_secs(30));
+    assert_once(&out, 500);
+    assert_eq!(out.len(), 500);
+    drop(s2);
+    drop_schema(&pg().await, &t.schema).await;
+}
