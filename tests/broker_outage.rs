@@ -1,6 +1,7 @@
-//! A broker outage, on librdkafka's mock cluster (the in-memory test broker would lose its
-//! topics on restart): the relay and the consumer resume, nothing is lost, nothing is
-//! forwarded twice.
+//! A broker outage injected with librdkafka's mock cluster (`broker_down`/`broker_up`:
+//! every connection drops, the broker keeps its log): the relay and the consumer resume,
+//! nothing is lost, nothing is forwarded twice. `tests/broker_restart.rs` is the real
+//! thing: a tansu of its own, with Postgres storage, SIGKILLed and started again.
 
 mod common;
 
