@@ -14,7 +14,7 @@ use rdkafka::producer::FutureProducer;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::admin::{self, Health};
 use crate::config::RunConfig;
@@ -92,6 +92,10 @@ pub async fn run(
         }),
     )?);
 
+    // Stopped by the caller (a signal) or by a fatal Kafka client error found by the
+    // health checks: the same drain either way, but the second ends in an error exit.
+    let consume_stop = stop.child_token();
+    let fatal: Arc<std::sync::Mutex<Option<String>>> = Default::default();
     let checks_stop = CancellationToken::new();
     let checks = tokio::spawn(health_checks(
         pool.clone(),
@@ -100,6 +104,10 @@ pub async fn run(
         health.clone(),
         metrics.clone(),
         checks_stop.clone(),
+        Fatal {
+            reason: fatal.clone(),
+            stop: consume_stop.clone(),
+        },
     ));
 
     let pruner = cfg.prune.clone().map(|settings| {
@@ -136,7 +144,7 @@ pub async fn run(
         },
         consumer: consumer.clone(),
     };
-    let result = pipeline.run(stop.clone()).await;
+    let result = pipeline.run(consume_stop).await;
     info!("consumer stopped");
     // Dropping the last handle closes the consumer: it leaves the group at once instead
     // of waiting for the session to time out.
@@ -153,7 +161,20 @@ pub async fn run(
     admin_stop.cancel();
     let _ = admin_task.await;
     pool.close().await;
+    if let Some(reason) = fatal.lock().expect("fatal lock").take() {
+        anyhow::bail!(
+            "the Kafka producer failed for good ({reason}); exiting so that a restart brings a new one. \
+             Nothing is lost: offsets only cover durable work, and the outbox keeps what was not relayed"
+        );
+    }
     result
+}
+
+/// Where the health checks report a fatal Kafka client error: the reason, and the stop
+/// token of the consumer so that the process drains and exits.
+struct Fatal {
+    reason: Arc<std::sync::Mutex<Option<String>>>,
+    stop: CancellationToken,
 }
 
 /// Retries `op` with backoff until it succeeds (true) or `stop` fires (false).
@@ -277,6 +298,7 @@ async fn health_checks(
     health: Arc<Health>,
     metrics: Metrics,
     stop: CancellationToken,
+    fatal: Fatal,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
@@ -320,5 +342,16 @@ async fn health_checks(
             }
         }
         metrics.broker_up.set(broker as i64);
+
+        // An idempotent producer that hit a fatal error (fenced, out-of-order sequence)
+        // fails every later produce: dead letters and the relay would retry for ever.
+        // librdkafka cannot recover it; a new process can.
+        use rdkafka::producer::Producer;
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            error!(code = ?code, reason, "kafka producer hit a fatal error; stopping so that the process restarts");
+            *fatal.reason.lock().expect("fatal lock") = Some(format!("{code:?}: {reason}"));
+            fatal.stop.cancel();
+            return;
+        }
     }
 }

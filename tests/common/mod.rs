@@ -279,9 +279,22 @@ impl Sidecar {
     pub fn start(cfg: &SidecarConfig, name: &str) -> Sidecar {
         let port = free_port();
         let log = log_dir().join(format!("{name}.log"));
+        // The first start of a name in this test run truncates what an earlier run left
+        // (tests read these logs); later starts of the same name append to it.
+        static STARTED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        let first_start = {
+            let mut started = STARTED.lock().unwrap();
+            let first = !started.iter().any(|n| n == name);
+            if first {
+                started.push(name.to_string());
+            }
+            first
+        };
         let file = std::fs::OpenOptions::new()
             .create(true)
-            .append(true)
+            .append(!first_start)
+            .write(true)
+            .truncate(first_start)
             .open(&log)
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_kdedup"))
