@@ -762,6 +762,8 @@ impl Pipeline {
             }
             crash::reached(crash::Point::AfterDbCommit);
             self.store_offsets(&next);
+            // That crash point is about offsets the coordinator has, not only stored ones
+            // (auto-commit sends those within a second): commit them first.
             if crash::armed(crash::Point::AfterOffsetCommit) {
                 let _ = self.consumer.commit_consumer_state(CommitMode::Sync);
                 crash::reached(crash::Point::AfterOffsetCommit);
