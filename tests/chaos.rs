@@ -33,8 +33,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use rand::{Rng, SeedableRng};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::ClientConfig;
 
 const KILLS: usize = 12;
@@ -51,38 +50,10 @@ async fn produce_resilient(p: &FutureProducer, topic: &str, msgs: &[In]) -> usiz
     let mut pending: Vec<&In> = msgs.iter().collect();
     let mut repeated = 0;
     loop {
-        let mut deliveries = Vec::with_capacity(pending.len());
-        for m in &pending {
-            let mut hs = OwnedHeaders::new();
-            for (k, v) in &m.headers {
-                hs = hs.insert(Header {
-                    key: k,
-                    value: Some(v),
-                });
-            }
-            let mut r: FutureRecord<'_, Vec<u8>, Vec<u8>> = FutureRecord::to(topic).headers(hs);
-            if let Some(part) = m.partition {
-                r = r.partition(part);
-            }
-            if let Some(k) = &m.key {
-                r = r.key(k);
-            }
-            if let Some(v) = &m.value {
-                r = r.payload(v);
-            }
-            loop {
-                match p.send_result(r) {
-                    Ok(d) => {
-                        deliveries.push((*m, d));
-                        break;
-                    }
-                    Err((_, back)) => {
-                        r = back;
-                        p.poll(Duration::from_millis(10));
-                    }
-                }
-            }
-        }
+        let deliveries: Vec<_> = pending
+            .iter()
+            .map(|m| (*m, send_waiting(p, record(topic, m))))
+            .collect();
         let mut failed = Vec::new();
         for (m, d) in deliveries {
             if !matches!(d.await, Ok(Ok(_))) {
@@ -275,7 +246,7 @@ async fn wait_resumed(s: &Sidecar, timeout: Duration) -> Option<Duration> {
 /// producer epoch the request carries (`tansu-storage` `pg.rs`, `idempotent_message_check`:
 /// `producer_select_for_update.sql` returns no row). librdkafka bumps an idempotent
 /// producer's epoch locally after a produce whose outcome it cannot know; tansu 0.6.0
-/// never learns of the new epoch (its `init_producer` has `todo!()` for a bump).
+/// never learns of the new epoch (its `init_producer` does not implement an epoch bump).
 fn tansu_rejected_epoch_bump(broker: &Tansu) -> bool {
     let log = std::fs::read_to_string(&broker.log).unwrap_or_default();
     log.lines()

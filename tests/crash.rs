@@ -183,32 +183,6 @@ async fn relay_crash_between_ack_and_delete_republishes_only_recognisable_repeat
     assert_eq!(o.output_len, 400 + r);
 }
 
-/// Committed offsets of `group` on `topic`, per partition (-1: none committed), read with
-/// OffsetFetch by a client that does not join the group.
-fn committed(group: &str, topic: &str, partitions: i32) -> Vec<i64> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
-    }
-    let got = c
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .expect("committed offsets");
-    (0..partitions)
-        .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
-            Some(Offset::Offset(o)) => o,
-            _ => -1,
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn rebalance_mid_batch_never_commits_past_unfinished_work() {
     let t = names("rebalance_mid_batch");
@@ -243,9 +217,10 @@ async fn rebalance_mid_batch_never_commits_past_unfinished_work() {
         let mut checks = 0usize;
         while !watch_stop.is_cancelled() {
             let (g, i) = (group.clone(), input.clone());
-            let offsets = tokio::task::spawn_blocking(move || committed(&g, &i, 4))
-                .await
-                .unwrap();
+            let offsets =
+                tokio::task::spawn_blocking(move || committed_offsets_on(&brokers(), &g, &i, 4))
+                    .await
+                    .unwrap();
             // Rows below each committed offset: all of them must be there.
             let parts: Vec<i32> = (0..4).collect();
             let durable: Vec<(i32, i64, i64)> = sqlx::query_as(&format!(

@@ -326,61 +326,11 @@ async fn same_id_with_a_different_payload_is_counted_and_dead_lettered_on_reques
     drop_schema(&pg().await, &t.schema).await;
 }
 
-/// A TCP proxy that can *blackhole* Postgres: connections stay open but nothing crosses
-/// them, and new ones are accepted and never answered. Unlike a reset, this is what a
-/// dropped network path or a frozen server looks like: a query waits for ever.
-struct Blackhole {
-    port: u16,
-    frozen: tokio::sync::watch::Sender<bool>,
-}
-
-/// Waits until the frozen flag is `want` (the watch guard never outlives the call).
-async fn until_frozen(rx: &mut tokio::sync::watch::Receiver<bool>, want: bool) {
-    let _ = rx.wait_for(|frozen| *frozen == want).await;
-}
-
-impl Blackhole {
-    async fn start(target: std::net::SocketAddr) -> Blackhole {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (frozen, _) = tokio::sync::watch::channel(false);
-        let f = frozen.clone();
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let mut rx = f.subscribe();
-                tokio::spawn(async move {
-                    let frozen_now = *rx.borrow_and_update();
-                    if frozen_now {
-                        // Held, never answered, dropped once the path is back.
-                        until_frozen(&mut rx, false).await;
-                        return;
-                    }
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = until_frozen(&mut rx, true) => {
-                            // Both sockets stay open and silent until the thaw.
-                            until_frozen(&mut rx, false).await;
-                        }
-                    }
-                });
-            }
-        });
-        Blackhole { port, frozen }
-    }
-
-    fn freeze(&self, frozen: bool) {
-        self.frozen.send_replace(frozen);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_blackholed_postgres_keeps_the_group_and_sigterm_still_exits_cleanly() {
     let t = names("pghang");
     create_topic(&t.input, 2).await;
-    let hole = Blackhole::start("127.0.0.1:5432".parse().unwrap()).await;
+    let hole = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
     let url = format!("postgres://postgres@127.0.0.1:{}/test", hole.port);
     // max.poll.interval.ms 12 s: a gate attempt that waited on the dead connection for
     // ever would get the consumer evicted; the attempt must give up after 5 s instead.
@@ -399,7 +349,7 @@ async fn a_blackholed_postgres_keeps_the_group_and_sigterm_still_exits_cleanly()
     })
     .await;
 
-    hole.freeze(true);
+    hole.set_silent(true);
     let second: Vec<In> = (200..500)
         .map(|i| In::event(i % 2, &format!("h-{i}"), i as u64))
         .collect();
@@ -437,7 +387,7 @@ async fn a_blackholed_postgres_keeps_the_group_and_sigterm_still_exits_cleanly()
         stopping.elapsed()
     );
 
-    hole.freeze(false);
+    hole.set_silent(false);
     let s2 = Sidecar::start(&cfg, "pghang_second");
     wait_until(
         Duration::from_secs(90),

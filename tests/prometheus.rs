@@ -327,32 +327,11 @@ async fn promtool_finds_nothing_to_lint_in_metrics() {
     drop_schema(&pg().await, &t.schema).await;
 }
 
-/// Creates `name` with `retention.ms` set, through the admin API.
-async fn create_topic_with_retention(name: &str, partitions: i32, retention_ms: &str) {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
-    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .expect("admin client");
-    let results = admin
-        .create_topics(
-            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))
-                .set("retention.ms", retention_ms)],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .expect("create topic");
-    for r in results {
-        r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_ttl_shorter_than_the_input_retention_is_exported_and_warned_about() {
     let t = names("ttl_retention");
     // Seven days of retention, one hour of TTL: a redelivery after an hour slips through.
-    create_topic_with_retention(&t.input, 1, "604800000").await;
+    create_topic_with(&brokers(), &t.input, 1, &[("retention.ms", "604800000")]).await;
     let sidecar = Sidecar::start(
         &SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema).set("KDEDUP_TTL", "1h"),
         "ttl_retention",

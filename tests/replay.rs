@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::io::Read;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -93,11 +93,7 @@ struct ReplayProcess {
 
 impl ReplayProcess {
     fn spawn(cfg: &SidecarConfig, args: &[&str], env: &[(&str, &str)]) -> ReplayProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kdedup"))
-            .args(args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(&cfg.env)
+        let mut child = kdedup(cfg, args)
             .env("KDEDUP_METRICS_ADDR", "127.0.0.1:0")
             .env("KDEDUP_LOG", "warn")
             .envs(env.iter().copied())

@@ -34,29 +34,20 @@ pub fn unique(prefix: &str) -> String {
 }
 
 pub async fn create_topic(name: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .expect("admin client");
-    let results = admin
-        .create_topics(
-            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .expect("create topic");
-    for r in results {
-        r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
-    }
+    create_topic_on(&brokers(), name, partitions).await
 }
 
 pub fn producer() -> FutureProducer {
+    producer_on(&brokers())
+}
+
+pub fn producer_on(brokers: &str) -> FutureProducer {
     // One message per record batch: tansu 0.6 answers a fetch that starts inside a record
     // batch with nothing, so a consumer resuming mid-batch (after a rebalance, a pause or a
     // seek) would wait forever. Real Kafka serves such fetches; the tests keep every offset
     // a batch start so that they exercise kdedup, not that broker limitation.
     ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set("linger.ms", "0")
         .set("batch.num.messages", "1")
         .create()
@@ -86,43 +77,45 @@ impl In {
 
 /// Produces `msgs` in order and waits for every acknowledgement.
 pub async fn produce(topic: &str, msgs: &[In]) {
-    let p = producer();
-    let mut deliveries = Vec::with_capacity(msgs.len());
-    for m in msgs {
-        let mut hs = OwnedHeaders::new();
-        for (k, v) in &m.headers {
-            hs = hs.insert(Header {
-                key: k,
-                value: Some(v),
-            });
-        }
-        let mut r: FutureRecord<'_, Vec<u8>, Vec<u8>> = FutureRecord::to(topic).headers(hs);
-        if let Some(p) = m.partition {
-            r = r.partition(p);
-        }
-        if let Some(k) = &m.key {
-            r = r.key(k);
-        }
-        if let Some(v) = &m.value {
-            r = r.payload(v);
-        }
-        loop {
-            match p.send_result(r) {
-                Ok(d) => {
-                    deliveries.push(d);
-                    break;
-                }
-                Err((_, back)) => {
-                    r = back;
-                    p.poll(Duration::from_millis(10));
-                }
+    produce_on(&brokers(), topic, msgs).await
+}
+
+/// The record for `m` on `topic`.
+pub fn record<'a>(topic: &'a str, m: &'a In) -> FutureRecord<'a, Vec<u8>, Vec<u8>> {
+    let mut hs = OwnedHeaders::new();
+    for (k, v) in &m.headers {
+        hs = hs.insert(Header {
+            key: k,
+            value: Some(v),
+        });
+    }
+    let mut r = FutureRecord::to(topic).headers(hs);
+    if let Some(p) = m.partition {
+        r = r.partition(p);
+    }
+    if let Some(k) = &m.key {
+        r = r.key(k);
+    }
+    if let Some(v) = &m.value {
+        r = r.payload(v);
+    }
+    r
+}
+
+/// Enqueues `r`, waiting while the producer's queue is full.
+pub fn send_waiting<'a>(
+    p: &FutureProducer,
+    mut r: FutureRecord<'a, Vec<u8>, Vec<u8>>,
+) -> rdkafka::producer::DeliveryFuture {
+    loop {
+        match p.send_result(r) {
+            Ok(d) => return d,
+            Err((_, back)) => {
+                r = back;
+                p.poll(Duration::from_millis(10));
             }
         }
     }
-    for d in deliveries {
-        d.await.expect("delivery").expect("produce acknowledged");
-    }
-    p.flush(Duration::from_secs(10)).expect("flush");
 }
 
 /// A message read back from a topic.
@@ -158,56 +151,7 @@ pub fn partition_count(topic: &str) -> i32 {
 /// Reads `topic` from the beginning until at least `expect` messages arrived and no more
 /// came for a second, or `timeout` passed.
 pub fn read_topic(topic: &str, expect: usize, timeout: Duration) -> Vec<Out> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", unique("reader"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partition_count(topic) {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .unwrap();
-    }
-    c.assign(&tpl).expect("assign");
-    let deadline = Instant::now() + timeout;
-    let mut out = Vec::new();
-    let mut last = Instant::now();
-    while Instant::now() < deadline {
-        match c.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                last = Instant::now();
-                let headers = m
-                    .headers()
-                    .map(|hs| {
-                        hs.iter()
-                            .map(|h| {
-                                (
-                                    h.key.to_string(),
-                                    String::from_utf8_lossy(h.value.unwrap_or_default())
-                                        .into_owned(),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                out.push(Out {
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().map(<[u8]>::to_vec),
-                    value: m.payload().map(<[u8]>::to_vec),
-                    headers,
-                });
-            }
-            Some(Err(e)) => panic!("read {topic}: {e}"),
-            None => {
-                if out.len() >= expect && last.elapsed() > Duration::from_secs(1) {
-                    break;
-                }
-            }
-        }
-    }
-    out
+    read_topic_on(&brokers(), topic, expect, timeout)
 }
 
 /// Polls `f` until it returns true or `timeout` passes.
@@ -297,11 +241,7 @@ impl Sidecar {
             .truncate(first_start)
             .open(&log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kdedup"))
-            .arg("run")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(&cfg.env)
+        let child = kdedup(cfg, &["run"])
             .env("KDEDUP_METRICS_ADDR", format!("127.0.0.1:{port}"))
             .stdout(Stdio::from(file.try_clone().unwrap()))
             .stderr(Stdio::from(file))
@@ -456,13 +396,19 @@ pub fn names(test: &str) -> Names {
     }
 }
 
-/// Runs a one-shot `kdedup <args>` with the sidecar's environment; (exit code, stdout, stderr).
-pub fn kdedup_command(cfg: &SidecarConfig, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kdedup"))
-        .args(args)
+/// `kdedup <args>` with exactly `cfg`'s environment (and PATH), not yet started.
+pub fn kdedup(cfg: &SidecarConfig, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kdedup"));
+    c.args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(&cfg.env)
+        .envs(&cfg.env);
+    c
+}
+
+/// Runs a one-shot `kdedup <args>` with the sidecar's environment; (exit code, stdout, stderr).
+pub fn kdedup_command(cfg: &SidecarConfig, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = kdedup(cfg, args)
         .env("KDEDUP_METRICS_ADDR", "127.0.0.1:0")
         .env("KDEDUP_LOG", "warn")
         .output()
@@ -482,58 +428,78 @@ pub fn summary_value(text: &str, label: &str) -> usize {
         .unwrap_or_else(|| panic!("no {label:?} line in:\n{text}"))
 }
 
-/// A TCP proxy in front of a service, that a test can cut (every open connection is
-/// closed, new ones are refused) and restore: a Postgres outage without stopping the
-/// Postgres other tests share.
+/// What a [`Proxy`] does with the traffic to its service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    Up,
+    /// Open connections are closed, new ones refused: a server that went away.
+    Down,
+    /// Open connections stay open and silent, new ones are accepted and never answered:
+    /// a dropped network path or a frozen server, where a query waits for ever.
+    Silent,
+}
+
+/// A TCP proxy in front of a service, whose path a test can take down or silence and
+/// restore: a Postgres outage without stopping the Postgres other tests share.
 pub struct Proxy {
     pub port: u16,
-    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    cut: tokio::sync::watch::Sender<u64>,
+    path: tokio::sync::watch::Sender<Path>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Waits until the proxy's path satisfies `f` (the watch guard never outlives the call).
+async fn path_until(rx: &mut tokio::sync::watch::Receiver<Path>, f: impl Fn(Path) -> bool) {
+    let _ = rx.wait_for(|p| f(*p)).await;
 }
 
 impl Proxy {
     pub async fn start(target: std::net::SocketAddr) -> Proxy {
-        use std::sync::atomic::Ordering;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (cut, _) = tokio::sync::watch::channel(0u64);
-        let (d, c) = (down.clone(), cut.clone());
+        let (path, _) = tokio::sync::watch::channel(Path::Up);
+        let state = path.clone();
         let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    return;
-                };
-                if d.load(Ordering::Acquire) {
-                    drop(inbound);
-                    continue;
-                }
-                let mut cut_rx = c.subscribe();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut_rx.changed() => {}
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut rx = state.subscribe();
+                let now = *rx.borrow_and_update();
+                match now {
+                    Path::Down => drop(inbound),
+                    // Held, never answered, closed once the path is back.
+                    Path::Silent => {
+                        tokio::spawn(async move {
+                            path_until(&mut rx, |p| p != Path::Silent).await;
+                            drop(inbound);
+                        });
                     }
-                });
+                    Path::Up => {
+                        tokio::spawn(async move {
+                            let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await
+                            else {
+                                return;
+                            };
+                            tokio::select! {
+                                _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                                _ = path_until(&mut rx, |p| p != Path::Up) => {
+                                    // Silent: both sockets stay open until the path changes.
+                                    path_until(&mut rx, |p| p != Path::Silent).await;
+                                }
+                            }
+                        });
+                    }
+                }
             }
         });
-        Proxy {
-            port,
-            down,
-            cut,
-            task,
-        }
+        Proxy { port, path, task }
     }
 
     pub fn set_down(&self, down: bool) {
-        self.down.store(down, std::sync::atomic::Ordering::Release);
-        if down {
-            self.cut.send_modify(|n| *n += 1);
-        }
+        self.path
+            .send_replace(if down { Path::Down } else { Path::Up });
+    }
+
+    pub fn set_silent(&self, silent: bool) {
+        self.path
+            .send_replace(if silent { Path::Silent } else { Path::Up });
     }
 }
 
@@ -944,13 +910,27 @@ impl Drop for Tansu {
 
 /// `create_topic` against the given brokers.
 pub async fn create_topic_on(brokers: &str, name: &str, partitions: i32) {
+    create_topic_with(brokers, name, partitions, &[]).await
+}
+
+/// Creates `name` through the admin API with topic-level `config` (e.g. `retention.ms`).
+pub async fn create_topic_with(
+    brokers: &str,
+    name: &str,
+    partitions: i32,
+    config: &[(&str, &str)],
+) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
         .expect("admin client");
+    let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    for (k, v) in config {
+        topic = topic.set(k, v);
+    }
     let results = admin
         .create_topics(
-            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &[topic],
             &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
         )
         .await
@@ -963,44 +943,11 @@ pub async fn create_topic_on(brokers: &str, name: &str, partitions: i32) {
 /// `produce` against the given brokers (one message per record batch, as `producer()`).
 /// Waits for every acknowledgement, however long the broker is away.
 pub async fn produce_on(brokers: &str, topic: &str, msgs: &[In]) {
-    let p: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("linger.ms", "0")
-        .set("batch.num.messages", "1")
-        .create()
-        .expect("producer");
-    let mut deliveries = Vec::with_capacity(msgs.len());
-    for m in msgs {
-        let mut hs = OwnedHeaders::new();
-        for (k, v) in &m.headers {
-            hs = hs.insert(Header {
-                key: k,
-                value: Some(v),
-            });
-        }
-        let mut r: FutureRecord<'_, Vec<u8>, Vec<u8>> = FutureRecord::to(topic).headers(hs);
-        if let Some(p) = m.partition {
-            r = r.partition(p);
-        }
-        if let Some(k) = &m.key {
-            r = r.key(k);
-        }
-        if let Some(v) = &m.value {
-            r = r.payload(v);
-        }
-        loop {
-            match p.send_result(r) {
-                Ok(d) => {
-                    deliveries.push(d);
-                    break;
-                }
-                Err((_, back)) => {
-                    r = back;
-                    p.poll(Duration::from_millis(10));
-                }
-            }
-        }
-    }
+    let p = producer_on(brokers);
+    let deliveries: Vec<_> = msgs
+        .iter()
+        .map(|m| send_waiting(&p, record(topic, m)))
+        .collect();
     for d in deliveries {
         d.await.expect("delivery").expect("produce acknowledged");
     }
