@@ -8,11 +8,17 @@
 # from source by rdkafka-sys), and distroless cc-debian12 runs it: glibc, libgcc, CA
 # certificates and a `nonroot` user (uid 65532), no shell, no package manager.
 #
-# Shared libraries: librdkafka is built with the `ssl` feature and links OpenSSL 3 dynamically,
-# and zlib (libz.so.1) through libz-sys. cc-debian12 ships libssl3 but not zlib, so libssl,
-# libcrypto and libz are all copied from the builder; both stages are Debian 12, so these are
-# the very libraries the binary was linked against. The builder stage fails if the binary
-# needs any other library that the runtime image lacks.
+# Shared libraries: rdkafka's features are `ssl` and (by default) `libz`. librdkafka is built
+# from source and linked statically, with its built-in lz4; zstd, curl and GSSAPI (cyrus-sasl)
+# are off (so no OAUTHBEARER OIDC nor Kerberos), and SASL PLAIN and SCRAM need nothing more
+# than OpenSSL. openssl-sys is not vendored, so OpenSSL 3 (libssl.so.3, libcrypto.so.3) is
+# linked dynamically, and libz-sys links the system zlib (libz.so.1) dynamically because
+# zlib1g-dev is installed.
+# cc-debian12 ships libssl3 but not zlib, so libssl, libcrypto and libz are all copied from
+# the builder; both stages are Debian 12, so these are the very libraries the binary was
+# linked against. The builder stage fails if the binary needs any other library that the
+# runtime image lacks. scripts/check-image-runtime.sh runs the same check, and the binary as
+# uid 65532 on a read-only root with only these libraries, without a Docker engine.
 
 ARG RUST_IMAGE=rust:1-bookworm
 ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
@@ -35,11 +41,14 @@ ENV SQLX_OFFLINE=true
 
 # The cache mounts keep the crates.io download and incremental artifacts across builds; the
 # binary is copied out of the cached target/ because cache mounts are not part of the image.
+# The release profile keeps line tables (debug = 1, for profiling); the image drops them
+# but keeps the symbol table, so backtraces still name functions.
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
     cargo build --release --locked --bin kdedup \
- && install -D -m 0755 target/release/kdedup /out/usr/local/bin/kdedup
+ && install -D -m 0755 target/release/kdedup /out/usr/local/bin/kdedup \
+ && strip --strip-debug /out/usr/local/bin/kdedup
 
 RUN set -eu; \
     multiarch="$(gcc -print-multiarch)"; \

@@ -4,7 +4,7 @@
 //! ```text
 //! for each message:
 //!     BEGIN
-//!     SELECT 1 FROM processed_events WHERE scope = $1 AND event_id = $2 AND expires_at > now()
+//!     SELECT 1 FROM processed_events WHERE event_key = event_key($1, $2) AND expires_at > now()
 //!     if not seen:
 //!         INSERT INTO processed_events ...
 //!         INSERT INTO outbox ...                         (--forward outbox, the default)
@@ -158,7 +158,7 @@ async fn main() -> anyhow::Result<()> {
 
         let mut tx = pool.begin().await?;
         let seen: Option<i32> = sqlx::query_scalar(
-            "SELECT 1 FROM processed_events WHERE scope = $1 AND event_id = $2 AND expires_at > now()",
+            "SELECT 1 FROM processed_events WHERE event_key = event_key($1, $2) AND expires_at > now()",
         )
         .bind(&args.scope)
         .bind(&event_id)
@@ -168,10 +168,11 @@ async fn main() -> anyhow::Result<()> {
             duplicates += 1;
         } else {
             sqlx::query(
-                "INSERT INTO processed_events (scope, event_id, source_topic, source_partition,
-                     source_offset, payload_hash, first_seen_at, expires_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, now(), now() + make_interval(secs => $7))
-                 ON CONFLICT (scope, event_id) DO UPDATE SET expires_at = EXCLUDED.expires_at",
+                "INSERT INTO processed_events (event_key, scope, event_id, source_topic,
+                     source_partition, source_offset, payload_hash, first_seen_at, expires_at)
+                 VALUES (event_key($1, $2), $1, $2, $3, $4, $5, $6, now(),
+                         now() + make_interval(secs => $7))
+                 ON CONFLICT (event_key) DO UPDATE SET expires_at = EXCLUDED.expires_at",
             )
             .bind(&args.scope)
             .bind(&event_id)

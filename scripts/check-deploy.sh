@@ -11,9 +11,10 @@
 #      Kubernetes OpenAPI schemas (kubernetes-validate, strict: unknown fields are errors) for
 #      each version in KUBE_VERSIONS. The Prometheus Operator CRDs (PodMonitor, PrometheusRule)
 #      have no core schema: they are skipped by kind and checked structurally instead. Then
-#      kdedup-specific rules: only known KDEDUP_* variables, secrets only through secretKeyRef,
-#      no Secret objects, the hardened securityContext, the native sidecar and its probes,
-#      terminationGracePeriodSeconds above KDEDUP_SHUTDOWN_TIMEOUT.
+#      kdedup-specific rules: only KDEDUP_* variables that src/ reads, secrets only through
+#      secretKeyRef, no Secret objects, the hardened securityContext, the native sidecar and
+#      its probes, terminationGracePeriodSeconds above KDEDUP_SHUTDOWN_TIMEOUT, and a
+#      migration Job exactly where KDEDUP_MIGRATE_ON_START=false.
 #   3. `promtool check rules` on deploy/prometheus/kdedup-alerts.yaml, `promtool test rules` on
 #      unit tests kept in this script (every alert fires on a bad series and stays quiet on a
 #      healthy one), and the rendered PrometheusRule carries exactly the same rules.
@@ -26,11 +27,11 @@
 # the network after the first run.
 set -euo pipefail
 
-# Pinned: 1.34.1 bundles the schemas of Kubernetes 1.25 to 1.34.
-KUBERNETES_VALIDATE_VERSION=1.34.1
+# Pinned: 1.37.0 bundles the schemas of Kubernetes 1.25 to 1.37.
+KUBERNETES_VALIDATE_VERSION=1.37.0
 # 1.29: the oldest release where native sidecars (initContainers with restartPolicy: Always)
-# are on by default. 1.34: the newest schema bundled by the pinned kubernetes-validate.
-KUBE_VERSIONS="1.29.0 1.34.0"
+# are on by default. 1.37: the newest schema bundled by the pinned kubernetes-validate.
+KUBE_VERSIONS="1.29.0 1.37.0"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -114,27 +115,39 @@ ensure_promtool() {
 ensure_venv
 PY="$VENV/bin/python"
 
+# The KDEDUP_* names the binary reads, from its source: every clap `env = "KDEDUP_..."`, and
+# the logging variables src/telemetry.rs reads itself. Test-only hooks (src/crash.rs) are
+# left out on purpose: they have no business in a manifest.
+KDEDUP_KNOWN_ENV="$(
+  {
+    grep -rhoE 'env = "KDEDUP_[A-Z0-9_]+"' src
+    grep -hoE 'env::var\("KDEDUP_[A-Z0-9_]+"\)' src/telemetry.rs
+  } | grep -oE 'KDEDUP_[A-Z0-9_]+' | sort -u | tr '\n' ' '
+)"
+for must in KDEDUP_BROKERS KDEDUP_DATABASE_URL KDEDUP_SHUTDOWN_TIMEOUT KDEDUP_MIGRATE_ON_START KDEDUP_LOG; do
+  case " $KDEDUP_KNOWN_ENV " in
+    *" $must "*) ;;
+    *) die "could not find $must among the variables src/ reads (found: $KDEDUP_KNOWN_ENV)" ;;
+  esac
+done
+export KDEDUP_KNOWN_ENV
+
 # The Python half of the checks, written out on every run so it always matches this script.
 cat >"$WORK/check_deploy.py" <<'PYEOF'
 """Helpers for scripts/check-deploy.sh; see the comments there."""
 import json
+import os
 import re
 import sys
 
 import yaml
 
-ALLOWED_ENV = {
-    "KDEDUP_BROKERS", "KDEDUP_GROUP_ID", "KDEDUP_INPUT_TOPICS", "KDEDUP_OUTPUT_TOPIC",
-    "KDEDUP_DLQ_TOPIC", "KDEDUP_DATABASE_URL", "KDEDUP_DB_SCHEMA", "KDEDUP_DB_MAX_CONNECTIONS",
-    "KDEDUP_ID_FROM", "KDEDUP_SCOPE", "KDEDUP_MAX_ID_BYTES", "KDEDUP_TTL", "KDEDUP_BATCH_SIZE",
-    "KDEDUP_BATCH_LINGER", "KDEDUP_METRICS_ADDR", "KDEDUP_SHUTDOWN_TIMEOUT",
-    "KDEDUP_MIGRATE_ON_START", "KDEDUP_CREATE_TOPICS", "KDEDUP_LOG", "KDEDUP_LOG_FORMAT",
-    # Also documented in the top-level README's configuration table.
-    "KDEDUP_BATCH_MAX_BYTES", "KDEDUP_RELAY", "KDEDUP_RELAY_BATCH_SIZE",
-    "KDEDUP_TOPIC_REPLICATION_FACTOR",
-}
+# Every KDEDUP_* variable the binary reads, collected from src/ by check-deploy.sh
+# (clap's `env = "KDEDUP_..."` attributes and telemetry's own reads); KDEDUP_KAFKA_* pass
+# through to librdkafka. tests/deploy.rs asks the compiled binary the same question.
+ALLOWED_ENV = set(os.environ.get("KDEDUP_KNOWN_ENV", "").split())
 SECRET_ENV = {"KDEDUP_DATABASE_URL", "KDEDUP_KAFKA_SASL_USERNAME", "KDEDUP_KAFKA_SASL_PASSWORD"}
-SUBCOMMANDS = {"run", "migrate", "replay", "demo"}
+SUBCOMMANDS = {"run", "migrate", "replay", "prune", "inspect", "stats", "demo"}
 CRD_KINDS = {("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 
 
@@ -314,6 +327,21 @@ def cmd_validate(versions, paths):
                 pod_errors = []
                 check_pod_spec(doc, pod, configmaps, pod_errors)
                 errors.extend("%s: %s" % (path, e) for e in pod_errors)
+        # Migrations (rendered kustomizations only): a ConfigMap that turns migrate-on-start
+        # off needs a Job running `kdedup migrate` beside it, and such a Job needs it off.
+        if any(d.get("kind") == "Deployment" for d in docs):
+            migrate_jobs = [
+                d for d in docs if d.get("kind") == "Job" and any(
+                    (c.get("args") or c.get("command") or [None])[0] == "migrate"
+                    for c in d["spec"]["template"]["spec"].get("containers") or [])
+            ]
+            off = any(str(cm.get("KDEDUP_MIGRATE_ON_START", "true")).lower() == "false"
+                      for cm in configmaps.values())
+            if off and not migrate_jobs:
+                errors.append("%s: KDEDUP_MIGRATE_ON_START=false, but no Job runs `kdedup migrate`" % path)
+            if migrate_jobs and not off:
+                errors.append("%s: a Job runs `kdedup migrate`, but KDEDUP_MIGRATE_ON_START is not false"
+                              " (the sidecars would need DDL rights too)" % path)
     for e in errors:
         print("    ERROR " + e, file=sys.stderr)
     print("    %d objects checked against Kubernetes %s" % (count, ", ".join(versions)))

@@ -4,8 +4,8 @@
 //! `search_path`, so the SQL below never names the schema and the application's tables
 //! are never touched.
 //!
-//! The gate is one statement: insert the batch's `(scope, event_id)` rows, doing nothing
-//! on conflict with a live row, and insert outbox rows for exactly the rows that were
+//! The gate is one statement: insert the batch's `(scope, event_id)` rows (keyed by
+//! [`event_key`], a 16-byte digest of the two), doing nothing on conflict with a live row, and insert outbox rows for exactly the rows that were
 //! inserted. The statement commits with the batch, so a crash leaves both or neither.
 //! The same statement adds the batch's decisions to the per-scope totals in
 //! `gate_counters` (read by `kdedup stats`).
@@ -14,8 +14,10 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection};
+use uuid::Uuid;
 
 use crate::config::DbConfig;
 
@@ -117,6 +119,21 @@ pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), DbError> {
     Ok(())
 }
 
+/// The key of `(scope, event_id)` in `processed_events`: the first 16 bytes of
+/// SHA-256(len(scope) as u32 big-endian || scope || event_id). The SQL function
+/// `event_key(scope, event_id)` (migration 3) computes the same value; the reasons for a
+/// digest key are written there.
+pub fn event_key(scope: &str, event_id: &str) -> Uuid {
+    let mut h = Sha256::new();
+    h.update((scope.len() as u32).to_be_bytes());
+    h.update(scope.as_bytes());
+    h.update(event_id.as_bytes());
+    let digest = h.finalize();
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&digest[..16]);
+    Uuid::from_bytes(key)
+}
+
 /// One first-sighting candidate sent to the gate. Duplicates inside a batch are removed
 /// before this point, so each `(scope, event_id)` appears once per call.
 #[derive(Debug, Clone)]
@@ -154,29 +171,29 @@ pub struct FirstSighting {
     pub offset: i64,
 }
 
-// Gate rows are inserted in key order: two replicas inserting overlapping ids then lock
+// Gate rows are inserted in event_key order: two replicas inserting overlapping ids then lock
 // them in the same order, which rules out deadlocks between their transactions. Outbox
 // rows are inserted in input order, which is the order the relay publishes in.
 const GATE_SQL: &str = r#"
 WITH batch AS (
     SELECT *
     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int4[], $5::int8[], $6::int8[],
-                $7::bytea[], $8::bytea[], $9::bytea[], $10::bytea[])
+                $7::bytea[], $8::bytea[], $9::bytea[], $10::bytea[], $14::uuid[])
          WITH ORDINALITY
          AS b(scope, event_id, source_topic, source_partition, source_offset,
-              source_timestamp_ms, payload_hash, key, value, headers, ord)
+              source_timestamp_ms, payload_hash, key, value, headers, event_key, ord)
 ),
 gate AS (
     INSERT INTO processed_events
-        (scope, event_id, source_topic, source_partition, source_offset, payload_hash,
-         first_seen_at, expires_at)
-    SELECT scope, event_id, source_topic, source_partition, source_offset, payload_hash,
-           now(), now() + make_interval(secs => $11)
+        (event_key, scope, event_id, source_topic, source_partition, source_offset,
+         payload_hash, first_seen_at, expires_at)
+    SELECT event_key, scope, event_id, source_topic, source_partition, source_offset,
+           payload_hash, now(), now() + make_interval(secs => $11)
     FROM batch
-    ORDER BY scope, event_id
+    ORDER BY event_key
     -- An expired row is treated as absent even before the pruner deleted it: the id is
     -- accepted again as new, which is what a TTL means.
-    ON CONFLICT (scope, event_id) DO UPDATE
+    ON CONFLICT (event_key) DO UPDATE
         SET source_topic = EXCLUDED.source_topic,
             source_partition = EXCLUDED.source_partition,
             source_offset = EXCLUDED.source_offset,
@@ -184,7 +201,7 @@ gate AS (
             first_seen_at = EXCLUDED.first_seen_at,
             expires_at = EXCLUDED.expires_at
         WHERE processed_events.expires_at <= now()
-    RETURNING scope, event_id
+    RETURNING event_key
 ),
 queued AS (
     INSERT INTO outbox
@@ -193,20 +210,20 @@ queued AS (
     SELECT b.scope, b.event_id, b.source_topic, b.source_partition, b.source_offset,
            b.source_timestamp_ms, b.key, b.value, b.headers
     FROM batch b
-    JOIN gate g ON g.scope = b.scope AND g.event_id = b.event_id
+    JOIN gate g ON g.event_key = b.event_key
     ORDER BY b.ord
     RETURNING 1
 ),
 decided AS (
     SELECT b.ord, b.scope,
-           g.event_id IS NOT NULL AS inserted,
+           g.event_key IS NOT NULL AS inserted,
            pe.source_topic, pe.source_partition, pe.source_offset,
-           (pe.scope IS NOT NULL AND pe.payload_hash IS DISTINCT FROM b.payload_hash)
+           (pe.event_key IS NOT NULL AND pe.payload_hash IS DISTINCT FROM b.payload_hash)
                AS payload_differs
     FROM batch b
-    LEFT JOIN gate g ON g.scope = b.scope AND g.event_id = b.event_id
+    LEFT JOIN gate g ON g.event_key = b.event_key
     LEFT JOIN processed_events pe
-           ON g.event_id IS NULL AND pe.scope = b.scope AND pe.event_id = b.event_id
+           ON g.event_key IS NULL AND pe.event_key = b.event_key
 ),
 -- Running totals for `kdedup stats`, one upsert per scope in this batch. A duplicate is a
 -- row not inserted whose payload matches the first one (a reused id with another payload
@@ -270,7 +287,9 @@ pub async fn gate(
     let mut keys = Vec::with_capacity(rows.len());
     let mut values = Vec::with_capacity(rows.len());
     let mut headers = Vec::with_capacity(rows.len());
+    let mut event_keys = Vec::with_capacity(rows.len());
     for r in rows {
+        event_keys.push(event_key(&r.scope, &r.event_id));
         scopes.push(r.scope.as_str());
         ids.push(r.event_id.as_str());
         topics.push(r.topic.as_str());
@@ -297,6 +316,7 @@ pub async fn gate(
         .bind(ttl.as_secs_f64())
         .bind(&dup_scopes)
         .bind(&dup_counts)
+        .bind(&event_keys)
         .fetch_all(&mut *tx)
         .await?;
     crate::crash::gate_delay().await;
@@ -331,16 +351,12 @@ pub async fn live_ids(pool: &PgPool, keys: &[(String, String)]) -> Result<usize,
     if keys.is_empty() {
         return Ok(0);
     }
-    let (scopes, ids): (Vec<&str>, Vec<&str>) =
-        keys.iter().map(|(s, i)| (s.as_str(), i.as_str())).unzip();
+    let event_keys: Vec<Uuid> = keys.iter().map(|(s, i)| event_key(s, i)).collect();
     let n: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM processed_events pe
-         JOIN UNNEST($1::text[], $2::text[]) AS k(scope, event_id)
-           ON pe.scope = k.scope AND pe.event_id = k.event_id
-         WHERE pe.expires_at > now()",
+        "SELECT count(*) FROM processed_events
+         WHERE event_key = ANY($1) AND expires_at > now()",
     )
-    .bind(&scopes)
-    .bind(&ids)
+    .bind(&event_keys)
     .fetch_one(pool)
     .await?;
     Ok(n as usize)

@@ -243,9 +243,9 @@ const SIGHTING_COLUMNS: &str = "pe.scope, pe.source_topic, pe.source_partition, 
     (SELECT min(o.created_at) FROM outbox o \
      WHERE o.scope = pe.scope AND o.event_id = pe.event_id) AS queued_since";
 
-/// Looks `event_id` up in one scope, or in every scope. Without a scope the primary key
-/// `(scope, event_id)` is still used: the distinct scopes are walked with a loose index
-/// scan (one index probe per scope), then each `(scope, event_id)` is a key lookup.
+/// Looks `event_id` up in one scope, or in every scope. Either way each lookup is a probe
+/// of the primary key, `event_key(scope, event_id)`; without a scope, the scopes are the
+/// ones `gate_counters` has seen (one probe per scope).
 pub async fn inspect(
     cfg: &DbConfig,
     event_id: &str,
@@ -261,7 +261,7 @@ pub async fn inspect(
         Some(scope) => {
             sqlx::query_as(&format!(
                 "SELECT {SIGHTING_COLUMNS} FROM processed_events pe
-                 WHERE pe.scope = $1 AND pe.event_id = $2"
+                 WHERE pe.event_key = event_key($1, $2)"
             ))
             .bind(scope)
             .bind(event_id)
@@ -270,16 +270,11 @@ pub async fn inspect(
         }
         None => {
             sqlx::query_as(&format!(
-                "WITH RECURSIVE scopes(scope) AS (
-                     (SELECT scope FROM processed_events ORDER BY scope LIMIT 1)
-                     UNION ALL
-                     SELECT (SELECT p.scope FROM processed_events p
-                             WHERE p.scope > s.scope ORDER BY p.scope LIMIT 1)
-                     FROM scopes s WHERE s.scope IS NOT NULL
-                 )
-                 SELECT {SIGHTING_COLUMNS}
-                 FROM scopes s
-                 JOIN processed_events pe ON pe.scope = s.scope AND pe.event_id = $1
+                // Every scope that ever gated an event has its row in gate_counters
+                // (written by the same statement as its processed_events rows).
+                "SELECT {SIGHTING_COLUMNS}
+                 FROM gate_counters s
+                 JOIN processed_events pe ON pe.event_key = event_key(s.scope, $1)
                  ORDER BY pe.scope"
             ))
             .bind(event_id)

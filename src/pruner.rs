@@ -39,8 +39,8 @@ pub async fn prune_batch(
 ) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
         "DELETE FROM processed_events
-         WHERE (scope, event_id) IN (
-             SELECT scope, event_id FROM processed_events
+         WHERE event_key IN (
+             SELECT event_key FROM processed_events
              WHERE expires_at <= $1
              ORDER BY expires_at
              LIMIT $2

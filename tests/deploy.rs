@@ -64,6 +64,19 @@ fn every_variable_the_manifests_set_is_read_by_the_binary() {
             );
         }
     }
+    // The stand-alone Jobs (`kubectl create -f`), which no kustomization renders.
+    let jobs = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/jobs");
+    for e in std::fs::read_dir(jobs).unwrap() {
+        let path = e.unwrap().path();
+        let yaml = std::fs::read_to_string(&path).unwrap();
+        for v in variables(&yaml) {
+            assert!(
+                kdedup::config::is_known_env_var(&v),
+                "{} sets {v}, which kdedup does not read",
+                path.display()
+            );
+        }
+    }
 }
 
 #[test]
@@ -79,8 +92,29 @@ fn probes_and_scrape_port_match_the_admin_server() {
         let default = arg.get_default_values()[0].to_str().unwrap().to_string();
         default.rsplit_once(':').unwrap().1.to_string()
     };
+    // The routes the admin server really serves.
+    let admin = include_str!("../src/admin.rs");
+    for path in ["/livez", "/readyz", "/metrics"] {
+        assert!(
+            admin.contains(&format!(".route(\"{path}\"")),
+            "src/admin.rs serves no {path}"
+        );
+    }
     for dir in overlays() {
         let yaml = render(&dir);
+        // The port kdedup listens on: KDEDUP_METRICS_ADDR from the ConfigMap, else the default.
+        let port = yaml
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("KDEDUP_METRICS_ADDR:"))
+            .map(|v| {
+                v.trim()
+                    .trim_matches('"')
+                    .rsplit_once(':')
+                    .unwrap()
+                    .1
+                    .to_string()
+            })
+            .unwrap_or_else(|| default_port.clone());
         assert!(
             yaml.contains("path: /livez"),
             "{dir}: no liveness probe on /livez"
@@ -90,12 +124,12 @@ fn probes_and_scrape_port_match_the_admin_server() {
             "{dir}: no readiness probe on /readyz"
         );
         assert!(
-            yaml.contains(&format!("containerPort: {default_port}")),
-            "{dir}: metrics port is not {default_port}"
+            yaml.contains(&format!("containerPort: {port}")),
+            "{dir}: metrics port is not {port}"
         );
         assert!(
-            yaml.contains(&format!("prometheus.io/port: \"{default_port}\"")),
-            "{dir}: scrape annotation port"
+            yaml.contains(&format!("prometheus.io/port: \"{port}\"")),
+            "{dir}: scrape annotation port is not {port}"
         );
         assert!(
             yaml.contains("restartPolicy: Always"),

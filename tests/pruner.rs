@@ -41,14 +41,48 @@ async fn setup(schema: &str) -> sqlx::PgPool {
     db::migrate(&pool, schema).await.unwrap();
     // 1000 rows that expire at t0 + i seconds.
     sqlx::query(
-        "INSERT INTO processed_events (scope, event_id, source_topic, source_partition, source_offset, first_seen_at, expires_at)
-         SELECT 's', 'e-' || i, 't', 0, i, '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z'::timestamptz + make_interval(secs => i)
+        "INSERT INTO processed_events (event_key, scope, event_id, source_topic, source_partition, source_offset, first_seen_at, expires_at)
+         SELECT event_key('s', 'e-' || i), 's', 'e-' || i, 't', 0, i, '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z'::timestamptz + make_interval(secs => i)
          FROM generate_series(1, 1000) AS i",
     )
     .execute(&pool)
     .await
     .unwrap();
     pool
+}
+
+#[tokio::test]
+async fn the_key_kdedup_computes_is_the_key_sql_computes() {
+    let schema = unique("prune_key").to_lowercase();
+    let pool = setup(&schema).await;
+    let cases = [
+        ("s", "e-1"),
+        ("orders", "7b0c8b9e-3f0a-4f5e-9a51-0d6f2b1e4c11"),
+        ("a", "bc"),
+        ("ab", "c"),
+        ("tenant-é", "ключ-ü-🙂"),
+        ("", ""),
+    ];
+    for (scope, id) in cases {
+        let in_sql: uuid::Uuid = sqlx::query_scalar("SELECT event_key($1, $2)")
+            .bind(scope)
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(in_sql, db::event_key(scope, id), "{scope:?} {id:?}");
+    }
+    // The scope length is part of the key: moving a character across the boundary is
+    // another key.
+    assert_ne!(db::event_key("a", "bc"), db::event_key("ab", "c"));
+    // Rows written by SQL (setup) are found by the key kdedup computes.
+    let live: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM processed_events WHERE event_key = $1")
+            .bind(db::event_key("s", "e-7"))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(live, 1);
 }
 
 #[tokio::test]
@@ -119,5 +153,61 @@ async fn an_expired_id_is_accepted_again_as_new() {
         .await
         .unwrap();
     assert_eq!(outbox, 2, "one forwarding write each");
+    drop_schema(&pg().await, &schema).await;
+}
+
+#[tokio::test]
+async fn one_pruner_per_schema_works_while_the_others_stand_by() {
+    let schema = unique("prune_lock").to_lowercase();
+    let pool = setup(&schema).await;
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM processed_events")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    // Another replica's pruner holds the schema's pruner lock.
+    let mut other = db::dedicated_connection(&db_config(&schema)).await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1, hashtext('pruner:' || $2))")
+        .bind(db::ADVISORY_LOCK_CLASS)
+        .bind(&schema)
+        .execute(&mut other)
+        .await
+        .unwrap();
+
+    let metrics = Metrics::new();
+    let stop = CancellationToken::new();
+    let settings = PruneSettings {
+        interval: Duration::from_millis(200),
+        batch_size: 100,
+        pause: Duration::from_millis(1),
+    };
+    let task = tokio::spawn(kdedup::pruner::run(
+        db_config(&schema),
+        settings,
+        metrics.clone(),
+        stop.clone(),
+    ));
+    // Every row of setup() expired in January 2026: a working pruner would take them all.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(count().await, 1000, "a pruner stood by deleted rows");
+    assert_eq!(metrics.rows_pruned.get(), 0);
+
+    // The other replica goes away: this one takes over within a few intervals.
+    drop(other);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while count().await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the standing-by pruner did not take over"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metrics.rows_pruned.get(), 1000);
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("pruner stops when asked")
+        .unwrap();
     drop_schema(&pg().await, &schema).await;
 }

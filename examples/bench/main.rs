@@ -72,7 +72,7 @@ struct Args {
     sweep: bool,
     #[arg(long)]
     no_sweep: bool,
-    /// Run only these scenarios (comma-separated): ldb,lkafka,sweep,e2e,naive,prefill,prune,latency,shapes.
+    /// Run only these scenarios (comma-separated): ldb,lkafka,sweep,e2e,naive,prefill,prune,latency,shapes,keys.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Messages per end-to-end run (default: 20000 quick, 300000 full).
@@ -450,6 +450,11 @@ impl Bench {
                 report.ldb.push(r);
             }
         }
+        if self.wants("keys") {
+            let seconds = if self.args.quick { 3 } else { 15 };
+            let rows = self.sizes.prefill;
+            report.keys = self.key_layouts(rows, seconds).await?;
+        }
         if self.wants("shapes") && (self.args.shapes || !self.args.quick) {
             let batch: usize = self.tuning("KDEDUP_BATCH_SIZE").parse()?;
             let seconds = if self.args.quick { 2.0 } else { 3.0 };
@@ -469,6 +474,126 @@ impl Bench {
             }
         }
         Ok(())
+    }
+
+    /// Runs pgbench with `script` in `schema`; returns transactions per second and the
+    /// report it printed.
+    fn pgbench(
+        &self,
+        script: &Path,
+        schema: &str,
+        clients: u32,
+        seconds: u32,
+    ) -> anyhow::Result<(f64, String)> {
+        let out = Command::new(pgbench())
+            .args(["-n", "-M", "prepared", "-c", &clients.to_string()])
+            .args(["-j", &clients.to_string()])
+            .args(["-T", &seconds.to_string()])
+            .arg("-f")
+            .arg(script)
+            .arg(&self.db_url)
+            .env("PGOPTIONS", format!("-c search_path={schema}"))
+            .output()
+            .context("run pgbench")?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "pgbench failed: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let tps: f64 = text
+            .lines()
+            .find(|l| l.starts_with("tps = "))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no tps in pgbench output: {text}"))?;
+        Ok((tps, text))
+    }
+
+    /// The primary key of processed_events as it was before migration 3 (the two texts)
+    /// against the shipped one (the 16-byte `event_key`): the gate's insert (1000 random ids
+    /// per transaction, `ON CONFLICT ... DO UPDATE ... WHERE expired`, as in the gate) by
+    /// pgbench, on an empty table and on `rows` live rows, two rounds each, alternating.
+    async fn key_layouts(&mut self, rows: u64, seconds: u32) -> anyhow::Result<Vec<KeyRun>> {
+        const LAYOUTS: [(&str, &str); 2] = [
+            ("text", "(scope, event_id) texts (before migration 3)"),
+            ("uuid", "event_key uuid (shipped)"),
+        ];
+        let mut out = Vec::new();
+        for live in [0, rows] {
+            let mut prepared = Vec::new();
+            for (tag, label) in LAYOUTS {
+                let schema = self.name(&format!("key{tag}{}", if live == 0 { "e" } else { "f" }));
+                if live == 0 {
+                    self.migrate(&schema)?;
+                } else {
+                    step(&format!("prefilling {live} live rows into {schema}"));
+                    self.prefill(&schema, live, false).await?;
+                }
+                let t = format!("\"{schema}\".processed_events");
+                if tag == "text" {
+                    // The old layout: no event_key (new rows leave it NULL), the texts as key.
+                    for sql in [
+                        format!("ALTER TABLE {t} DROP CONSTRAINT processed_events_pkey"),
+                        format!("ALTER TABLE {t} ALTER COLUMN event_key DROP NOT NULL"),
+                        format!("ALTER TABLE {t} ADD CONSTRAINT processed_events_pkey PRIMARY KEY (scope, event_id)"),
+                        format!("VACUUM (ANALYZE) {t}"),
+                    ] {
+                        sqlx::query(&sql).execute(&self.pg).await?;
+                    }
+                }
+                let pk_bytes: i64 = sqlx::query_scalar(&format!(
+                    "SELECT pg_relation_size('\"{schema}\".processed_events_pkey')"
+                ))
+                .fetch_one(&self.pg)
+                .await?;
+                // As the gate writes it (src/db.rs); here the key is computed by the server
+                // (kdedup computes it in the client), which only handicaps the uuid layout.
+                let (key_col, key_val, conflict) = if tag == "text" {
+                    ("", "", "scope, event_id")
+                } else {
+                    ("event_key, ", "event_key('{SCOPE}', e), ", "event_key")
+                };
+                let key_val = key_val.replace("{SCOPE}", SCOPE);
+                let script = format!(
+                    "INSERT INTO processed_events ({key_col}scope, event_id, source_topic, source_partition,
+    source_offset, payload_hash, first_seen_at, expires_at)
+SELECT {key_val}'{SCOPE}', e, 'bench-keys', g % {PARTITIONS}, g,
+    '\\x00112233445566778899aabbccddeeff'::bytea, now(), now() + interval '7 days'
+FROM (SELECT gen_random_uuid()::text AS e, g FROM generate_series(1, 1000) AS g) AS ids
+ORDER BY 1
+ON CONFLICT ({conflict}) DO UPDATE SET expires_at = EXCLUDED.expires_at
+    WHERE processed_events.expires_at <= now();
+"
+                );
+                let path = self.tmp.join(format!("keys-{tag}-{}.sql", self.run_id));
+                std::fs::write(&path, script)?;
+                prepared.push((tag, label, schema, path, pk_bytes));
+            }
+            let mut rates: Vec<Vec<f64>> = vec![Vec::new(); prepared.len()];
+            for round in 1..=2 {
+                for (i, (tag, _, schema, path, _)) in prepared.iter().enumerate() {
+                    step(&format!(
+                        "key layout {tag}, {live} live rows, round {round}: pgbench for {seconds}s"
+                    ));
+                    self.checkpoint().await;
+                    let (tps, _) = self.pgbench(path, schema, 1, seconds)?;
+                    println!("    {:.0} events/s", tps * 1000.0);
+                    rates[i].push(tps * 1000.0);
+                }
+            }
+            for ((_, label, schema, _, pk_bytes), rates) in prepared.into_iter().zip(rates) {
+                out.push(KeyRun {
+                    label,
+                    live_rows: live,
+                    pk_bytes,
+                    rates,
+                });
+                self.drop_schema(&schema).await;
+            }
+        }
+        Ok(out)
     }
 
     async fn cleanup(&mut self) {
@@ -540,11 +665,13 @@ impl Bench {
         hdr_prefix.extend_from_slice(&36u32.to_be_bytes());
         let script = format!(
             "WITH ids AS MATERIALIZED (
-    SELECT gen_random_uuid()::text AS event_id, g FROM generate_series(1, {batch}) AS g
+    -- event_key: kdedup computes it in the client, so here it is a random uuid as well.
+    SELECT gen_random_uuid()::text AS event_id, gen_random_uuid() AS event_key, g
+    FROM generate_series(1, {batch}) AS g
 ), gate AS (
-    INSERT INTO processed_events (scope, event_id, source_topic, source_partition,
+    INSERT INTO processed_events (event_key, scope, event_id, source_topic, source_partition,
         source_offset, payload_hash, first_seen_at, expires_at)
-    SELECT '{SCOPE}', event_id, '{topic}', g % {PARTITIONS}, g, decode(md5(event_id), 'hex'),
+    SELECT event_key, '{SCOPE}', event_id, '{topic}', g % {PARTITIONS}, g, decode(md5(event_id), 'hex'),
         now(), now() + interval '7 days'
     FROM ids
 )
@@ -561,29 +688,7 @@ FROM ids;
         let path = self.tmp.join(format!("ldb-{}.sql", self.run_id));
         std::fs::write(&path, script)?;
         self.checkpoint().await;
-        let out = Command::new(pgbench())
-            .args(["-n", "-M", "prepared", "-c", &clients.to_string()])
-            .args(["-j", &clients.to_string()])
-            .args(["-T", &self.sizes.ldb_seconds.to_string()])
-            .arg("-f")
-            .arg(&path)
-            .arg(&self.db_url)
-            .env("PGOPTIONS", format!("-c search_path={schema}"))
-            .output()
-            .context("run pgbench")?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        if !out.status.success() {
-            bail!(
-                "pgbench failed: {text}{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let tps: f64 = text
-            .lines()
-            .find(|l| l.starts_with("tps = "))
-            .and_then(|l| l.split_whitespace().nth(2))
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no tps in pgbench output: {text}"))?;
+        let (tps, text) = self.pgbench(&path, &schema, clients, self.sizes.ldb_seconds)?;
         let latency_ms: f64 = text
             .lines()
             .find(|l| l.starts_with("latency average"))
@@ -1077,6 +1182,7 @@ FROM ids;
             lo = hi + 1;
         }
         let topic = format!("bench-prefill-{}", self.run_id);
+        let key_fn = format!("\"{schema}\".event_key");
         let mut halves: [Vec<(u64, u64)>; 2] = [Vec::new(), Vec::new()];
         for (i, r) in ranges.into_iter().enumerate() {
             halves[i % 2].push(r);
@@ -1084,15 +1190,18 @@ FROM ids;
         let load = |part: Vec<(u64, u64)>| {
             let pg = self.pg.clone();
             let sql_t = t.clone();
+            let key_fn = key_fn.clone();
             let topic = topic.clone();
             async move {
                 for (lo, hi) in part {
                     sqlx::query(&format!(
-                        "INSERT INTO {sql_t} (scope, event_id, source_topic, source_partition,
-                             source_offset, payload_hash, first_seen_at, expires_at)
-                         SELECT '{SCOPE}', gen_random_uuid()::text, '{topic}', g % {PARTITIONS}, g,
-                             decode(md5(g::text), 'hex'), {first_seen}, {expires}
-                         FROM generate_series({lo}, {hi}) AS g"
+                        "INSERT INTO {sql_t} (event_key, scope, event_id, source_topic,
+                             source_partition, source_offset, payload_hash, first_seen_at,
+                             expires_at)
+                         SELECT {key_fn}('{SCOPE}', e), '{SCOPE}', e, '{topic}', g % {PARTITIONS},
+                             g, decode(md5(g::text), 'hex'), {first_seen}, {expires}
+                         FROM (SELECT gen_random_uuid()::text AS e, g
+                               FROM generate_series({lo}, {hi}) AS g) AS ids"
                     ))
                     .execute(&pg)
                     .await?;
@@ -1105,7 +1214,7 @@ FROM ids;
         ra?;
         rb?;
         for sql in [
-            format!("ALTER TABLE {t} ADD CONSTRAINT processed_events_pkey PRIMARY KEY (scope, event_id)"),
+            format!("ALTER TABLE {t} ADD CONSTRAINT processed_events_pkey PRIMARY KEY (event_key)"),
             format!("CREATE INDEX processed_events_expires_at_idx ON {t} (expires_at)"),
             format!("VACUUM (ANALYZE) {t}"),
         ] {
@@ -1858,6 +1967,14 @@ struct NaiveRun {
 }
 
 #[derive(Debug, Clone)]
+struct KeyRun {
+    label: &'static str,
+    live_rows: u64,
+    pk_bytes: i64,
+    /// events/s of each round.
+    rates: Vec<f64>,
+}
+
 struct Prefill {
     rows: u64,
     seconds: f64,
@@ -1920,6 +2037,7 @@ struct Report {
     bloat: Option<Bloat>,
     latency: Vec<(&'static str, Latency)>,
     shapes: Vec<shapes::ShapeResult>,
+    keys: Vec<KeyRun>,
     notes: Vec<String>,
     total_seconds: f64,
 }
@@ -2073,6 +2191,7 @@ impl Report {
             bloat: None,
             latency: Vec::new(),
             shapes: Vec::new(),
+            keys: Vec::new(),
             notes: Vec::new(),
             total_seconds: 0.0,
         })
@@ -2392,6 +2511,50 @@ impl Report {
             );
         }
 
+        if !self.keys.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n## Key representation (processed_events primary key)\n"
+            );
+            let _ = writeln!(
+                s,
+                "The gate's insert alone, by pgbench on one connection: 1000 random ids per transaction, \
+                 `ON CONFLICT ... DO UPDATE ... WHERE expired` as the gate does, for {} s per round, two rounds per \
+                 layout alternating, a `CHECKPOINT` before each. The uuid layout computes `event_key` in the server \
+                 here (kdedup computes it in the client). Live rows were prefilled as for the large-table run, \
+                 then the old layout's primary key was rebuilt on the two texts.\n",
+                if b.args.quick { 3 } else { 15 },
+            );
+            let _ = writeln!(
+                s,
+                "| primary key | live rows | primary key size | events/s, round 1 / round 2 | best | vs texts |\n|---|---:|---:|---:|---:|---:|"
+            );
+            for k in &self.keys {
+                let best = k.rates.iter().copied().fold(0.0, f64::max);
+                let base = self
+                    .keys
+                    .iter()
+                    .find(|o| o.live_rows == k.live_rows && o.label.starts_with('('))
+                    .map(|o| o.rates.iter().copied().fold(0.0, f64::max))
+                    .unwrap_or(0.0);
+                let rounds: Vec<String> = k.rates.iter().map(|r| format!("{r:.0}")).collect();
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {:.0} | {} |",
+                    k.label,
+                    human(k.live_rows),
+                    mib(k.pk_bytes),
+                    rounds.join(" / "),
+                    best,
+                    if base > 0.0 {
+                        format!("{:.2}×", best / base)
+                    } else {
+                        "n/a".into()
+                    }
+                );
+            }
+        }
+
         let _ = writeln!(s, "\n## Where the time goes in each kdedup run\n");
         let _ = writeln!(
             s,
@@ -2568,10 +2731,10 @@ impl Report {
                 self.prefill_stats
                     .as_ref()
                     .map_or(String::new(), |t| format!(
-                    " (heap {}, indexes {}: the primary key on (scope, event_id) and expires_at)",
-                    mib(t.heap),
-                    mib(t.indexes)
-                ))
+                        " (heap {}, indexes {}: the primary key on event_key and expires_at)",
+                        mib(t.heap),
+                        mib(t.indexes)
+                    ))
             );
         }
         let _ = writeln!(

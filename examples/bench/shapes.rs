@@ -44,22 +44,22 @@ const BATCH: &str = r#"
 WITH batch AS (
     SELECT *
     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int4[], $5::int8[], $6::int8[],
-                $7::bytea[], $8::bytea[], $9::bytea[], $10::bytea[])
+                $7::bytea[], $8::bytea[], $9::bytea[], $10::bytea[], $12::uuid[])
          WITH ORDINALITY
          AS b(scope, event_id, source_topic, source_partition, source_offset,
-              source_timestamp_ms, payload_hash, key, value, headers, ord)
+              source_timestamp_ms, payload_hash, key, value, headers, event_key, ord)
 ),"#;
 
 const GATE_DO_UPDATE: &str = r#"
 gate AS (
     INSERT INTO processed_events
-        (scope, event_id, source_topic, source_partition, source_offset, payload_hash,
-         first_seen_at, expires_at)
-    SELECT scope, event_id, source_topic, source_partition, source_offset, payload_hash,
+        (event_key, scope, event_id, source_topic, source_partition, source_offset,
+         payload_hash, first_seen_at, expires_at)
+    SELECT event_key, scope, event_id, source_topic, source_partition, source_offset, payload_hash,
            now(), now() + make_interval(secs => $11)
     FROM batch
-    ORDER BY scope, event_id
-    ON CONFLICT (scope, event_id) DO UPDATE
+    ORDER BY event_key
+    ON CONFLICT (event_key) DO UPDATE
         SET source_topic = EXCLUDED.source_topic,
             source_partition = EXCLUDED.source_partition,
             source_offset = EXCLUDED.source_offset,
@@ -67,7 +67,7 @@ gate AS (
             first_seen_at = EXCLUDED.first_seen_at,
             expires_at = EXCLUDED.expires_at
         WHERE processed_events.expires_at <= now()
-    RETURNING scope, event_id
+    RETURNING event_key
 ),"#;
 
 /// Live duplicates are left alone (no row lock, no WAL); expired rows are revived by an
@@ -75,14 +75,14 @@ gate AS (
 const GATE_DO_NOTHING: &str = r#"
 inserted AS (
     INSERT INTO processed_events
-        (scope, event_id, source_topic, source_partition, source_offset, payload_hash,
-         first_seen_at, expires_at)
-    SELECT scope, event_id, source_topic, source_partition, source_offset, payload_hash,
+        (event_key, scope, event_id, source_topic, source_partition, source_offset,
+         payload_hash, first_seen_at, expires_at)
+    SELECT event_key, scope, event_id, source_topic, source_partition, source_offset, payload_hash,
            now(), now() + make_interval(secs => $11)
     FROM batch
-    ORDER BY scope, event_id
-    ON CONFLICT (scope, event_id) DO NOTHING
-    RETURNING scope, event_id
+    ORDER BY event_key
+    ON CONFLICT (event_key) DO NOTHING
+    RETURNING event_key
 ),
 revived AS (
     UPDATE processed_events pe
@@ -90,13 +90,13 @@ revived AS (
            source_offset = b.source_offset, payload_hash = b.payload_hash,
            first_seen_at = now(), expires_at = now() + make_interval(secs => $11)
       FROM batch b
-     WHERE pe.scope = b.scope AND pe.event_id = b.event_id AND pe.expires_at <= now()
+     WHERE pe.event_key = b.event_key AND pe.expires_at <= now()
        AND NOT EXISTS (SELECT 1 FROM inserted i
-                       WHERE i.scope = b.scope AND i.event_id = b.event_id)
-    RETURNING pe.scope, pe.event_id
+                       WHERE i.event_key = b.event_key)
+    RETURNING pe.event_key
 ),
 gate AS (
-    SELECT scope, event_id FROM inserted UNION ALL SELECT scope, event_id FROM revived
+    SELECT event_key FROM inserted UNION ALL SELECT event_key FROM revived
 ),"#;
 
 const QUEUED: &str = r#"
@@ -107,7 +107,7 @@ queued AS (
     SELECT b.scope, b.event_id, b.source_topic, b.source_partition, b.source_offset,
            b.source_timestamp_ms, b.key, b.value, b.headers
     FROM batch b
-    JOIN gate g ON g.scope = b.scope AND g.event_id = b.event_id
+    JOIN gate g ON g.event_key = b.event_key
     ORDER BY b.ord
     RETURNING 1
 )"#;
@@ -116,29 +116,29 @@ queued AS (
 /// every row of the batch, inserted or not.
 const RESULT_JOIN: &str = r#"
 SELECT b.ord,
-       g.event_id IS NOT NULL AS inserted,
+       g.event_key IS NOT NULL AS inserted,
        pe.source_topic, pe.source_partition, pe.source_offset,
        (pe.payload_hash IS DISTINCT FROM b.payload_hash) AS payload_differs
 FROM batch b
-LEFT JOIN gate g ON g.scope = b.scope AND g.event_id = b.event_id
+LEFT JOIN gate g ON g.event_key = b.event_key
 LEFT JOIN processed_events pe
-       ON g.event_id IS NULL AND pe.scope = b.scope AND pe.event_id = b.event_id
+       ON g.event_key IS NULL AND pe.event_key = b.event_key
 ORDER BY b.ord
 "#;
 
-/// The same lookup as a LATERAL subquery gated on `g.event_id IS NULL`: only the rows not
+/// The same lookup as a LATERAL subquery gated on `g.event_key IS NULL`: only the rows not
 /// inserted are looked up.
 const RESULT_LATERAL: &str = r#"
 SELECT b.ord,
-       g.event_id IS NOT NULL AS inserted,
+       g.event_key IS NOT NULL AS inserted,
        pe.source_topic, pe.source_partition, pe.source_offset,
        (pe.payload_hash IS DISTINCT FROM b.payload_hash) AS payload_differs
 FROM batch b
-LEFT JOIN gate g ON g.scope = b.scope AND g.event_id = b.event_id
+LEFT JOIN gate g ON g.event_key = b.event_key
 LEFT JOIN LATERAL (
     SELECT p.source_topic, p.source_partition, p.source_offset, p.payload_hash
     FROM processed_events p
-    WHERE g.event_id IS NULL AND p.scope = b.scope AND p.event_id = b.event_id
+    WHERE g.event_key IS NULL AND p.event_key = b.event_key
 ) pe ON true
 ORDER BY b.ord
 "#;
@@ -278,6 +278,7 @@ impl Workload {
             ));
             b.values.push(Some(self.value.clone()));
             b.headers.push(headers);
+            b.event_keys.push(kdedup::db::event_key(super::SCOPE, &id));
             b.ids.push(id);
         }
         self.recent.extend(fresh);
@@ -300,6 +301,7 @@ struct Batch {
     keys: Vec<Option<Vec<u8>>>,
     values: Vec<Option<Vec<u8>>>,
     headers: Vec<Vec<u8>>,
+    event_keys: Vec<uuid::Uuid>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -355,9 +357,12 @@ async fn session(
             .bind(&b.values)
             .bind(&b.headers)
             .bind(ttl);
+        // The shipped statement takes the event keys as $14, after the counters
+        // arrays; the alternatives, without those, as $12.
         if counters {
             q = q.bind(&empty_scopes).bind(&empty_counts);
         }
+        q = q.bind(&b.event_keys);
         let out = q.fetch_all(&mut *tx).await?;
         anyhow::ensure!(
             out.len() == b.ids.len(),
