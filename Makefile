@@ -9,10 +9,12 @@ demo:
 	scripts/services.sh postgres
 	cargo run --release --locked -- demo
 
-## Everything CI checks: formatting, lints, unit and integration tests, deploy manifests.
+## Everything CI checks: formatting, lints, unit and integration tests, deploy manifests,
+## and the binary under the container image's runtime conditions (needs root).
 test: lint services
 	cargo test --locked --all-targets --features crash-points
 	scripts/check-deploy.sh
+	scripts/check-image-runtime.sh target/debug/kdedup
 
 lint:
 	cargo fmt --all -- --check
