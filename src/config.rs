@@ -125,7 +125,7 @@ pub struct RunArgs {
     pub ttl: String,
 
     /// Most messages per gate transaction.
-    #[arg(long, env = "KDEDUP_BATCH_SIZE", default_value_t = 500)]
+    #[arg(long, env = "KDEDUP_BATCH_SIZE", default_value_t = 1000)]
     pub batch_size: usize,
 
     /// Longest wait for a batch to fill once its first message arrived (e.g. `20ms`).
@@ -789,7 +789,7 @@ impl RunArgs {
             return Err(ConfigError::new(
                 "batch_size",
                 format!("{} is out of range", self.batch_size),
-                "choose between 1 and 50000 (default 500)",
+                "choose between 1 and 50000 (default 1000)",
             ));
         }
         let batch_linger = parse_duration("batch_linger", &self.batch_linger, "20ms")?;
