@@ -128,6 +128,18 @@ pub struct RunArgs {
     #[arg(long, env = "KDEDUP_BATCH_SIZE", default_value_t = 1000)]
     pub batch_size: usize,
 
+    /// Gate lanes: each owns a share of the assigned partitions and runs its own gate
+    /// transactions on its own connection, at the same time as the others. A partition
+    /// belongs to one lane, so its order is kept. About one per Postgres core to spend.
+    #[arg(long, env = "KDEDUP_GATE_LANES", default_value_t = 2)]
+    pub gate_lanes: usize,
+
+    /// Most message bytes read ahead of the gate lanes (each message counts at least 1 KiB).
+    /// Lets the lanes work while librdkafka delivers a long run of one partition; the
+    /// memory it takes comes on top of librdkafka's prefetch queue.
+    #[arg(long, env = "KDEDUP_READ_AHEAD_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub read_ahead_bytes: usize,
+
     /// Longest wait for a batch to fill once its first message arrived (e.g. `20ms`).
     #[arg(long, env = "KDEDUP_BATCH_LINGER", default_value = "20ms")]
     pub batch_linger: String,
@@ -307,6 +319,8 @@ pub struct RunConfig {
     pub max_message_bytes: Option<usize>,
     pub on_payload_mismatch: PayloadMismatch,
     pub batch_size: usize,
+    pub gate_lanes: usize,
+    pub read_ahead_bytes: usize,
     pub batch_linger: Duration,
     pub batch_max_bytes: usize,
     pub relay_batch_size: usize,
@@ -450,6 +464,8 @@ impl fmt::Debug for RunConfig {
             .field("scope", &self.scope)
             .field("ttl", &humantime::format_duration(self.ttl).to_string())
             .field("batch_size", &self.batch_size)
+            .field("gate_lanes", &self.gate_lanes)
+            .field("read_ahead_bytes", &self.read_ahead_bytes)
             .field("batch_linger", &self.batch_linger)
             .field("relay", &self.relay)
             .field("metrics_addr", &self.metrics_addr)
@@ -792,6 +808,30 @@ impl RunArgs {
                 "choose between 1 and 50000 (default 1000)",
             ));
         }
+        if self.gate_lanes == 0 || self.gate_lanes > 16 {
+            return Err(ConfigError::new(
+                "gate_lanes",
+                format!("{} is out of range", self.gate_lanes),
+                "choose between 1 and 16 (default 2)",
+            ));
+        }
+        if self.gate_lanes as u32 > db.max_connections {
+            return Err(ConfigError::new(
+                "gate_lanes",
+                format!(
+                    "{} lanes need a connection each, but the pool holds {}",
+                    self.gate_lanes, db.max_connections
+                ),
+                "raise --db-max-connections (KDEDUP_DB_MAX_CONNECTIONS) or lower --gate-lanes",
+            ));
+        }
+        if self.read_ahead_bytes < 1024 {
+            return Err(ConfigError::new(
+                "read_ahead_bytes",
+                format!("{} is too small", self.read_ahead_bytes),
+                "choose at least 1024 (default 8388608)",
+            ));
+        }
         let batch_linger = parse_duration("batch_linger", &self.batch_linger, "20ms")?;
         if batch_linger > Duration::from_secs(10) {
             return Err(ConfigError::new(
@@ -875,6 +915,8 @@ impl RunArgs {
             max_message_bytes: (self.max_message_bytes > 0).then_some(self.max_message_bytes),
             on_payload_mismatch: self.on_payload_mismatch,
             batch_size: self.batch_size,
+            gate_lanes: self.gate_lanes,
+            read_ahead_bytes: self.read_ahead_bytes,
             batch_linger,
             batch_max_bytes: self.batch_max_bytes,
             relay_batch_size: self.relay_batch_size,

@@ -85,6 +85,8 @@ pub async fn run(args: DemoArgs, env: &dyn Env) -> anyhow::Result<()> {
         on_payload_mismatch: crate::config::PayloadMismatch::Skip,
         ttl: "7d".into(),
         batch_size: 1000,
+        gate_lanes: 2,
+        read_ahead_bytes: 8 << 20,
         batch_linger: "10ms".into(),
         batch_max_bytes: 16 << 20,
         relay_batch_size: 2000,

@@ -550,7 +550,7 @@ impl Gate {
     /// the consumer while the statement runs, so an attempt hung on a dead connection (a
     /// blackholed port answers nothing, not even a reset) must end well within
     /// `max.poll.interval.ms`, or the consumer is evicted from its group.
-    fn gate_timeout(&self) -> Duration {
+    pub(crate) fn gate_timeout(&self) -> Duration {
         let max_poll_ms = self
             .cfg
             .kafka
@@ -711,6 +711,21 @@ fn dlq_record<'a>(
     record
 }
 
+/// Stores a settled batch's offsets; librdkafka's auto-commit commits them.
+fn store_offsets(consumer: &Consumer, next: &BTreeMap<(String, i32), i64>) {
+    let mut tpl = TopicPartitionList::with_capacity(next.len());
+    for ((topic, partition), offset) in next {
+        if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
+            warn!(topic, partition, error = %e, "cannot express offset");
+        }
+    }
+    if let Err(e) = consumer.store_offsets(&tpl) {
+        // The partition was revoked while the batch was in flight: the new owner
+        // re-reads from the last committed offset and the gate absorbs the repeat.
+        debug!(error = %e, "offsets not stored (partition no longer assigned); it will be redelivered");
+    }
+}
+
 /// Next offset to read per partition: one past the last message of the batch.
 pub fn next_offsets(batch: &[InputMessage]) -> BTreeMap<(String, i32), i64> {
     let mut next = BTreeMap::new();
@@ -724,9 +739,136 @@ pub fn next_offsets(batch: &[InputMessage]) -> BTreeMap<(String, i32), i64> {
 }
 
 /// The consumer loop of `kdedup run`.
+///
+/// One reader polls the consumer and hands each message to the gate lane that owns its
+/// partition (`--gate-lanes`); each lane batches, gates and stores offsets for its own
+/// partitions on its own connection, so lanes run gate transactions at the same time while
+/// every partition keeps its order and its offsets still move only after its commit. The
+/// reader runs ahead of the lanes by a bounded amount: enough to read past a long
+/// run of one partition (librdkafka delivers a backlog partition by partition) to the next
+/// lane's messages (`--read-ahead-bytes`). When the lanes have not made room for a while (Postgres down), the
+/// reader holds the input: it pauses the partitions and keeps polling so the consumer stays
+/// in its group, and rewinds over what it dropped (see [`Keepalive`]). It is the only
+/// poller, so for every partition the messages in the lanes precede the dropped ones.
 pub struct Pipeline {
     pub gate: Gate,
     pub consumer: Arc<Consumer>,
+}
+
+/// What a message counts against the read-ahead, in KiB (at least 1).
+fn read_ahead_cost(msg: &InputMessage) -> usize {
+    msg.size().div_ceil(1024).max(1)
+}
+
+/// The lane that owns a partition.
+pub fn lane_of(topic: &str, partition: i32, lanes: usize) -> usize {
+    // Stable across processes and restarts (not `DefaultHasher`, which is seeded).
+    let t = topic
+        .bytes()
+        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+    (t.wrapping_add(partition as u64) % lanes.max(1) as u64) as usize
+}
+
+/// Room the lanes have made for the reader, in KiB.
+struct ReadAhead {
+    limit_kib: usize,
+    in_lanes: std::sync::atomic::AtomicUsize,
+    freed: Notify,
+}
+
+impl ReadAhead {
+    fn new(limit_bytes: usize) -> Self {
+        ReadAhead {
+            limit_kib: (limit_bytes / 1024).max(1),
+            in_lanes: Default::default(),
+            freed: Notify::new(),
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.in_lanes.load(std::sync::atomic::Ordering::Acquire) >= self.limit_kib
+    }
+
+    fn take(&self, cost: usize) {
+        self.in_lanes
+            .fetch_add(cost, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    fn give_back(&self, cost: usize) {
+        self.in_lanes
+            .fetch_sub(cost, std::sync::atomic::Ordering::AcqRel);
+        self.freed.notify_one();
+    }
+
+    async fn room(&self) {
+        while self.full() {
+            self.freed.notified().await;
+        }
+    }
+}
+
+/// One gate lane: its own batches, gate transactions and offsets.
+struct Lane {
+    gate: Gate,
+    consumer: Arc<Consumer>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<InputMessage>,
+    read_ahead: Arc<ReadAhead>,
+    durable: Arc<std::sync::Mutex<BTreeMap<(String, i32), i64>>>,
+}
+
+impl Lane {
+    async fn run(mut self, stop: CancellationToken) {
+        loop {
+            let batch = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                batch = self.collect_batch() => batch,
+            };
+            if batch.is_empty() {
+                break; // the reader has stopped
+            }
+            let next = next_offsets(&batch);
+            let cost: usize = batch.iter().map(read_ahead_cost).sum();
+            self.gate.metrics.batch_size.observe(batch.len() as f64);
+            if let Err(Abandoned) = self.gate.settle(batch, &stop).await {
+                info!("stop requested; unfinished batch abandoned, it will be redelivered");
+                break;
+            }
+            crash::reached(crash::Point::AfterDbCommit);
+            store_offsets(&self.consumer, &next);
+            // That crash point is about offsets the coordinator has, not only stored ones
+            // (auto-commit sends those within a second): commit them first.
+            if crash::armed(crash::Point::AfterOffsetCommit) {
+                let _ = self.consumer.commit_consumer_state(CommitMode::Sync);
+                crash::reached(crash::Point::AfterOffsetCommit);
+            }
+            self.durable.lock().expect("durable lock").extend(next);
+            self.read_ahead.give_back(cost);
+        }
+    }
+
+    /// Waits for a first message, then fills the batch until it is full or the linger
+    /// time since that first message has passed. Empty when the reader has stopped.
+    async fn collect_batch(&mut self) -> Vec<InputMessage> {
+        let cfg = &self.gate.cfg;
+        let mut batch = Vec::new();
+        let mut bytes = 0usize;
+        let mut deadline: Option<tokio::time::Instant> = None;
+        while batch.len() < cfg.batch_size && bytes < cfg.batch_max_bytes {
+            let next = match deadline {
+                None => self.rx.recv().await,
+                Some(d) => match tokio::time::timeout_at(d, self.rx.recv()).await {
+                    Ok(next) => next,
+                    Err(_elapsed) => break,
+                },
+            };
+            let Some(msg) = next else { break };
+            bytes += msg.size();
+            batch.push(msg);
+            deadline.get_or_insert_with(|| tokio::time::Instant::now() + cfg.batch_linger);
+        }
+        batch
+    }
 }
 
 impl Pipeline {
@@ -739,100 +881,119 @@ impl Pipeline {
             .map(String::as_str)
             .collect();
         self.consumer.subscribe(&topics)?;
-        info!(topics = ?topics, group_id = self.gate.cfg.group_id, "consuming");
+        let lanes = self.gate.cfg.gate_lanes.max(1);
+        info!(topics = ?topics, group_id = self.gate.cfg.group_id, lanes, "consuming");
+        let read_ahead = Arc::new(ReadAhead::new(self.gate.cfg.read_ahead_bytes));
         // Offsets made durable so far, for the final commit.
-        let mut durable: BTreeMap<(String, i32), i64> = BTreeMap::new();
-        loop {
-            let batch = tokio::select! {
-                biased;
-                _ = stop.cancelled() => break,
-                batch = self.collect_batch() => batch,
+        let durable = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+        let mut senders = Vec::with_capacity(lanes);
+        let mut workers = Vec::with_capacity(lanes);
+        for _ in 0..lanes {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            senders.push(tx);
+            let lane = Lane {
+                // Lanes never poll the consumer: the reader is its only poller.
+                gate: Gate {
+                    keepalive: None,
+                    ..self.gate.clone()
+                },
+                consumer: self.consumer.clone(),
+                rx,
+                read_ahead: read_ahead.clone(),
+                durable: durable.clone(),
             };
-            if batch.is_empty() {
-                continue;
-            }
-            let next = next_offsets(&batch);
-            self.gate.metrics.batch_size.observe(batch.len() as f64);
-            match self.gate.settle(batch, &stop).await {
-                Ok(_) => {}
-                Err(Abandoned) => {
-                    info!("stop requested; unfinished batch abandoned, it will be redelivered");
-                    break;
-                }
-            }
-            crash::reached(crash::Point::AfterDbCommit);
-            self.store_offsets(&next);
-            // That crash point is about offsets the coordinator has, not only stored ones
-            // (auto-commit sends those within a second): commit them first.
-            if crash::armed(crash::Point::AfterOffsetCommit) {
-                let _ = self.consumer.commit_consumer_state(CommitMode::Sync);
-                crash::reached(crash::Point::AfterOffsetCommit);
-            }
-            durable.extend(next);
-            if let Some((topic, partition, offset)) = self
-                .gate
-                .keepalive
-                .as_ref()
-                .and_then(|k| k.rewind_failure())
-            {
-                self.final_commit(&durable);
-                self.consumer.unsubscribe();
-                anyhow::bail!(
-                    "partition {topic}/{partition} could not be rewound to offset {offset} after the input was held; \
-                     stopping so that a restart re-reads it from its committed offset (nothing is lost)"
-                );
+            workers.push(tokio::spawn(lane.run(stop.clone())));
+        }
+        let result = self.read(&senders, &read_ahead, &stop).await;
+        // Closing the channels ends each lane after the batch in hand; what is still queued
+        // was never gated, its offsets never stored: it is redelivered.
+        drop(senders);
+        if result.is_err() {
+            stop.cancel();
+        }
+        for w in workers {
+            if let Err(e) = w.await {
+                error!(error = %e, "gate lane failed");
             }
         }
+        let durable = std::mem::take(&mut *durable.lock().expect("durable lock"));
         self.final_commit(&durable);
         self.consumer.unsubscribe();
-        Ok(())
+        result
     }
 
-    /// Waits for a first message, then fills the batch until it is full or the linger
-    /// time since that first message has passed.
-    async fn collect_batch(&self) -> Vec<InputMessage> {
-        let cfg = &self.gate.cfg;
-        let mut batch = Vec::new();
-        let mut bytes = 0usize;
-        let mut deadline: Option<tokio::time::Instant> = None;
-        while batch.len() < cfg.batch_size && bytes < cfg.batch_max_bytes {
-            let next = match deadline {
-                None => Ok(self.consumer.recv().await),
-                Some(d) => tokio::time::timeout_at(d, self.consumer.recv()).await,
+    /// The reader: polls the consumer and queues each message on its partition's lane,
+    /// until `stop`.
+    async fn read(
+        &self,
+        lanes: &[tokio::sync::mpsc::UnboundedSender<InputMessage>],
+        read_ahead: &ReadAhead,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        // Nothing polls the consumer while the reader waits for room, so past this the
+        // input is held (paused and polled) to stay within max.poll.interval.ms.
+        let hold_after = self.gate.gate_timeout();
+        loop {
+            if read_ahead.full() {
+                let waited = tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    w = tokio::time::timeout(hold_after, read_ahead.room()) => w,
+                };
+                if waited.is_err() {
+                    self.hold_until_room(read_ahead, stop).await?;
+                }
+                continue;
+            }
+            let next = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return Ok(()),
+                m = self.consumer.recv() => m,
             };
             match next {
-                Err(_elapsed) => break,
-                Ok(Ok(m)) => {
+                Ok(m) => {
                     let msg = InputMessage::from_kafka(&m);
-                    bytes += msg.size();
-                    batch.push(msg);
-                    deadline.get_or_insert_with(|| tokio::time::Instant::now() + cfg.batch_linger);
-                }
-                Ok(Err(e)) => {
-                    warn!(error = %e, "kafka consumer error");
-                    if batch.is_empty() {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    } else {
-                        break;
+                    let lane = lane_of(&msg.topic, msg.partition, lanes.len());
+                    read_ahead.take(read_ahead_cost(&msg));
+                    if lanes[lane].send(msg).is_err() {
+                        // A lane ends before the reader only when stopping.
+                        return Ok(());
                     }
                 }
+                Err(e) => {
+                    warn!(error = %e, "kafka consumer error");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
         }
-        batch
     }
 
-    fn store_offsets(&self, next: &BTreeMap<(String, i32), i64>) {
-        let mut tpl = TopicPartitionList::with_capacity(next.len());
-        for ((topic, partition), offset) in next {
-            if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
-                warn!(topic, partition, error = %e, "cannot express offset");
+    /// Holds the input (paused, polled, dropped arrivals rewound) until the lanes have
+    /// room again. Errors when a held partition could not be rewound.
+    async fn hold_until_room(
+        &self,
+        read_ahead: &ReadAhead,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let Some(k) = &self.gate.keepalive else {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = read_ahead.room() => {}
+            }
+            return Ok(());
+        };
+        while read_ahead.full() {
+            if !k.idle(Duration::from_millis(200), stop).await {
+                return Ok(());
             }
         }
-        if let Err(e) = self.consumer.store_offsets(&tpl) {
-            // The partition was revoked while the batch was in flight: the new owner
-            // re-reads from the last committed offset and the gate absorbs the repeat.
-            debug!(error = %e, "offsets not stored (partition no longer assigned); it will be redelivered");
+        k.resume().await;
+        if let Some((topic, partition, offset)) = k.rewind_failure() {
+            anyhow::bail!(
+                "partition {topic}/{partition} could not be rewound to offset {offset} after the input was held; \
+                 stopping so that a restart re-reads it from its committed offset (nothing is lost)"
+            );
         }
+        Ok(())
     }
 
     /// Commits durable offsets of partitions still assigned, synchronously, before leaving
@@ -887,6 +1048,26 @@ mod tests {
         assert_eq!(next[&("a".to_string(), 0)], 7);
         assert_eq!(next[&("a".to_string(), 1)], 10);
         assert_eq!(next[&("b".to_string(), 0)], 2);
+    }
+
+    #[test]
+    fn each_partition_has_one_lane_and_partitions_spread_over_lanes() {
+        for lanes in 1..=4 {
+            let mut per_lane = vec![0; lanes];
+            for p in 0..8 {
+                let lane = lane_of("orders", p, lanes);
+                assert_eq!(lane, lane_of("orders", p, lanes), "stable");
+                per_lane[lane] += 1;
+            }
+            // Consecutive partitions of one topic go round the lanes.
+            assert!(
+                per_lane
+                    .iter()
+                    .all(|&n| n == 8 / lanes || n == 8 / lanes + 1),
+                "{per_lane:?}"
+            );
+        }
+        assert_eq!(lane_of("orders", 3, 1), 0);
     }
 
     #[test]

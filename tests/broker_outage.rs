@@ -62,6 +62,8 @@ async fn a_broker_outage_loses_nothing_and_the_relay_resumes() {
         on_payload_mismatch: PayloadMismatch::Skip,
         ttl: "7d".into(),
         batch_size: 100,
+        gate_lanes: 2,
+        read_ahead_bytes: 8 << 20,
         batch_linger: "10ms".into(),
         batch_max_bytes: 1 << 20,
         relay_batch_size: 500,
