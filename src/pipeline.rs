@@ -10,6 +10,8 @@
 //! - A Postgres or DLQ failure retries the same batch with capped, jittered backoff. On
 //!   shutdown an unfinished batch is abandoned: its offsets were never stored, so it is
 //!   redelivered and the gate absorbs whatever part of it did commit.
+//! - Batches are made by gate lanes, each owning whole partitions ([`Pipeline`]), so every
+//!   rule above holds per partition while several lanes commit at once.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
