@@ -1377,6 +1377,11 @@ fn step(what: &str) {
     println!("==> {what}");
 }
 
+/// The sweep row that raises librdkafka's prefetch queue back to its 64 MiB default: an
+/// experiment on memory, so the peak-RSS target (which is about kdedup as shipped) reports
+/// it beside the target rather than in it.
+const SWEEP_BIG_PREFETCH: &str = "bench tuning, librdkafka's default prefetch queue (64 MiB)";
+
 /// The input topic's tuning sweep: (label, kdedup environment).
 fn sweep_configs() -> Vec<(String, Vec<(String, String)>)> {
     let e = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
@@ -1418,7 +1423,7 @@ fn sweep_configs() -> Vec<(String, Vec<(String, String)>)> {
             ]),
         ),
         (
-            "bench tuning, librdkafka's default prefetch queue (64 MiB)".into(),
+            SWEEP_BIG_PREFETCH.into(),
             e(&[("KDEDUP_KAFKA_QUEUED_MAX_MESSAGES_KBYTES", "65536")]),
         ),
     ]
@@ -2244,10 +2249,20 @@ impl Report {
         let rss = self
             .runs
             .values()
-            .chain(self.sweep.iter().map(|(_, r)| r))
+            .chain(
+                self.sweep
+                    .iter()
+                    .filter(|(label, _)| label != SWEEP_BIG_PREFETCH)
+                    .map(|(_, r)| r),
+            )
             .filter_map(|r| r.peak_rss_kib)
             .chain(self.latency.iter().filter_map(|(_, l)| l.peak_rss_kib))
             .max();
+        let rss_big_prefetch = self
+            .sweep
+            .iter()
+            .find(|(label, _)| label == SWEEP_BIG_PREFETCH)
+            .and_then(|(_, r)| r.peak_rss_kib);
 
         let n = b.sizes.n;
         let _ = writeln!(s, "\n## Throughput\n");
@@ -2417,9 +2432,17 @@ impl Report {
         match rss {
             Some(k) => {
                 let mib = k as f64 / 1024.0;
+                let experiment = rss_big_prefetch
+                    .map(|k| {
+                        format!(
+                            "; the sweep's 64 MiB-prefetch experiment, not counted: {:.1} MiB",
+                            k as f64 / 1024.0
+                        )
+                    })
+                    .unwrap_or_default();
                 let _ = writeln!(
                     s,
-                    "| peak RSS ≤ 100 MiB (highest VmHWM of all kdedup runs) | {mib:.1} MiB | {} |",
+                    "| peak RSS ≤ 100 MiB (highest VmHWM of the kdedup runs at the shipped prefetch size{experiment}) | {mib:.1} MiB | {} |",
                     if mib <= 100.0 { "yes" } else { "**no**" }
                 );
             }
