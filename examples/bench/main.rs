@@ -2137,6 +2137,14 @@ impl Report {
                 "status",
                 "--porcelain",
                 "--untracked-files=no",
+                // What the binaries are built from; an edited page of documentation does
+                // not make a run "uncommitted".
+                "--",
+                "src",
+                "migrations",
+                "examples",
+                "Cargo.toml",
+                "Cargo.lock",
             ])
             .output()
             .map(|o| !o.stdout.is_empty())
