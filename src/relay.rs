@@ -158,6 +158,10 @@ impl Relay {
             return Exit::Stopped;
         };
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        // Rounds of this session, for the debug log: a round's rows are "sending" until
+        // its "outbox rows deleted"; a round that never got there is republished by the
+        // next relay, and whatever the broker had written of it appears twice.
+        let mut round: u64 = 0;
         loop {
             let stopping = stop.is_cancelled();
             let rows: Vec<OutboxRow> = match sqlx::query_as(
@@ -188,7 +192,8 @@ impl Relay {
                 continue;
             }
             let started = Instant::now();
-            let (acked, failed) = self.publish(&rows, partitions).await;
+            round += 1;
+            let (acked, failed) = self.publish(&rows, partitions, round).await;
             if !acked.is_empty() {
                 crate::crash::reached(crate::crash::Point::RelayAfterAck);
                 if let Err(e) = sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
@@ -200,6 +205,7 @@ impl Relay {
                     // the kdedup-event-id header makes the repeat recognisable.
                     return Exit::ConnectionLost(e);
                 }
+                debug!(round, rows = acked.len(), "outbox rows deleted");
                 self.metrics.events_forwarded.inc_by(acked.len() as u64);
             }
             self.metrics
@@ -218,9 +224,15 @@ impl Relay {
 
     /// Produces `rows` in order and waits for every acknowledgement. Returns the ids the
     /// broker acknowledged and how many failed (those stay in the outbox).
-    async fn publish(&self, rows: &[OutboxRow], partitions: i32) -> (Vec<i64>, usize) {
+    async fn publish(&self, rows: &[OutboxRow], partitions: i32, round: u64) -> (Vec<i64>, usize) {
         let mut deliveries = Vec::with_capacity(rows.len());
         for row in rows {
+            debug!(
+                event_id = row.event_id,
+                outbox_id = row.id,
+                round,
+                "sending"
+            );
             let input_headers = match headers::decode(&row.headers) {
                 Ok(h) => h,
                 Err(e) => {
