@@ -229,6 +229,10 @@ impl Relay {
         for row in rows {
             debug!(
                 event_id = row.event_id,
+                scope = row.scope,
+                topic = row.source_topic,
+                partition = row.source_partition,
+                offset = row.source_offset,
                 outbox_id = row.id,
                 round,
                 "sending"
