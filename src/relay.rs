@@ -22,7 +22,7 @@ use rdkafka::util::Timeout;
 use sqlx::PgConnection;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn, Level};
 
 use crate::config::RunConfig;
 use crate::db::{self, ADVISORY_LOCK_CLASS};
@@ -31,6 +31,22 @@ use crate::kafka;
 use crate::metrics::Metrics;
 use crate::pipeline::header;
 use crate::retry::Backoff;
+
+/// Logs an event about one outbox row with the fields every event line carries: the event
+/// id, its scope and its source position, so `grep event_id=X` finds the whole story.
+macro_rules! row_event {
+    ($level:expr, $row:ident, $($rest:tt)+) => {
+        tracing::event!(
+            $level,
+            event_id = $row.event_id,
+            scope = $row.scope,
+            topic = $row.source_topic,
+            partition = $row.source_partition,
+            offset = $row.source_offset,
+            $($rest)+
+        )
+    };
+}
 
 pub struct Relay {
     pub cfg: Arc<RunConfig>,
@@ -227,23 +243,12 @@ impl Relay {
     async fn publish(&self, rows: &[OutboxRow], partitions: i32, round: u64) -> (Vec<i64>, usize) {
         let mut deliveries = Vec::with_capacity(rows.len());
         for row in rows {
-            debug!(
-                event_id = row.event_id,
-                scope = row.scope,
-                topic = row.source_topic,
-                partition = row.source_partition,
-                offset = row.source_offset,
-                outbox_id = row.id,
-                round,
-                "sending"
-            );
+            row_event!(Level::DEBUG, row, outbox_id = row.id, round, "sending");
             let input_headers = match headers::decode(&row.headers) {
                 Ok(h) => h,
                 Err(e) => {
-                    error!(event_id = row.event_id, scope = row.scope, topic = row.source_topic,
-                           partition = row.source_partition, offset = row.source_offset,
-                           outbox_id = row.id, error = %e,
-                           "outbox row has corrupt headers; publishing without them");
+                    row_event!(Level::ERROR, row, outbox_id = row.id, error = %e,
+                               "outbox row has corrupt headers; publishing without them");
                     Vec::new()
                 }
             };
@@ -300,9 +305,8 @@ impl Relay {
                                 .poll(Timeout::After(Duration::from_millis(10)));
                             tokio::time::sleep(Duration::from_millis(5)).await;
                         } else {
-                            error!(event_id = row.event_id, scope = row.scope, topic = row.source_topic,
-                                   partition = row.source_partition, offset = row.source_offset,
-                                   error = %e, "produce to output topic refused");
+                            row_event!(Level::ERROR, row, error = %e,
+                                       "produce to output topic refused");
                             deliveries.push(None);
                             break;
                         }
@@ -333,20 +337,13 @@ impl Relay {
                         .latency
                         .with_label_values(&["commit_to_ack"])
                         .observe(secs);
-                    debug!(
-                        event_id = row.event_id,
-                        scope = row.scope,
-                        topic = row.source_topic,
-                        partition = row.source_partition,
-                        offset = row.source_offset,
-                        "forwarded"
-                    );
+                    row_event!(Level::DEBUG, row, "forwarded");
                 }
                 Err(e) => {
                     failed += 1;
                     self.metrics.relay_failures.inc();
-                    warn!(event_id = row.event_id, scope = row.scope, topic = row.source_topic, partition = row.source_partition,
-                          offset = row.source_offset, error = %e, "output produce failed; the row stays in the outbox");
+                    row_event!(Level::WARN, row, error = %e,
+                               "output produce failed; the row stays in the outbox");
                 }
             }
         }
