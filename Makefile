@@ -1,5 +1,5 @@
 # The commands CI runs are written down here, and only here.
-.PHONY: demo test lint unit integration deploy-check services fmt
+.PHONY: demo test lint unit integration deploy-check services fmt deny
 
 export KDEDUP_TEST_BROKERS ?= 127.0.0.1:19092
 export KDEDUP_TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
@@ -11,10 +11,15 @@ demo:
 
 ## Everything CI checks: formatting, lints, unit and integration tests, deploy manifests,
 ## and the binary under the container image's runtime conditions (needs root).
-test: lint services
+test: lint services deny
 	cargo test --locked --all-targets --features crash-points
 	scripts/check-deploy.sh
 	scripts/check-image-runtime.sh target/debug/kdedup
+
+## Dependency licences, bans and sources (deny.toml); advisories need a network these
+## machines lack.
+deny:
+	scripts/cargo-deny.sh
 
 lint:
 	cargo fmt --all -- --check

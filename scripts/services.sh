@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Starts what the demo and the tests need on this machine, installing it where missing:
 #   postgres  - the local PostgreSQL server on 127.0.0.1:5432 (Debian's `postgresql`)
+#   pg-tls    - a second PostgreSQL cluster that requires TLS, on 127.0.0.1:$KDEDUP_TEST_TLS_PG_PORT
+#               (default 5433), with its certificates in .tmp/pg-tls/ (scripts/pg-tls.sh)
 #   broker    - tansu 0.6.0, a Kafka-protocol broker, in memory, on 127.0.0.1:$KDEDUP_TEST_BROKER_PORT
 #   prometheus - Debian's `prometheus` package, for its binaries only: tests/prometheus.rs
 #               starts its own server on a free port and runs promtool; no service is kept
-# Usage: scripts/services.sh postgres|broker|prometheus|all|stop-broker
+# Usage: scripts/services.sh postgres|pg-tls|broker|prometheus|all|stop-broker
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -109,6 +111,10 @@ ensure_prometheus() {
   fi
 }
 
+ensure_pg_tls() {
+  "$ROOT/scripts/pg-tls.sh"
+}
+
 stop_broker() {
   if [ -f "$TMP/tansu.pid" ]; then
     kill "$(cat "$TMP/tansu.pid")" 2>/dev/null || true
@@ -118,9 +124,10 @@ stop_broker() {
 
 case "${1:-all}" in
   postgres) ensure_postgres ;;
+  pg-tls) ensure_pg_tls ;;
   broker) ensure_broker ;;
   prometheus) ensure_prometheus ;;
-  all) ensure_postgres; ensure_broker; ensure_prometheus ;;
+  all) ensure_postgres; ensure_pg_tls; ensure_broker; ensure_prometheus ;;
   stop-broker) stop_broker ;;
-  *) echo "usage: $0 postgres|broker|prometheus|all|stop-broker" >&2; exit 64 ;;
+  *) echo "usage: $0 postgres|pg-tls|broker|prometheus|all|stop-broker" >&2; exit 64 ;;
 esac

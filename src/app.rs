@@ -41,7 +41,9 @@ pub async fn run(
     started: Option<tokio::sync::oneshot::Sender<Running>>,
 ) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
-    metrics.ttl_seconds.set(cfg.ttl.as_secs() as i64);
+    metrics
+        .ttl_seconds
+        .set(i64::try_from(cfg.ttl.as_secs()).unwrap_or(i64::MAX));
     let health = Arc::new(Health::default());
     let admin_stop = CancellationToken::new();
     let (admin_addr, admin_task) = admin::serve(
@@ -61,6 +63,27 @@ pub async fn run(
         });
     }
 
+    // One connection first: settings the server refuses (TLS, login, database) end the
+    // start here with the fix named; an unreachable server is waited for.
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        match db::check_connection(&cfg.db).await? {
+            Ok(security) => {
+                log_connection_security(&cfg.db, &security);
+                break;
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
+                      database_url = crate::config::redact_url(&cfg.db.url),
+                      "connecting to Postgres failed; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
     let pool = db::pool(&cfg.db)?;
     if cfg.migrate_on_start {
         if !retry_until(&stop, "applying migrations", || {
@@ -80,6 +103,11 @@ pub async fn run(
         create_topics(&cfg, &producer).await?;
     }
     check_retention(&cfg, &metrics).await;
+    let max_message_bytes = input_size_limit(&cfg).await;
+    info!(
+        max_message_bytes,
+        "largest input message accepted (larger ones are dead-lettered)"
+    );
 
     let relay_wakeup = Arc::new(Notify::new());
     let consumer = Arc::new(kafka::consumer(
@@ -100,7 +128,7 @@ pub async fn run(
     let checks = tokio::spawn(health_checks(
         pool.clone(),
         producer.clone(),
-        cfg.brokers.clone(),
+        cfg.input_topics[0].clone(),
         health.clone(),
         metrics.clone(),
         checks_stop.clone(),
@@ -141,8 +169,10 @@ pub async fn run(
             relay_wakeup,
             origin: Origin::Live,
             keepalive: Some(Arc::new(crate::pipeline::Keepalive::new(consumer.clone()))),
+            max_message_bytes,
         },
         consumer: consumer.clone(),
+        health: Some(health.clone()),
     };
     let result = pipeline.run(consume_stop).await;
     info!("consumer stopped");
@@ -168,6 +198,23 @@ pub async fn run(
         );
     }
     result
+}
+
+/// Says once how the connection to Postgres is protected. Plaintext is a warning unless
+/// the URL asked for it (`sslmode=disable`): with libpq's default, `prefer`, a server
+/// without TLS is used in plaintext without a word.
+pub fn log_connection_security(db: &crate::config::DbConfig, security: &db::ConnectionSecurity) {
+    if security.ssl {
+        info!(
+            tls_version = security.version.as_deref().unwrap_or("?"),
+            cipher = security.cipher.as_deref().unwrap_or("?"),
+            "connected to Postgres over TLS"
+        );
+    } else if db.url.contains("sslmode=disable") || db.url.contains("ssl-mode=disable") {
+        info!("connected to Postgres without TLS (sslmode=disable)");
+    } else {
+        warn!("connected to Postgres WITHOUT TLS: the server offers none; set sslmode=verify-full (with sslrootcert) in KDEDUP_DATABASE_URL to require it");
+    }
 }
 
 /// Where the health checks report a fatal Kafka client error: the reason, and the stop
@@ -222,6 +269,48 @@ pub async fn create_topics(cfg: &RunConfig, producer: &FutureProducer) -> anyhow
     Ok(())
 }
 
+/// Room kept in an output record for kdedup's own headers (`kdedup-event-id`, at most
+/// `--max-id-bytes`, and `kdedup-source`, a topic name and two numbers) and the record's
+/// framing.
+fn own_header_room(cfg: &RunConfig) -> usize {
+    cfg.id.max_id_bytes + 512
+}
+
+/// The largest input message kdedup accepts: `--max-message-bytes`, lowered to what the
+/// output topic (`max.message.bytes`) and the producer (`message.max.bytes`) take once
+/// kdedup's own headers are added. A larger message would pass the gate and then be
+/// refused by the broker at relay time; this way it is dead-lettered at once, with the
+/// reason. `None` when nothing limits it (the check is off and the limits are unknown).
+pub async fn input_size_limit(cfg: &RunConfig) -> Option<usize> {
+    let mut limits: Vec<usize> = cfg.max_message_bytes.into_iter().collect();
+    let room = own_header_room(cfg);
+    match kafka::topic_config(
+        &cfg.brokers,
+        &cfg.kafka,
+        std::slice::from_ref(&cfg.output_topic),
+        "max.message.bytes",
+    )
+    .await
+    {
+        Ok(found) => limits.extend(
+            found
+                .iter()
+                .filter_map(|(_, v)| v.parse::<usize>().ok())
+                .map(|topic_limit| topic_limit.saturating_sub(room)),
+        ),
+        Err(e) => warn!(error = %e, output_topic = cfg.output_topic,
+                        "cannot read the output topic's max.message.bytes; only --max-message-bytes limits input size"),
+    }
+    let producer_limit = cfg
+        .kafka
+        .0
+        .get("message.max.bytes")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1_000_000);
+    limits.push(producer_limit.saturating_sub(room));
+    limits.into_iter().min()
+}
+
 /// Exports each input topic's retention and warns when the TTL is shorter: an event
 /// re-read (or replayed) after its gate row expired would be forwarded again.
 async fn check_retention(cfg: &RunConfig, metrics: &Metrics) {
@@ -232,7 +321,7 @@ async fn check_retention(cfg: &RunConfig, metrics: &Metrics) {
                     .input_retention
                     .with_label_values(&[topic.as_str()])
                     .set(secs);
-                let ttl = cfg.ttl.as_secs() as i64;
+                let ttl = i64::try_from(cfg.ttl.as_secs()).unwrap_or(i64::MAX);
                 if secs < 0 || ttl < secs {
                     warn!(topic, retention_s = secs, ttl_s = ttl,
                           "TTL is shorter than the input topic's retention: an event re-read after its id expired would be forwarded again; raise KDEDUP_TTL above the retention plus the longest expected lag");
@@ -245,10 +334,19 @@ async fn check_retention(cfg: &RunConfig, metrics: &Metrics) {
     }
 }
 
+/// Outbox rows counted exactly by the health checks; above this, an estimate.
+const OUTBOX_EXACT: i64 = 100_000;
+
 /// Gauges read from Postgres, on every replica (so a standby relay or pruner still reports
 /// them): table size estimate, outbox backlog and the age of its oldest row, and the age of
 /// the oldest gate row.
 async fn table_stats(pool: &PgPool, metrics: &Metrics) -> Result<(), sqlx::Error> {
+    // Every replica runs this every 2 s: each statement is bounded, and a slow database
+    // (or a huge backlog) skips a refresh instead of piling up queries.
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL statement_timeout = '1s'")
+        .execute(&mut *tx)
+        .await?;
     // The statistics collector's live-tuple count follows inserts and deletes within a
     // second or so; the planner's reltuples waits for the next ANALYZE (and is -1 on a
     // table never analyzed), so it is only the fallback.
@@ -257,24 +355,29 @@ async fn table_stats(pool: &PgPool, metrics: &Metrics) -> Result<(), sqlx::Error
          FROM pg_class c LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
          WHERE c.oid = to_regclass('processed_events')",
     )
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tx)
     .await?
     .flatten();
     metrics.processed_events_rows.set(rows.unwrap_or(0));
     let oldest: Option<f64> = sqlx::query_scalar(
         "SELECT extract(epoch FROM now() - created_at)::float8 FROM outbox ORDER BY id LIMIT 1",
     )
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tx)
     .await?;
     metrics
         .outbox_oldest_age
         .set(oldest.map_or(0, |s| s.max(0.0) as i64));
-    // Counting is linear in the backlog; capped so that a huge backlog (an output topic
-    // down for hours) does not turn this check into a heavy scan every two seconds.
-    let backlog: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM (SELECT 1 FROM outbox LIMIT 10000000) o")
-            .fetch_one(pool)
-            .await?;
+    // Exact up to OUTBOX_EXACT rows; past that (an output topic down for hours) the
+    // statistics collector's estimate, so this stays a small read however large it grows.
+    let backlog: i64 = sqlx::query_scalar(
+        "SELECT CASE WHEN exact.n <= $1 THEN exact.n
+                     ELSE greatest(coalesce(s.n_live_tup, 0), exact.n) END
+         FROM (SELECT count(*) AS n FROM (SELECT 1 FROM outbox LIMIT $1 + 1) o) exact
+         LEFT JOIN pg_stat_user_tables s ON s.relid = to_regclass('outbox')",
+    )
+    .bind(OUTBOX_EXACT)
+    .fetch_one(&mut *tx)
+    .await?;
     metrics.outbox_backlog.set(backlog);
     // The row that expires first is the oldest one (the TTL is the same for every row
     // written by one configuration); found through the pruner's index, not a scan.
@@ -282,11 +385,12 @@ async fn table_stats(pool: &PgPool, metrics: &Metrics) -> Result<(), sqlx::Error
         "SELECT extract(epoch FROM now() - first_seen_at)::float8 FROM processed_events \
          ORDER BY expires_at LIMIT 1",
     )
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tx)
     .await?;
     metrics
         .oldest_row_age
         .set(oldest_row.map_or(0, |s| s.max(0.0) as i64));
+    tx.commit().await?;
     Ok(())
 }
 
@@ -294,7 +398,7 @@ async fn table_stats(pool: &PgPool, metrics: &Metrics) -> Result<(), sqlx::Error
 async fn health_checks(
     pool: PgPool,
     producer: FutureProducer,
-    brokers: String,
+    probe_topic: String,
     health: Arc<Health>,
     metrics: Metrics,
     stop: CancellationToken,
@@ -321,19 +425,17 @@ async fn health_checks(
             let _ = table_stats(&pool, &metrics).await;
         }
 
-        let (p, b) = (producer.clone(), brokers.clone());
+        let (p, t) = (producer.clone(), probe_topic.clone());
         let broker = tokio::task::spawn_blocking(move || {
             use rdkafka::producer::Producer;
+            // One of kdedup's own topics: metadata of every topic in a large cluster is
+            // a heavy request to make every 2 s from every replica.
             p.client()
-                .fetch_metadata(None, Duration::from_secs(3))
-                .map(|md| !md.brokers().is_empty())
-                .unwrap_or(false)
-                .then_some(b)
+                .fetch_metadata(Some(&t), Duration::from_secs(3))
+                .is_ok_and(|md| !md.brokers().is_empty())
         })
         .await
-        .ok()
-        .flatten()
-        .is_some();
+        .unwrap_or(false);
         if broker != health.broker_up.swap(broker, Ordering::AcqRel) {
             if broker {
                 info!("kafka cluster reachable")

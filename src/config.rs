@@ -20,6 +20,15 @@ use crate::identity::{IdSpec, ScopeSpec};
 /// Exit code for bad configuration (sysexits.h `EX_USAGE`).
 pub const EX_USAGE: i32 = 64;
 
+/// Exit code when a server refuses the configuration: Postgres rejected the TLS settings,
+/// the login or the database name (sysexits.h `EX_CONFIG`). A restart cannot fix it.
+pub const EX_CONFIG: i32 = 78;
+
+/// Longest `--ttl`: the expiry (`now() + ttl`) must stay far inside Postgres' timestamp
+/// range and every conversion of it to seconds or milliseconds must fit an `i64`.
+/// 100 years of 365.25 days, which is what `--ttl 100y` means.
+pub const MAX_TTL: Duration = Duration::from_secs(100 * 31_557_600);
+
 /// Prefix of the environment variables that pass librdkafka properties through.
 pub const KAFKA_ENV_PREFIX: &str = "KDEDUP_KAFKA_";
 
@@ -97,7 +106,8 @@ pub struct RunArgs {
     pub db: DbArgs,
 
     /// Where the event id comes from: comma-separated fallback chain of
-    /// `header:<name>`, `key`, `json:<JSON pointer>`; the first source present wins.
+    /// `header:<name>`, `key`, `json:<JSON pointer>`, `cloudevents` (source + id, binary
+    /// or structured mode); the first source present wins.
     #[arg(long, env = "KDEDUP_ID_FROM", default_value = "header:event-id")]
     pub id_from: String,
 
@@ -151,6 +161,12 @@ pub struct RunArgs {
     /// Most outbox rows the relay publishes per round.
     #[arg(long, env = "KDEDUP_RELAY_BATCH_SIZE", default_value_t = 2000)]
     pub relay_batch_size: usize,
+
+    /// Most bytes (keys + values + headers) of outbox rows the relay reads and publishes
+    /// per round; a round always takes at least one row. Bounds the relay's memory and
+    /// the producer's queue whatever the payload sizes.
+    #[arg(long, env = "KDEDUP_RELAY_BATCH_MAX_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub relay_batch_max_bytes: usize,
 
     /// Run the outbox relay in this process (one relay per schema publishes; others stand by).
     #[arg(long, env = "KDEDUP_RELAY", default_value_t = true, action = clap::ArgAction::Set)]
@@ -324,6 +340,7 @@ pub struct RunConfig {
     pub batch_linger: Duration,
     pub batch_max_bytes: usize,
     pub relay_batch_size: usize,
+    pub relay_batch_max_bytes: usize,
     pub relay: bool,
     pub metrics_addr: SocketAddr,
     pub shutdown_timeout: Duration,
@@ -436,15 +453,58 @@ impl KafkaProperties {
     }
 }
 
+impl KafkaProperties {
+    /// Hands every property to librdkafka once, the way each client will get it, so that
+    /// an unknown name or a bad value is a configuration error before anything connects.
+    /// The error never quotes a value that is not on the printable allow-list.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        for kind in [
+            ClientKind::Consumer,
+            ClientKind::Producer,
+            ClientKind::Admin,
+        ] {
+            let mut config = rdkafka::ClientConfig::new();
+            self.apply(&mut config, kind);
+            let Err(e) = config.create_native_config() else {
+                continue;
+            };
+            let (property, problem) = match &e {
+                rdkafka::error::KafkaError::ClientConfig(_, desc, key, _) => {
+                    (key.clone(), desc.clone())
+                }
+                other => (String::new(), other.to_string()),
+            };
+            let problem = redact_property_values(
+                &problem,
+                self.0.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            );
+            let setting = if property.is_empty() {
+                "--kafka-property".to_string()
+            } else {
+                format!(
+                    "{KAFKA_ENV_PREFIX}{}",
+                    property.to_ascii_uppercase().replace('.', "_")
+                )
+            };
+            return Err(ConfigError::new(
+                &setting,
+                format!("librdkafka refuses it: {problem}"),
+                "correct the property name or value (see librdkafka's CONFIGURATION.md), or remove it",
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Debug for KafkaProperties {
     /// Values of properties that may hold secrets are never printed.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut map = f.debug_map();
         for (k, v) in &self.0 {
-            if is_secret_property(k) {
-                map.entry(k, &"<redacted>");
-            } else {
+            if is_printable_property(k) {
                 map.entry(k, v);
+            } else {
+                map.entry(k, &"<redacted>");
             }
         }
         map.finish()
@@ -467,6 +527,10 @@ impl fmt::Debug for RunConfig {
             .field("gate_lanes", &self.gate_lanes)
             .field("read_ahead_bytes", &self.read_ahead_bytes)
             .field("batch_linger", &self.batch_linger)
+            .field("relay_batch_size", &self.relay_batch_size)
+            .field("relay_batch_max_bytes", &self.relay_batch_max_bytes)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("batch_max_bytes", &self.batch_max_bytes)
             .field("relay", &self.relay)
             .field("metrics_addr", &self.metrics_addr)
             .field("shutdown_timeout", &self.shutdown_timeout)
@@ -475,44 +539,114 @@ impl fmt::Debug for RunConfig {
     }
 }
 
-/// Property names whose values must never reach a log line.
-pub fn is_secret_property(name: &str) -> bool {
+/// librdkafka properties whose values may be printed (in the start-up log line and in
+/// configuration errors). Every other property's value is shown as `<redacted>`: an
+/// allow-list, so a secret-bearing property this list has never heard of
+/// (`sasl.oauthbearer.config`, `ssl.keystore.password`, a future one) stays hidden.
+const PRINTABLE_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "client.id",
+    "client.rack",
+    "security.protocol",
+    "sasl.mechanism",
+    "sasl.mechanisms",
+    "sasl.username",
+    "sasl.kerberos.service.name",
+    "sasl.oauthbearer.method",
+    "sasl.oauthbearer.token.endpoint.url",
+    "ssl.endpoint.identification.algorithm",
+    "ssl.ca.location",
+    "ssl.certificate.location",
+    "ssl.key.location",
+    "ssl.crl.location",
+    "ssl.cipher.suites",
+    "ssl.curves.list",
+    "enable.ssl.certificate.verification",
+    "broker.address.family",
+    "api.version.request",
+    "socket.timeout.ms",
+    "socket.keepalive.enable",
+    "socket.connection.setup.timeout.ms",
+    "connections.max.idle.ms",
+    "reconnect.backoff.ms",
+    "reconnect.backoff.max.ms",
+    "retry.backoff.ms",
+    "retry.backoff.max.ms",
+    "metadata.max.age.ms",
+    "topic.metadata.refresh.interval.ms",
+    "statistics.interval.ms",
+    "debug",
+    "log_level",
+];
+
+/// Whether a librdkafka property's value may be printed: the allow-list above and the
+/// consumer and producer tuning properties (numbers and enums).
+pub fn is_printable_property(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
-    n.contains("password")
-        || n.contains("secret")
-        || n.contains("jaas")
-        || n.ends_with(".pem")
-        || n.contains("key.pem")
-        || n.contains("token")
+    PRINTABLE_PROPERTIES.contains(&n.as_str())
+        || CONSUMER_ONLY.contains(&n.as_str())
+        || PRODUCER_ONLY.contains(&n.as_str())
 }
 
-/// `postgres://user:pw@host/db` -> `postgres://user:<redacted>@host/db`.
+/// `text` with the value of every non-printable property in `config` replaced by
+/// `<redacted>`. librdkafka's configuration errors quote the offending value
+/// (`Invalid value "..." for configuration property "sasl.jaas.config"`), so every error
+/// that comes out of building a client passes through here before it is shown.
+pub fn redact_property_values<'a>(
+    text: &str,
+    config: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> String {
+    let mut secrets: Vec<&str> = config
+        .into_iter()
+        .filter(|(k, v)| !is_printable_property(k) && !v.is_empty())
+        .map(|(_, v)| v)
+        .collect();
+    // Longest first, so a secret that contains another is replaced whole.
+    secrets.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    let mut out = text.to_string();
+    for secret in secrets {
+        out = out.replace(secret, "<redacted>");
+    }
+    out
+}
+
+/// `postgres://user:pw@host/db` -> `postgres://user:<redacted>@host/db`. The user
+/// information ends at the *last* `@` before the query, so a password that holds `/`, `@`
+/// or `:` (written unencoded) is still hidden whole; `password=` in the query is hidden too.
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return "<unparseable url>".to_string();
     };
     let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let redacted_query = redact_query(&rest[authority_end..]);
-    match authority.rfind('@') {
+    let (before_query, query) = match rest.find('?') {
+        Some(q) => rest.split_at(q),
+        None => (rest, ""),
+    };
+    let redacted_query = redact_query(query);
+    match before_query.rfind('@') {
         Some(at) => {
-            let userinfo = &authority[..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            let shown = if userinfo.contains(':') {
-                format!("{user}:<redacted>")
-            } else {
-                user.to_string()
+            let userinfo = &before_query[..at];
+            let shown = match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:<redacted>"),
+                // No ':' at all: a bare user name. A '/' in it means a password was
+                // split by an unencoded '/'; show nothing of it.
+                None if userinfo.contains('/') => "<redacted>".to_string(),
+                None => userinfo.to_string(),
             };
             format!(
                 "{}://{}@{}{}",
                 &url[..scheme_end],
                 shown,
-                &authority[at + 1..],
+                &before_query[at + 1..],
                 redacted_query
             )
         }
-        None => format!("{}://{}{}", &url[..scheme_end], authority, redacted_query),
+        None => format!(
+            "{}://{}{}",
+            &url[..scheme_end],
+            before_query,
+            redacted_query
+        ),
     }
 }
 
@@ -575,7 +709,33 @@ const RESERVED_PROPERTIES: &[(&str, &str)] = &[
     ),
     ("acks", "the relay's producer must use acks=all"),
     ("transactional.id", "kdedup does not use Kafka transactions"),
+    (
+        "enable.auto.commit",
+        "offsets are committed only for stored (durable) work by kdedup's auto-commit",
+    ),
+    (
+        "isolation.level",
+        "events of aborted producer transactions must never be forwarded",
+    ),
+    (
+        "enable.partition.eof",
+        "the consumer loop treats every consumer error as a fault",
+    ),
 ];
+
+/// Values of reserved properties that equal what kdedup sets anyway.
+fn reserved_value_is_harmless(property: &str, value: &str) -> bool {
+    matches!(
+        (property, value.trim().to_ascii_lowercase().as_str()),
+        ("enable.auto.offset.store", "false")
+            | ("enable.idempotence", "true")
+            | ("acks", "all")
+            | ("acks", "-1")
+            | ("enable.auto.commit", "true")
+            | ("isolation.level", "read_committed")
+            | ("enable.partition.eof", "false")
+    )
+}
 
 pub fn parse_duration(setting: &str, value: &str, example: &str) -> Result<Duration, ConfigError> {
     humantime::parse_duration(value.trim()).map_err(|e| {
@@ -605,7 +765,71 @@ pub fn database_url(arg: Option<String>, env: &dyn Env) -> Result<String, Config
             "use the form postgres://user:password@host:5432/database",
         ));
     }
+    check_url_parameters(&url)?;
     Ok(url)
+}
+
+/// The URL parameters kdedup's Postgres client understands (sqlx's names, which follow
+/// libpq's for TLS).
+const URL_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// Refuses URL parameters the Postgres client would ignore. An ignored `ssl_mode=require`
+/// (a typo) would connect in plaintext without a word; an ignored parameter's value would
+/// also be logged by the client. Only the name is quoted here, never the value.
+fn check_url_parameters(url: &str) -> Result<(), ConfigError> {
+    let Some((_, query)) = url.split_once('?') else {
+        return Ok(());
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let name = pair.split_once('=').map_or(pair, |(k, _)| k);
+        let known =
+            URL_PARAMETERS.contains(&name) || (name.starts_with("options[") && name.ends_with(']'));
+        if !known {
+            return Err(ConfigError::new(
+                "database_url",
+                format!("the URL parameter {name:?} is not one kdedup's Postgres client understands (it would be ignored)"),
+                format!("remove it, or use one of {}", URL_PARAMETERS.join(", ")),
+            ));
+        }
+        if matches!(name, "sslmode" | "ssl-mode") {
+            let value = pair.split_once('=').map_or("", |(_, v)| v);
+            const MODES: [&str; 6] = [
+                "disable",
+                "allow",
+                "prefer",
+                "require",
+                "verify-ca",
+                "verify-full",
+            ];
+            if !MODES.contains(&value) {
+                return Err(ConfigError::new(
+                    "database_url",
+                    format!("sslmode={value:?} is not a TLS mode"),
+                    format!("use one of {} (verify-full with sslrootcert=<CA file> checks the server's name)", MODES.join(", ")),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A Postgres identifier kdedup will quote into DDL: lower-case, digits, underscores.
@@ -659,15 +883,19 @@ fn required(value: Option<String>, setting: &str, example: &str) -> Result<Strin
     }
 }
 
-fn validate_topic(setting: &str, topic: &str) -> Result<(), ConfigError> {
-    let valid = !topic.is_empty()
+/// A name Kafka accepts for a topic: 1-249 of `a-zA-Z0-9._-`, not `.` or `..`.
+pub fn is_valid_topic_name(topic: &str) -> bool {
+    !topic.is_empty()
         && topic.len() <= 249
         && topic != "."
         && topic != ".."
         && topic
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if valid {
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+fn validate_topic(setting: &str, topic: &str) -> Result<(), ConfigError> {
+    if is_valid_topic_name(topic) {
         Ok(())
     } else {
         Err(ConfigError::new(
@@ -702,14 +930,7 @@ pub fn kafka_properties(env: &dyn Env, flags: &[String]) -> Result<KafkaProperti
     for (reserved, why) in RESERVED_PROPERTIES {
         if let Some(value) = props.get(*reserved) {
             // Setting a reserved property to the value kdedup uses anyway is harmless.
-            let harmless = matches!(
-                (*reserved, value.as_str()),
-                ("enable.auto.offset.store", "false")
-                    | ("enable.idempotence", "true")
-                    | ("acks", "all")
-                    | ("acks", "-1")
-            );
-            if !harmless {
+            if !reserved_value_is_harmless(reserved, value) {
                 return Err(ConfigError::new(
                     &format!(
                         "{KAFKA_ENV_PREFIX}{}",
@@ -773,7 +994,7 @@ impl RunArgs {
             ConfigError::new(
                 "id_from",
                 problem,
-                "write a comma-separated list of header:<name>, key, json:<pointer> (e.g. header:event-id,json:/id)",
+                "write a comma-separated list of header:<name>, key, json:<pointer>, cloudevents (e.g. header:event-id,json:/id)",
             )
         })?;
         if self.max_id_bytes == 0 || self.max_id_bytes > 2048 {
@@ -794,6 +1015,13 @@ impl RunArgs {
             })?,
         };
         let ttl = parse_duration("ttl", &self.ttl, "7d or 36h")?;
+        if ttl > MAX_TTL {
+            return Err(ConfigError::new(
+                "ttl",
+                format!("{} is longer than the 100 years kdedup can store", self.ttl),
+                "choose at most 100y (the expiry must fit Postgres' timestamps)",
+            ));
+        }
         if ttl < Duration::from_secs(60) {
             return Err(ConfigError::new(
                 "ttl",
@@ -854,6 +1082,13 @@ impl RunArgs {
                 "choose between 1 and 100000 (default 2000)",
             ));
         }
+        if self.relay_batch_max_bytes < 1024 {
+            return Err(ConfigError::new(
+                "relay_batch_max_bytes",
+                format!("{} is too small", self.relay_batch_max_bytes),
+                "choose at least 1024 (default 16777216)",
+            ));
+        }
         let metrics_addr: SocketAddr = self.metrics_addr.parse().map_err(|_| {
             ConfigError::new(
                 "metrics_addr",
@@ -880,6 +1115,7 @@ impl RunArgs {
             ));
         }
         let kafka = kafka_properties(env, &self.kafka_property)?;
+        kafka.check()?;
         // Rule spanning two settings: a drain that outlives the group session would be cut
         // short by the broker evicting us, which turns a clean stop into a rebalance.
         if let Some(session) = kafka.0.get("session.timeout.ms") {
@@ -920,6 +1156,7 @@ impl RunArgs {
             batch_linger,
             batch_max_bytes: self.batch_max_bytes,
             relay_batch_size: self.relay_batch_size,
+            relay_batch_max_bytes: self.relay_batch_max_bytes,
             relay: self.relay,
             metrics_addr,
             shutdown_timeout,
@@ -1066,6 +1303,93 @@ mod tests {
             "postgres://kd:<redacted>@db:5432/app?sslmode=require&password=<redacted>"
         );
         assert_eq!(redact_url("postgres://db/app"), "postgres://db/app");
+    }
+
+    #[test]
+    fn ttl_has_an_upper_bound() {
+        let err = args(&["--ttl", "1000000y"])
+            .validate(&env(&[]))
+            .unwrap_err();
+        assert!(err.to_string().contains("100 years"), "{err}");
+        assert!(args(&["--ttl", "100y"]).validate(&env(&[])).is_ok());
+    }
+
+    #[test]
+    fn properties_the_guarantees_rest_on_cannot_be_overridden() {
+        for (var, bad, same) in [
+            ("KDEDUP_KAFKA_ENABLE_AUTO_COMMIT", "false", "true"),
+            (
+                "KDEDUP_KAFKA_ISOLATION_LEVEL",
+                "read_uncommitted",
+                "read_committed",
+            ),
+            ("KDEDUP_KAFKA_ENABLE_PARTITION_EOF", "true", "false"),
+            ("KDEDUP_KAFKA_ENABLE_AUTO_OFFSET_STORE", "true", "false"),
+            ("KDEDUP_KAFKA_ACKS", "1", "all"),
+        ] {
+            let err = args(&[]).validate(&env(&[(var, bad)])).unwrap_err();
+            assert!(err.to_string().contains(var), "{err}");
+            assert!(
+                args(&[]).validate(&env(&[(var, same)])).is_ok(),
+                "{var}={same}"
+            );
+        }
+    }
+
+    #[test]
+    fn passwords_with_slash_at_and_colon_are_redacted_whole() {
+        for url in [
+            "postgres://kd:pa/ss@w:rd@db:5432/app",
+            "postgres://kd:pa/ss@w:rd@db:5432/app?sslmode=require",
+            "postgresql://kd:pa%2Fss%40w%3Ard@db/app",
+        ] {
+            let shown = redact_url(url);
+            for piece in ["pa/ss", "ss@w", "w:rd", "pa%2F"] {
+                assert!(!shown.contains(piece), "{url} -> {shown}");
+            }
+            assert!(shown.contains("kd:<redacted>@db"), "{url} -> {shown}");
+        }
+        assert_eq!(
+            redact_url("postgres://db/app?password=pa/ss@w:rd&sslmode=require"),
+            "postgres://db/app?password=<redacted>&sslmode=require"
+        );
+    }
+
+    #[test]
+    fn kafka_values_are_printed_only_from_an_allow_list() {
+        let secret = "p/a@s:s";
+        let e = env(&[
+            ("KDEDUP_KAFKA_SASL_OAUTHBEARER_CONFIG", secret),
+            ("KDEDUP_KAFKA_SSL_KEYSTORE_PASSWORD", secret),
+            ("KDEDUP_KAFKA_SASL_USERNAME", "kdedup"),
+        ]);
+        let shown = format!("{:?}", args(&[]).validate(&e).unwrap());
+        assert!(!shown.contains(secret), "{shown}");
+        assert!(shown.contains("kdedup"), "{shown}");
+        // librdkafka's error for an unknown property quotes its value.
+        let e = env(&[("KDEDUP_KAFKA_SASL_JAAS_CONFIG", secret)]);
+        let err = args(&[]).validate(&e).unwrap_err().to_string();
+        assert!(err.contains("KDEDUP_KAFKA_SASL_JAAS_CONFIG"), "{err}");
+        assert!(!err.contains(secret), "{err}");
+        // A bad value of a known property is reported before anything connects.
+        let e = env(&[("KDEDUP_KAFKA_SOCKET_TIMEOUT_MS", "soon")]);
+        let err = args(&[]).validate(&e).unwrap_err().to_string();
+        assert!(err.contains("KDEDUP_KAFKA_SOCKET_TIMEOUT_MS"), "{err}");
+    }
+
+    #[test]
+    fn url_parameters_the_client_would_ignore_are_refused() {
+        let mut a = args(&[]);
+        a.db.database_url = Some("postgres://u@h/db?ssl_mode=require&password=x".into());
+        let err = a.validate(&env(&[])).unwrap_err().to_string();
+        assert!(err.contains("\"ssl_mode\""), "{err}");
+        let mut a = args(&[]);
+        a.db.database_url = Some("postgres://u@h/db?sslmode=verify_full".into());
+        assert!(a.validate(&env(&[])).is_err());
+        let mut a = args(&[]);
+        a.db.database_url =
+            Some("postgres://u@h/db?sslmode=verify-full&sslrootcert=/ca.crt&options[statement_timeout]=5s".into());
+        assert!(a.validate(&env(&[])).is_ok());
     }
 
     #[test]

@@ -35,6 +35,12 @@ pub mod sqlstate {
     pub const CANNOT_CONNECT_NOW: &str = "57P03";
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
     pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+    pub const INVALID_AUTHORIZATION: &str = "28000";
+    pub const INVALID_PASSWORD: &str = "28P01";
+    pub const INVALID_CATALOG_NAME: &str = "3D000";
+    /// Class 22, data exception: a value this database cannot store (a NUL byte in text,
+    /// a character its encoding lacks). Retrying the same rows cannot help.
+    pub const DATA_EXCEPTION_CLASS: &str = "22";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +79,114 @@ impl DbError {
             DbError::Timeout(_) => true,
             _ => false,
         }
+    }
+
+    /// For an error that says the connection settings are wrong (not that the server is
+    /// away), what to fix. Retrying such an error only hides it, so start-up gives up on
+    /// it at once.
+    pub fn configuration_problem(&self) -> Option<&'static str> {
+        match self {
+            DbError::Sqlx(sqlx::Error::Tls(_)) => Some(
+                "TLS to Postgres failed: check sslmode, sslrootcert (the CA that signed the server's certificate), \
+                 sslcert/sslkey in the URL, and for verify-full that the URL's host is a name in the certificate",
+            ),
+            DbError::Sqlx(sqlx::Error::Configuration(_)) => Some(
+                "the connection settings are unusable: check the URL and every file it names (sslrootcert, sslcert, sslkey)",
+            ),
+            DbError::Sqlx(sqlx::Error::Database(db)) => match db.code().as_deref() {
+                Some(sqlstate::INVALID_PASSWORD) | Some(sqlstate::INVALID_AUTHORIZATION) => Some(
+                    "Postgres refused the login: check the user and password in the URL, and the server's \
+                     pg_hba.conf (a server that requires TLS refuses sslmode=disable)",
+                ),
+                Some(sqlstate::INVALID_CATALOG_NAME) => {
+                    Some("the database named in the URL does not exist: create it or correct the name")
+                }
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// A data exception (SQLSTATE class 22): the rows, not the connection, are at fault.
+    pub fn data_exception(&self) -> Option<(String, String)> {
+        match self {
+            DbError::Sqlx(sqlx::Error::Database(db)) => db
+                .code()
+                .filter(|c| c.starts_with(sqlstate::DATA_EXCEPTION_CLASS))
+                .map(|c| (c.into_owned(), db.message().to_string())),
+            _ => None,
+        }
+    }
+}
+
+/// A Postgres connection that cannot work as configured: the cause, the setting and the
+/// fix, with the URL redacted.
+#[derive(Debug, thiserror::Error)]
+#[error("connecting to Postgres ({url}) failed: {cause}. Setting: --database-url / KDEDUP_DATABASE_URL. Fix: {fix}")]
+pub struct ConnectConfigError {
+    pub url: String,
+    pub cause: String,
+    pub fix: &'static str,
+}
+
+impl ConnectConfigError {
+    /// `e` as a [`ConnectConfigError`] when it is one, else `e` with what was being done.
+    pub fn or_context(cfg: &DbConfig, e: DbError) -> anyhow::Error {
+        match e.configuration_problem() {
+            Some(fix) => ConnectConfigError {
+                url: crate::config::redact_url(&cfg.url),
+                cause: e.to_string(),
+                fix,
+            }
+            .into(),
+            None => anyhow::Error::new(e).context(format!(
+                "connecting to Postgres ({})",
+                crate::config::redact_url(&cfg.url)
+            )),
+        }
+    }
+}
+
+/// Whether the connection is encrypted, as Postgres sees it (`pg_stat_ssl`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionSecurity {
+    pub ssl: bool,
+    pub version: Option<String>,
+    pub cipher: Option<String>,
+}
+
+/// Connects once, outside the pool, and reports how: the first thing every command that
+/// talks to Postgres does, so that a setting the server refuses is reported as one (with
+/// the fix), not retried. Transient failures (connection refused, the server starting)
+/// are returned as `Ok(Err(_))` for the caller to retry.
+pub async fn check_connection(
+    cfg: &DbConfig,
+) -> Result<Result<ConnectionSecurity, DbError>, ConnectConfigError> {
+    let attempt = async {
+        let mut conn = dedicated_connection(cfg).await?;
+        let security: (bool, Option<String>, Option<String>) = sqlx::query_as(
+            "SELECT ssl, version, cipher FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        )
+        .fetch_optional(&mut conn)
+        .await?
+        .unwrap_or((false, None, None));
+        let _ = conn.close().await;
+        Ok::<_, DbError>(ConnectionSecurity {
+            ssl: security.0,
+            version: security.1,
+            cipher: security.2,
+        })
+    };
+    match attempt.await {
+        Ok(security) => Ok(Ok(security)),
+        Err(e) => match e.configuration_problem() {
+            Some(fix) => Err(ConnectConfigError {
+                url: crate::config::redact_url(&cfg.url),
+                cause: e.to_string(),
+                fix,
+            }),
+            None => Ok(Err(e)),
+        },
     }
 }
 

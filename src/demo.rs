@@ -32,13 +32,28 @@ struct Sent {
     without_id: usize,
 }
 
+/// The demo drops and recreates its schema (`DROP SCHEMA ... CASCADE`), so it only
+/// accepts a name that says it is a demo's: pointing `--db-schema` at a real kdedup
+/// schema (or an application's) must not delete it.
+fn demo_schema(name: &str) -> Result<String, config::ConfigError> {
+    let schema = config::validate_schema(name)?;
+    if !schema.starts_with("kdedup_demo") {
+        return Err(config::ConfigError::new(
+            "--db-schema (kdedup demo)",
+            format!("{schema:?} is not a demo schema, and the demo drops its schema with everything in it"),
+            "use a name starting with kdedup_demo (the default is kdedup_demo)",
+        ));
+    }
+    Ok(schema)
+}
+
 pub async fn run(args: DemoArgs, env: &dyn Env) -> anyhow::Result<()> {
     let url = args
         .database_url
         .clone()
         .or_else(|| env.var("DATABASE_URL"))
         .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
-    let schema = config::validate_schema(&args.db_schema)?;
+    let schema = demo_schema(&args.db_schema)?;
 
     // A fresh schema, so every demo run starts from an empty gate.
     let db = DbArgs {
@@ -90,6 +105,7 @@ pub async fn run(args: DemoArgs, env: &dyn Env) -> anyhow::Result<()> {
         batch_linger: "10ms".into(),
         batch_max_bytes: 16 << 20,
         relay_batch_size: 2000,
+        relay_batch_max_bytes: 16 * 1024 * 1024,
         relay: true,
         metrics_addr,
         shutdown_timeout: "5s".into(),
@@ -417,4 +433,19 @@ fn read_output(brokers: &str, expect: usize) -> anyhow::Result<Verified> {
         distinct: ids.len(),
         in_order,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_only_drops_a_demo_schema() {
+        assert_eq!(demo_schema("kdedup_demo").unwrap(), "kdedup_demo");
+        assert!(demo_schema("kdedup_demo_2").is_ok());
+        for real in ["kdedup", "public", "orders"] {
+            let err = demo_schema(real).unwrap_err().to_string();
+            assert!(err.contains("kdedup_demo"), "{err}");
+        }
+    }
 }

@@ -19,6 +19,12 @@ pub enum IdSource {
     Key,
     /// RFC 6901 JSON pointer into the message value, e.g. `/id` or `/meta/event_id`.
     Json(String),
+    /// CloudEvents: an event is identified by `source` + `id` (the spec makes `id` unique
+    /// per source only). Binary mode: the `ce_source` and `ce_id` headers; structured mode:
+    /// the `source` and `id` fields of the JSON value. The event id is `<source> <id>`,
+    /// with any `%` or space in the source percent-encoded, so the first space always
+    /// separates the two (a valid source, a URI-reference, has neither).
+    CloudEvents,
 }
 
 impl fmt::Display for IdSource {
@@ -27,6 +33,7 @@ impl fmt::Display for IdSource {
             IdSource::Header(h) => write!(f, "header:{h}"),
             IdSource::Key => write!(f, "key"),
             IdSource::Json(p) => write!(f, "json:{p}"),
+            IdSource::CloudEvents => write!(f, "cloudevents"),
         }
     }
 }
@@ -68,8 +75,26 @@ pub enum Rejection {
     ValueNotJson { pointer: String, error: String },
     #[error("no scope: header {0} is missing, empty or not UTF-8")]
     MissingScope(String),
-    #[error("message is {len} bytes, larger than --max-message-bytes {max}")]
+    #[error("message is {len} bytes, larger than {max}, the most that --max-message-bytes and the output topic's max.message.bytes (less kdedup's own headers) allow")]
     MessageTooLarge { len: usize, max: usize },
+    #[error("Postgres refused to store the event (SQLSTATE {sqlstate}): {message}")]
+    DatabaseRefused {
+        sqlstate: String,
+        message: String,
+        scope: String,
+        event_id: String,
+    },
+    #[error("the output topic refused the event for good: {error}")]
+    OutputRefused { error: String },
+    #[error("a header name is not valid UTF-8 text")]
+    HeaderNotUtf8,
+    #[error(
+        "CloudEvent has {present} but no {missing}: an id is unique only together with its source"
+    )]
+    CloudEventIncomplete {
+        present: &'static str,
+        missing: &'static str,
+    },
     #[error("event id was first seen at {first} with a different payload")]
     PayloadMismatch {
         first: String,
@@ -83,6 +108,9 @@ impl Rejection {
     pub fn identity(&self) -> (Option<&str>, Option<&str>) {
         match self {
             Rejection::PayloadMismatch {
+                scope, event_id, ..
+            }
+            | Rejection::DatabaseRefused {
                 scope, event_id, ..
             } => (Some(scope), Some(event_id)),
             _ => (None, None),
@@ -102,6 +130,10 @@ impl Rejection {
             Rejection::MissingScope(_) => "missing_scope",
             Rejection::MessageTooLarge { .. } => "message_too_large",
             Rejection::PayloadMismatch { .. } => "payload_mismatch",
+            Rejection::HeaderNotUtf8 => "header_not_utf8",
+            Rejection::DatabaseRefused { .. } => "db_refused",
+            Rejection::OutputRefused { .. } => "output_refused",
+            Rejection::CloudEventIncomplete { .. } => "missing_id",
         }
     }
 }
@@ -143,9 +175,7 @@ impl IdSpec {
                 }
                 IdSource::Json(p.to_string())
             } else if part == "cloudevents" {
-                // CloudEvents: binary mode carries `ce_id`, structured mode the `id` field.
-                sources.push(IdSource::Header("ce_id".into()));
-                IdSource::Json("/id".into())
+                IdSource::CloudEvents
             } else {
                 return Err(format!("{part:?} is not an id source"));
             };
@@ -190,12 +220,63 @@ impl IdSpec {
                             });
                             continue;
                         }
-                        Ok(doc) => match doc.pointer(pointer) {
-                            None | Some(serde_json::Value::Null) => None,
-                            Some(serde_json::Value::String(s)) => Some(s.as_bytes().to_vec()),
-                            Some(serde_json::Value::Number(n)) => Some(n.to_string().into_bytes()),
-                            Some(_) => return Err(Rejection::IdNotScalar(source.to_string())),
-                        },
+                        Ok(doc) => json_scalar(doc.pointer(pointer), source)?,
+                    }
+                }
+                IdSource::CloudEvents => {
+                    let parts = match (msg.header("ce_source"), msg.header("ce_id")) {
+                        (Some(source), Some(id)) => Some((source.to_vec(), id.to_vec())),
+                        (None, Some(_)) => {
+                            return Err(Rejection::CloudEventIncomplete {
+                                present: "a ce_id header",
+                                missing: "ce_source header",
+                            })
+                        }
+                        _ => {
+                            // Structured mode, or no CloudEvent at all.
+                            let doc = msg.value.map(|v| {
+                                parsed.get_or_insert_with(|| {
+                                    serde_json::from_slice(v).map_err(|e| e.to_string())
+                                })
+                            });
+                            match doc {
+                                Some(Ok(doc)) => {
+                                    let id = json_scalar(doc.pointer("/id"), source)?;
+                                    let ce_source = json_scalar(doc.pointer("/source"), source)?;
+                                    match (ce_source, id) {
+                                        (Some(s), Some(i)) => Some((s, i)),
+                                        (None, Some(_)) => {
+                                            return Err(Rejection::CloudEventIncomplete {
+                                                present: "an \"id\" field",
+                                                missing: "\"source\" field",
+                                            })
+                                        }
+                                        _ => None,
+                                    }
+                                }
+                                _ => None,
+                            }
+                        }
+                    };
+                    match parts {
+                        None => None,
+                        Some((ce_source, id)) => {
+                            let ce_source = String::from_utf8(ce_source)
+                                .map_err(|_| Rejection::IdNotUtf8("cloudevents source".into()))?;
+                            if ce_source.is_empty() {
+                                return Err(Rejection::EmptyId("cloudevents source".into()));
+                            }
+                            if id.is_empty() {
+                                return Err(Rejection::EmptyId(source.to_string()));
+                            }
+                            let mut joined = ce_source
+                                .replace('%', "%25")
+                                .replace(' ', "%20")
+                                .into_bytes();
+                            joined.push(b' ');
+                            joined.extend_from_slice(&id);
+                            Some(joined)
+                        }
                     }
                 }
             };
@@ -223,6 +304,22 @@ impl IdSpec {
             return Err(Rejection::IdHasNul(source.to_string()));
         }
         Ok(id)
+    }
+}
+
+/// A JSON scalar as id bytes: a string as is, a number exactly as written (serde_json's
+/// `arbitrary_precision` keeps its text, so 100000000000000000001 and
+/// 100000000000000000000 stay two ids instead of collapsing into one `f64`). Absent or
+/// null: `None`; an object, array or boolean: rejected.
+fn json_scalar(
+    value: Option<&serde_json::Value>,
+    source: &IdSource,
+) -> Result<Option<Vec<u8>>, Rejection> {
+    match value {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.as_bytes().to_vec())),
+        Some(serde_json::Value::Number(n)) => Ok(Some(n.to_string().into_bytes())),
+        Some(_) => Err(Rejection::IdNotScalar(source.to_string())),
     }
 }
 
@@ -331,14 +428,55 @@ mod tests {
     }
 
     #[test]
-    fn cloudevents_reads_binary_then_structured_mode() {
+    fn cloudevents_identity_is_source_and_id_in_binary_and_structured_mode() {
         let spec = IdSpec::parse("cloudevents", 512).unwrap();
-        let hs = [h("ce_id", b"ce-1")];
-        assert_eq!(spec.extract(&view(None, None, &hs)), Ok("ce-1".into()));
+        let hs = [h("ce_source", b"/orders"), h("ce_id", b"ce-1")];
+        assert_eq!(
+            spec.extract(&view(None, None, &hs)),
+            Ok("/orders ce-1".into())
+        );
+        // The same id from another source is another event.
+        let other = [h("ce_source", b"/payments"), h("ce_id", b"ce-1")];
+        assert_ne!(
+            spec.extract(&view(None, None, &hs)),
+            spec.extract(&view(None, None, &other))
+        );
         let structured = br#"{"specversion":"1.0","id":"ce-2","type":"t","source":"s"}"#;
         assert_eq!(
             spec.extract(&view(None, Some(structured), &[])),
-            Ok("ce-2".into())
+            Ok("s ce-2".into())
+        );
+        // A space in the source cannot make two events look alike.
+        let a = [h("ce_source", b"a b"), h("ce_id", b"c")];
+        let b = [h("ce_source", b"a"), h("ce_id", b"b c")];
+        assert_ne!(
+            spec.extract(&view(None, None, &a)),
+            spec.extract(&view(None, None, &b))
+        );
+        let no_source = [h("ce_id", b"ce-1")];
+        assert_eq!(
+            spec.extract(&view(None, None, &no_source))
+                .unwrap_err()
+                .reason(),
+            "missing_id"
+        );
+        let no_source = br#"{"specversion":"1.0","id":"ce-2","type":"t"}"#;
+        assert!(matches!(
+            spec.extract(&view(None, Some(no_source), &[])),
+            Err(Rejection::CloudEventIncomplete { .. })
+        ));
+    }
+
+    #[test]
+    fn json_integers_beyond_64_bits_stay_distinct() {
+        let spec = IdSpec::parse("json:/id", 512).unwrap();
+        let a = spec.extract(&view(None, Some(br#"{"id":100000000000000000001}"#), &[]));
+        let b = spec.extract(&view(None, Some(br#"{"id":100000000000000000000}"#), &[]));
+        assert_eq!(a, Ok("100000000000000000001".into()));
+        assert_eq!(b, Ok("100000000000000000000".into()));
+        assert_eq!(
+            spec.extract(&view(None, Some(br#"{"id":18446744073709551617}"#), &[])),
+            Ok("18446744073709551617".into())
         );
     }
 

@@ -19,8 +19,9 @@ use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaSetupError {
+    /// The text is redacted (see [`client`]): librdkafka quotes property values.
     #[error("kafka client could not be created: {0}")]
-    Client(#[source] KafkaError),
+    Client(String),
     #[error("input topic {topic:?} does not exist (or this principal cannot Describe it); create it first or grant DESCRIBE on it")]
     MissingInputTopic { topic: String },
     #[error("broker refused to create topic {topic:?}: {reason}. Create it yourself, or grant this principal the CREATE permission on the topic (or cluster), or set KDEDUP_CREATE_TOPICS=false if it exists")]
@@ -70,6 +71,10 @@ pub fn producer_config(brokers: &str, props: &KafkaProperties) -> ClientConfig {
     let mut c = base_config(brokers, props, ClientKind::Producer);
     c.set_default("linger.ms", "5");
     c.set_default("compression.type", "lz4");
+    // librdkafka queues up to 1 GiB by default. The relay's rounds are bounded by
+    // --relay-batch-max-bytes (16 MiB), so 32 MiB holds a round and dead letters with room;
+    // a full queue makes the relay wait (QueueFull), it loses nothing.
+    c.set_default("queue.buffering.max.kbytes", "32768");
     c.set("enable.idempotence", "true").set("acks", "all");
     c
 }
@@ -190,21 +195,35 @@ impl ConsumerContext for KdedupContext {
 
 pub type Consumer = StreamConsumer<KdedupContext>;
 
+/// Creates a client from `config`. Every kdedup client is made here, so that no error of
+/// librdkafka's (which quote the offending property's value) is shown unredacted.
+pub fn client<T, C>(config: &ClientConfig, context: C) -> Result<T, KafkaSetupError>
+where
+    C: ClientContext,
+    T: rdkafka::config::FromClientConfigAndContext<C>,
+{
+    config.create_with_context(context).map_err(|e| {
+        KafkaSetupError::Client(crate::config::redact_property_values(
+            &e.to_string(),
+            config.config_map(),
+        ))
+    })
+}
+
 pub fn consumer(
     brokers: &str,
     group_id: &str,
     props: &KafkaProperties,
     state: Arc<ConsumerState>,
 ) -> Result<Consumer, KafkaSetupError> {
-    consumer_config(brokers, group_id, props)
-        .create_with_context(KdedupContext { state })
-        .map_err(KafkaSetupError::Client)
+    client(
+        &consumer_config(brokers, group_id, props),
+        KdedupContext { state },
+    )
 }
 
 pub fn producer(brokers: &str, props: &KafkaProperties) -> Result<FutureProducer, KafkaSetupError> {
-    producer_config(brokers, props)
-        .create()
-        .map_err(KafkaSetupError::Client)
+    client(&producer_config(brokers, props), DefaultClientContext)
 }
 
 /// Partition count of each named topic; `None` when the topic does not exist.
@@ -238,9 +257,10 @@ pub async fn ensure_topics(
     partitions: i32,
     replication: i32,
 ) -> Result<(), KafkaSetupError> {
-    let admin: AdminClient<DefaultClientContext> = base_config(brokers, props, ClientKind::Admin)
-        .create()
-        .map_err(KafkaSetupError::Client)?;
+    let admin: AdminClient<DefaultClientContext> = client(
+        &base_config(brokers, props, ClientKind::Admin),
+        DefaultClientContext,
+    )?;
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication)))
@@ -274,34 +294,52 @@ pub async fn ensure_topics(
     Ok(())
 }
 
+/// The value of topic configuration `key` for each of `topics` that reports it.
+pub async fn topic_config(
+    brokers: &str,
+    props: &KafkaProperties,
+    topics: &[String],
+    key: &str,
+) -> Result<Vec<(String, String)>, KafkaSetupError> {
+    use rdkafka::admin::ResourceSpecifier;
+    let admin: AdminClient<DefaultClientContext> = client(
+        &base_config(brokers, props, ClientKind::Admin),
+        DefaultClientContext,
+    )?;
+    let specs: Vec<ResourceSpecifier<'_>> =
+        topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let described = admin
+        .describe_configs(specs.iter(), &opts)
+        .await
+        .map_err(|source| KafkaSetupError::Metadata {
+            brokers: brokers.to_string(),
+            source,
+        })?;
+    let mut out = Vec::new();
+    for (topic, result) in topics.iter().zip(described) {
+        let Ok(resource) = result else { continue };
+        if let Some(value) = resource.get(key).and_then(|e| e.value.clone()) {
+            out.push((topic.clone(), value));
+        }
+    }
+    Ok(out)
+}
+
 /// `retention.ms` of each topic, in seconds (-1 when unlimited).
 pub async fn retention_seconds(
     brokers: &str,
     props: &KafkaProperties,
     topics: &[String],
-) -> Result<Vec<(String, i64)>, KafkaError> {
-    use rdkafka::admin::ResourceSpecifier;
-    let admin: AdminClient<DefaultClientContext> =
-        base_config(brokers, props, ClientKind::Admin).create()?;
-    let specs: Vec<ResourceSpecifier<'_>> =
-        topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
-    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
-    let mut out = Vec::new();
-    for (topic, result) in topics
-        .iter()
-        .zip(admin.describe_configs(specs.iter(), &opts).await?)
-    {
-        let Ok(resource) = result else { continue };
-        let Some(ms) = resource
-            .get("retention.ms")
-            .and_then(|e| e.value.as_deref())
-            .and_then(|v| v.parse::<i64>().ok())
-        else {
-            continue;
-        };
-        out.push((topic.clone(), if ms < 0 { -1 } else { ms / 1000 }));
-    }
-    Ok(out)
+) -> Result<Vec<(String, i64)>, KafkaSetupError> {
+    Ok(topic_config(brokers, props, topics, "retention.ms")
+        .await?
+        .into_iter()
+        .filter_map(|(topic, v)| {
+            let ms = v.parse::<i64>().ok()?;
+            Some((topic, if ms < 0 { -1 } else { ms / 1000 }))
+        })
+        .collect())
 }
 
 /// True for produce errors that are about the message itself (retrying cannot help).
@@ -312,4 +350,75 @@ pub fn is_permanent_produce_error(e: &KafkaError) -> bool {
             | Some(RDKafkaErrorCode::InvalidRecord)
             | Some(RDKafkaErrorCode::TopicAuthorizationFailed)
     )
+}
+
+/// True for produce errors that refuse the record itself for good (too large for the
+/// topic, a timestamp outside its window, a null key on a compacted topic): retrying the
+/// same record cannot help, but the next record is unaffected. Unlike
+/// [`is_permanent_produce_error`], authorization is not included: a missing ACL refuses
+/// every record and is fixed by an operator, not by dead-lettering them all.
+pub fn is_refused_record(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge)
+            | Some(RDKafkaErrorCode::InvalidRecord)
+            | Some(RDKafkaErrorCode::InvalidTimestamp)
+    )
+}
+
+/// True for consumer errors that say fetched input cannot be decoded (librdkafka lacks
+/// its compression codec, or the record batch is corrupt). Fetching again fails the same
+/// way, so the partition is stuck until an operator acts: this must be loud.
+pub fn is_undecodable_input(e: &KafkaError) -> bool {
+    let code = match e {
+        KafkaError::MessageConsumption(code) | KafkaError::MessageConsumptionFatal(code) => *code,
+        _ => return false,
+    };
+    matches!(
+        code,
+        RDKafkaErrorCode::NotImplemented
+            | RDKafkaErrorCode::BadCompression
+            | RDKafkaErrorCode::BadMessage
+            | RDKafkaErrorCode::UnsupportedCompressionType
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn undecodable_input_is_told_apart_from_other_consumer_errors() {
+        for code in [
+            RDKafkaErrorCode::NotImplemented,
+            RDKafkaErrorCode::BadCompression,
+            RDKafkaErrorCode::BadMessage,
+        ] {
+            assert!(
+                is_undecodable_input(&KafkaError::MessageConsumption(code)),
+                "{code:?}"
+            );
+        }
+        assert!(!is_undecodable_input(&KafkaError::MessageConsumption(
+            RDKafkaErrorCode::BrokerTransportFailure
+        )));
+        assert!(!is_undecodable_input(&KafkaError::NoMessageReceived));
+    }
+
+    #[test]
+    fn every_compression_codec_is_built_in() {
+        // A producer may compress input with any of these; a consumer without the codec
+        // stalls on the partition. librdkafka lists what it was built with.
+        let features = ClientConfig::new()
+            .create_native_config()
+            .expect("config")
+            .get("builtin.features")
+            .expect("builtin.features");
+        for codec in ["gzip", "snappy", "lz4", "zstd"] {
+            assert!(
+                features.split(',').any(|f| f == codec),
+                "librdkafka is built without {codec}: {features}"
+            );
+        }
+    }
 }

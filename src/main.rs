@@ -58,7 +58,7 @@ async fn async_main(cli: Cli) -> ExitCode {
                 }
                 Ok(Err(e)) => {
                     error!(error = format!("{e:#}"), "kdedup failed");
-                    ExitCode::FAILURE
+                    failure_code(&e)
                 }
                 Err(join) => {
                     error!(error = %join, "kdedup crashed");
@@ -73,6 +73,7 @@ async fn async_main(cli: Cli) -> ExitCode {
             };
             kdedup::telemetry::init();
             let result = async {
+                connect_once(&db).await?;
                 let pool = kdedup::db::pool(&db)?;
                 kdedup::db::migrate(&pool, &db.schema).await?;
                 anyhow::Ok(())
@@ -85,7 +86,7 @@ async fn async_main(cli: Cli) -> ExitCode {
                 }
                 Err(e) => {
                     error!(error = format!("{e:#}"), "migration failed");
-                    ExitCode::FAILURE
+                    failure_code(&e)
                 }
             }
         }
@@ -100,6 +101,7 @@ async fn async_main(cli: Cli) -> ExitCode {
             };
             kdedup::telemetry::init();
             let result = async {
+                connect_once(&db).await?;
                 let mut conn = kdedup::db::dedicated_connection(&db).await?;
                 let metrics = Metrics::new();
                 let n = kdedup::pruner::prune_round(
@@ -120,7 +122,7 @@ async fn async_main(cli: Cli) -> ExitCode {
                 }
                 Err(e) => {
                     error!(error = format!("{e:#}"), "prune failed");
-                    ExitCode::FAILURE
+                    failure_code(&e)
                 }
             }
         }
@@ -143,7 +145,7 @@ async fn async_main(cli: Cli) -> ExitCode {
                     }
                     None => {
                         eprintln!("kdedup replay: {e:#}");
-                        ExitCode::FAILURE
+                        failure_code(&e)
                     }
                 },
             }
@@ -158,6 +160,29 @@ async fn async_main(cli: Cli) -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// Connects once (for the one-shot commands) and says how; a refused setting is named.
+async fn connect_once(db: &kdedup::config::DbConfig) -> anyhow::Result<()> {
+    match kdedup::db::check_connection(db).await? {
+        Ok(security) => {
+            kdedup::app::log_connection_security(db, &security);
+            Ok(())
+        }
+        Err(e) => Err(kdedup::db::ConnectConfigError::or_context(db, e)),
+    }
+}
+
+/// Exit code of a failed command: `EX_CONFIG` (78) when Postgres refused the connection
+/// settings (TLS, login, database), which no restart fixes; 1 for anything else.
+fn failure_code(e: &anyhow::Error) -> ExitCode {
+    if e.chain()
+        .any(|c| c.downcast_ref::<kdedup::db::ConnectConfigError>().is_some())
+    {
+        ExitCode::from(kdedup::config::EX_CONFIG as u8)
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -33,6 +33,9 @@ pub struct Metrics {
     pub outbox_backlog: IntGauge,
     pub relay_active: IntGauge,
     pub relay_failures: IntCounter,
+    /// Input fetches librdkafka could not decode (a compression codec it lacks, a corrupt
+    /// batch): the partition makes no progress until it can.
+    pub input_undecodable: IntCounter,
     pub relay_publish_duration: Histogram,
     pub postgres_up: IntGauge,
     pub broker_up: IntGauge,
@@ -134,6 +137,10 @@ impl Metrics {
             relay_failures: counter(
                 "kdedup_relay_delivery_failures_total",
                 "Outbox rows whose produce failed and will be retried.",
+            ),
+            input_undecodable: counter(
+                "kdedup_input_undecodable_total",
+                "Consumer errors for input librdkafka cannot decode (unsupported compression codec, corrupt record batch). The partition is stuck until fixed; /readyz is 503 meanwhile.",
             ),
             relay_publish_duration: Histogram::with_opts(
                 HistogramOpts::new(
@@ -247,6 +254,7 @@ impl Metrics {
             Box::new(self.outbox_backlog.clone()),
             Box::new(self.relay_active.clone()),
             Box::new(self.relay_failures.clone()),
+            Box::new(self.input_undecodable.clone()),
             Box::new(self.relay_publish_duration.clone()),
             Box::new(self.postgres_up.clone()),
             Box::new(self.broker_up.clone()),

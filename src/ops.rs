@@ -189,7 +189,8 @@ pub async fn stats_command(db: &DbConfig, args: &StatsArgs) -> ExitCode {
 async fn connect(cfg: &DbConfig) -> anyhow::Result<PgConnection> {
     let mut conn = tokio::time::timeout(Duration::from_secs(10), db::dedicated_connection(cfg))
         .await
-        .map_err(|_| anyhow::anyhow!("cannot connect to Postgres within 10s"))??;
+        .map_err(|_| anyhow::anyhow!("cannot connect to Postgres within 10s"))?
+        .map_err(|e| db::ConnectConfigError::or_context(cfg, e))?;
     sqlx::query(&format!("SET statement_timeout = '{STATEMENT_TIMEOUT}'"))
         .execute(&mut conn)
         .await?;
@@ -506,7 +507,7 @@ pub fn inspect_text(r: &Inspection) -> String {
         out.push('\n');
         out.push_str(&aligned(
             &[
-                ("scope", s.scope.clone()),
+                ("scope", printable(&s.scope)),
                 ("status", status),
                 ("first seen", when(s.first_seen_at, r.now)),
                 (
@@ -523,6 +524,24 @@ pub fn inspect_text(r: &Inspection) -> String {
         ));
     }
     out
+}
+
+/// `text` with control characters escaped (`\u{1b}`, `\n`, ...): a scope comes from a
+/// message header, and printing it raw would let a producer write terminal escapes into
+/// an operator's screen.
+fn printable(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_string();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 pub fn inspect_json(r: &Inspection) -> Value {
@@ -620,7 +639,7 @@ pub fn stats_text(s: &Stats) -> String {
         let width = counters
             .iter()
             .take(SCOPES_SHOWN)
-            .map(|c| c.scope.len())
+            .map(|c| printable(&c.scope).chars().count())
             .max()
             .unwrap_or(0)
             .max(5);
@@ -633,7 +652,7 @@ pub fn stats_text(s: &Stats) -> String {
             let _ = writeln!(
                 out,
                 "  {:<width$}  {:>14}  {:>14}",
-                c.scope,
+                printable(&c.scope),
                 grouped(c.duplicates),
                 grouped(c.forwarded)
             );
@@ -699,6 +718,12 @@ mod tests {
             expires_at: t(expires_in),
             queued_since: queued.then(|| t(-12)),
         }
+    }
+
+    #[test]
+    fn scopes_are_printed_with_control_characters_escaped() {
+        assert_eq!(printable("orders"), "orders");
+        assert_eq!(printable("evil\u{1b}[2Jscope\n"), "evil\\u{1b}[2Jscope\\n");
     }
 
     #[test]

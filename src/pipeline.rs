@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{CommitMode, Consumer as _};
-use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sha2::{Digest, Sha256};
@@ -61,19 +61,16 @@ pub struct InputMessage {
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
     pub headers: Headers,
+    /// False when a header name was not UTF-8 (kept lossily in `headers`): such a
+    /// message is dead-lettered with reason `header_not_utf8`.
+    pub header_names_utf8: bool,
 }
 
 impl InputMessage {
     pub fn from_kafka(m: &BorrowedMessage<'_>) -> Self {
-        let headers = m
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let (headers, header_names_utf8) = headers::read(m);
         InputMessage {
+            header_names_utf8,
             topic: m.topic().to_string(),
             partition: m.partition(),
             offset: m.offset(),
@@ -135,6 +132,10 @@ pub struct Gate {
     /// Keeps the consumer in its group while a batch waits to be retried (`None` for
     /// consumers that are not group members, such as replay).
     pub keepalive: Option<Arc<Keepalive>>,
+    /// Largest message accepted (key + value + headers): `--max-message-bytes`, lowered
+    /// to what the output topic takes once kdedup's own headers are added (see
+    /// [`crate::app::input_size_limit`]). `None`: no limit.
+    pub max_message_bytes: Option<usize>,
 }
 
 /// While a batch is retried (Postgres or the DLQ topic down), the consumer must keep
@@ -370,6 +371,23 @@ impl Gate {
         let committed_at = chrono::Utc::now().timestamp_millis();
         let mut late_rejects: Vec<(InputMessage, Rejection)> = Vec::new();
         for (row, outcome) in candidates.into_iter().zip(outcomes) {
+            let outcome = match outcome {
+                Ok(outcome) => outcome,
+                Err((sqlstate, message)) => {
+                    // Not committed: a replay after the cause is fixed gates it as new.
+                    let (scope, event_id) = (row.scope.clone(), row.event_id.clone());
+                    late_rejects.push((
+                        row_to_message(row),
+                        Rejection::DatabaseRefused {
+                            sqlstate,
+                            message,
+                            scope,
+                            event_id,
+                        },
+                    ));
+                    continue;
+                }
+            };
             match outcome {
                 GateOutcome::Forwarded => {
                     summary.forwarded += 1;
@@ -422,8 +440,9 @@ impl Gate {
                 }
             }
         }
-        // Mismatches found by the gate are dead-lettered after its commit; a crash before
-        // this produce redelivers the message, and the gate finds the mismatch again.
+        // Mismatches found by the gate (and rows Postgres refused) are dead-lettered after
+        // its commit; a crash before this produce redelivers the message, and the gate
+        // finds the mismatch (or the refusal) again.
         if !late_rejects.is_empty() {
             self.dead_letter_or_report(&late_rejects, stop, produce_dead_letters)
                 .await?;
@@ -445,7 +464,10 @@ impl Gate {
 
     /// `(scope, event_id)` of a message, or why it has none.
     pub fn identify(&self, msg: &InputMessage) -> Result<(String, String), Rejection> {
-        if let Some(max) = self.cfg.max_message_bytes {
+        if !msg.header_names_utf8 {
+            return Err(Rejection::HeaderNotUtf8);
+        }
+        if let Some(max) = self.max_message_bytes {
             let len = msg.size();
             if len > max {
                 return Err(Rejection::MessageTooLarge { len, max });
@@ -503,12 +525,62 @@ impl Gate {
         }
     }
 
+    /// Gates `rows`, retrying what can heal. Rows Postgres refuses as data (SQLSTATE class
+    /// 22: a value this database cannot store) are found by splitting the batch in halves,
+    /// each half its own transaction, committed in input order, down to the single rows
+    /// at fault; those come back as `Err((sqlstate, message))` for the dead-letter topic
+    /// and everything else is gated. `in_batch_duplicates` is counted with the first part
+    /// that commits.
     async fn gate_with_retry(
         &self,
         rows: &[GateRow],
         in_batch_duplicates: &BTreeMap<String, i64>,
         stop: &CancellationToken,
-    ) -> Result<Vec<GateOutcome>, Abandoned> {
+    ) -> Result<Vec<Result<GateOutcome, (String, String)>>, Abandoned> {
+        let mut results: Vec<Option<Result<GateOutcome, (String, String)>>> =
+            vec![None; rows.len()];
+        let no_duplicates = BTreeMap::new();
+        let mut duplicates = Some(in_batch_duplicates);
+        // Ranges still to gate, the next one last; the whole batch at first.
+        let mut todo = vec![(0, rows.len())];
+        while let Some((lo, hi)) = todo.pop() {
+            if lo == hi {
+                continue;
+            }
+            let counted = duplicates.unwrap_or(&no_duplicates);
+            match self.gate_attempts(&rows[lo..hi], counted, stop).await? {
+                Ok(outcomes) => {
+                    duplicates = None;
+                    for (slot, outcome) in results[lo..hi].iter_mut().zip(outcomes) {
+                        *slot = Some(Ok(outcome));
+                    }
+                }
+                Err(refused) if hi - lo == 1 => results[lo] = Some(Err(refused)),
+                Err((sqlstate, _)) => {
+                    debug!(
+                        rows = hi - lo,
+                        sqlstate, "Postgres refused data in these rows; splitting to find them"
+                    );
+                    let mid = lo + (hi - lo) / 2;
+                    todo.push((mid, hi));
+                    todo.push((lo, mid));
+                }
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every row is gated or refused"))
+            .collect())
+    }
+
+    /// One set of rows through the gate, retried until it commits, `stop` fires, or
+    /// Postgres refuses the data (`Ok(Err((sqlstate, message)))`, not retried).
+    async fn gate_attempts(
+        &self,
+        rows: &[GateRow],
+        in_batch_duplicates: &BTreeMap<String, i64>,
+        stop: &CancellationToken,
+    ) -> Result<Result<Vec<GateOutcome>, (String, String)>, Abandoned> {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
         let timeout = self.gate_timeout();
         loop {
@@ -527,7 +599,10 @@ impl Gate {
                         .gate_duration
                         .observe(started.elapsed().as_secs_f64());
                     self.metrics.postgres_up.set(1);
-                    return Ok(outcomes);
+                    return Ok(Ok(outcomes));
+                }
+                Err(e) if e.data_exception().is_some() => {
+                    return Ok(Err(e.data_exception().expect("checked")));
                 }
                 Err(e) => {
                     self.metrics.gate_retries.inc();
@@ -660,10 +735,11 @@ fn row_to_message(row: GateRow) -> InputMessage {
         key: row.key,
         value: row.value,
         headers: headers::decode(&row.headers).unwrap_or_default(),
+        header_names_utf8: true,
     }
 }
 
-fn dlq_record<'a>(
+pub(crate) fn dlq_record<'a>(
     topic: &'a str,
     msg: &'a InputMessage,
     why: &Rejection,
@@ -755,6 +831,8 @@ pub fn next_offsets(batch: &[InputMessage]) -> BTreeMap<(String, i32), i64> {
 pub struct Pipeline {
     pub gate: Gate,
     pub consumer: Arc<Consumer>,
+    /// Where the reader reports input it cannot decode (`None` in tools without `/readyz`).
+    pub health: Option<Arc<crate::admin::Health>>,
 }
 
 /// What a message counts against the read-ahead, in KiB (at least 1).
@@ -961,6 +1039,19 @@ impl Pipeline {
                         return Ok(());
                     }
                 }
+                Err(e) if kafka::is_undecodable_input(&e) => {
+                    // Fetching again fails the same way: a stuck partition. Loud at ERROR,
+                    // counted, and not ready, at most one log line per 10 s.
+                    self.gate.metrics.input_undecodable.inc();
+                    if let Some(health) = &self.health {
+                        let mut at = health.undecodable_at.lock().expect("health lock");
+                        if at.map_or(true, |t| t.elapsed() > Duration::from_secs(10)) {
+                            error!(error = %e, "input cannot be decoded (a compression codec this build lacks, or a corrupt record batch): the partition makes no progress until it is fixed");
+                        }
+                        *at = Some(std::time::Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 Err(e) => {
                     warn!(error = %e, "kafka consumer error");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1035,6 +1126,7 @@ mod tests {
             key: None,
             value: None,
             headers: vec![],
+            header_names_utf8: true,
         }
     }
 

@@ -27,9 +27,10 @@ use tracing::{debug, info, warn, Level};
 use crate::config::RunConfig;
 use crate::db::{self, ADVISORY_LOCK_CLASS};
 use crate::headers;
+use crate::identity::Rejection;
 use crate::kafka;
 use crate::metrics::Metrics;
-use crate::pipeline::header;
+use crate::pipeline::{dlq_record, header, InputMessage};
 use crate::retry::Backoff;
 
 /// Logs an event about one outbox row with the fields every event line carries: the event
@@ -69,6 +70,25 @@ struct OutboxRow {
     value: Option<Vec<u8>>,
     headers: Vec<u8>,
 }
+
+/// The next round: the oldest outbox rows, at most `$1` of them and at most `$2` bytes of
+/// keys, values and headers (always at least one row, whatever its size). The sizes come
+/// from `octet_length`, which reads a stored value's length without fetching it, so rows
+/// past the budget are never read. Memory per round is bounded by bytes, not only rows.
+const NEXT_ROUND_SQL: &str = "
+SELECT o.id, o.scope, o.event_id, o.source_topic, o.source_partition, o.source_offset,
+       o.source_timestamp_ms, o.created_at, o.key, o.value, o.headers
+FROM (
+    SELECT id, size, sum(size) OVER (ORDER BY id) - size AS before
+    FROM (
+        SELECT id, coalesce(octet_length(key), 0) + coalesce(octet_length(value), 0)
+                   + octet_length(headers) AS size
+        FROM outbox ORDER BY id LIMIT $1
+    ) candidates
+) sized
+JOIN outbox o ON o.id = sized.id
+WHERE sized.before = 0 OR sized.before + sized.size <= $2
+ORDER BY o.id";
 
 /// Why the relay left its active state.
 enum Exit {
@@ -180,14 +200,11 @@ impl Relay {
         let mut round: u64 = 0;
         loop {
             let stopping = stop.is_cancelled();
-            let rows: Vec<OutboxRow> = match sqlx::query_as(
-                "SELECT id, scope, event_id, source_topic, source_partition, source_offset, source_timestamp_ms, \
-                        created_at, key, value, headers \
-                 FROM outbox ORDER BY id LIMIT $1",
-            )
-            .bind(self.cfg.relay_batch_size as i64)
-            .fetch_all(&mut *conn)
-            .await
+            let rows: Vec<OutboxRow> = match sqlx::query_as(NEXT_ROUND_SQL)
+                .bind(i64::try_from(self.cfg.relay_batch_size).unwrap_or(i64::MAX))
+                .bind(i64::try_from(self.cfg.relay_batch_max_bytes).unwrap_or(i64::MAX))
+                .fetch_all(&mut *conn)
+                .await
             {
                 Ok(rows) => rows,
                 Err(e) => return Exit::ConnectionLost(e),
@@ -209,7 +226,13 @@ impl Relay {
             }
             let started = Instant::now();
             round += 1;
-            let (acked, failed) = self.publish(&rows, partitions, round).await;
+            let (mut acked, refused, mut failed) = self.publish(&rows, partitions, round).await;
+            let forwarded = acked.len();
+            if !refused.is_empty() {
+                let (dead_lettered, not_yet) = self.dead_letter(&rows, &refused).await;
+                acked.extend(dead_lettered);
+                failed += not_yet;
+            }
             if !acked.is_empty() {
                 crate::crash::reached(crate::crash::Point::RelayAfterAck);
                 if let Err(e) = sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
@@ -222,7 +245,7 @@ impl Relay {
                     return Exit::ConnectionLost(e);
                 }
                 debug!(round, rows = acked.len(), "outbox rows deleted");
-                self.metrics.events_forwarded.inc_by(acked.len() as u64);
+                self.metrics.events_forwarded.inc_by(forwarded as u64);
             }
             self.metrics
                 .relay_publish_duration
@@ -238,9 +261,80 @@ impl Relay {
         }
     }
 
+    /// Sends rows the output topic refused for good to the dead-letter topic (reason
+    /// `output_refused`, with their source position), stripped of value and headers if
+    /// the DLQ topic refuses them too. Returns the ids now durable in the DLQ (to delete
+    /// from the outbox) and how many are not yet (they stay, and are tried again).
+    async fn dead_letter(
+        &self,
+        rows: &[OutboxRow],
+        refused: &[(usize, String)],
+    ) -> (Vec<i64>, usize) {
+        let mut done = Vec::with_capacity(refused.len());
+        let mut not_yet = 0;
+        for (i, error) in refused {
+            let row = &rows[*i];
+            let msg = InputMessage {
+                topic: row.source_topic.clone(),
+                partition: row.source_partition,
+                offset: row.source_offset,
+                timestamp_ms: row.source_timestamp_ms,
+                key: row.key.clone(),
+                value: row.value.clone(),
+                headers: headers::decode(&row.headers).unwrap_or_default(),
+                header_names_utf8: true,
+            };
+            let why = Rejection::OutputRefused {
+                error: error.clone(),
+            };
+            let mut result = Err(String::new());
+            for stripped in [false, true] {
+                let record = dlq_record(&self.cfg.dlq_topic, &msg, &why, stripped);
+                result = match self.producer.send(record, Duration::from_secs(30)).await {
+                    Ok(_) => Ok(()),
+                    Err((e, _)) if kafka::is_permanent_produce_error(&e) && !stripped => {
+                        Err(e.to_string())
+                    }
+                    Err((e, _)) => {
+                        result = Err(e.to_string());
+                        break;
+                    }
+                };
+                if result.is_ok() {
+                    break;
+                }
+            }
+            match result {
+                Ok(()) => {
+                    self.metrics
+                        .dead_lettered
+                        .with_label_values(&[why.reason()])
+                        .inc();
+                    row_event!(Level::ERROR, row, outbox_id = row.id, error = %why,
+                               dlq_topic = self.cfg.dlq_topic,
+                               "the output topic refused this event for good; it is in the dead-letter topic");
+                    done.push(row.id);
+                }
+                Err(e) => {
+                    not_yet += 1;
+                    row_event!(Level::WARN, row, outbox_id = row.id, error = %e,
+                               "dead-letter produce failed; the row stays in the outbox");
+                }
+            }
+        }
+        (done, not_yet)
+    }
+
     /// Produces `rows` in order and waits for every acknowledgement. Returns the ids the
-    /// broker acknowledged and how many failed (those stay in the outbox).
-    async fn publish(&self, rows: &[OutboxRow], partitions: i32, round: u64) -> (Vec<i64>, usize) {
+    /// broker acknowledged, the rows it refused for good (index and error: the record
+    /// itself is at fault, retrying cannot help) and how many failed otherwise (those stay
+    /// in the outbox and are retried).
+    async fn publish(
+        &self,
+        rows: &[OutboxRow],
+        partitions: i32,
+        round: u64,
+    ) -> (Vec<i64>, Vec<(usize, String)>, usize) {
         let mut deliveries = Vec::with_capacity(rows.len());
         for row in rows {
             row_event!(Level::DEBUG, row, outbox_id = row.id, round, "sending");
@@ -293,7 +387,7 @@ impl Relay {
             loop {
                 match self.producer.send_result(record) {
                     Ok(delivery) => {
-                        deliveries.push(Some(delivery));
+                        deliveries.push(Some(Ok(delivery)));
                         break;
                     }
                     Err((e, r)) => {
@@ -307,7 +401,7 @@ impl Relay {
                         } else {
                             row_event!(Level::ERROR, row, error = %e,
                                        "produce to output topic refused");
-                            deliveries.push(None);
+                            deliveries.push(Some(Err(e)));
                             break;
                         }
                     }
@@ -316,19 +410,21 @@ impl Relay {
         }
         let results = futures::future::join_all(deliveries.into_iter().map(|d| async move {
             match d {
-                None => Err("refused before enqueue".to_string()),
-                Some(f) => match f.await {
+                None => Err((false, "refused before enqueue".to_string())),
+                Some(Err(e)) => Err((kafka::is_refused_record(&e), e.to_string())),
+                Some(Ok(f)) => match f.await {
                     Ok(Ok(_)) => Ok(()),
-                    Ok(Err((e, _))) => Err(e.to_string()),
-                    Err(_canceled) => Err("producer closed".to_string()),
+                    Ok(Err((e, _))) => Err((kafka::is_refused_record(&e), e.to_string())),
+                    Err(_canceled) => Err((false, "producer closed".to_string())),
                 },
             }
         }))
         .await;
         let now = chrono::Utc::now();
         let mut acked = Vec::with_capacity(rows.len());
+        let mut refused = Vec::new();
         let mut failed = 0;
-        for (row, result) in rows.iter().zip(results) {
+        for (i, (row, result)) in rows.iter().zip(results).enumerate() {
             match result {
                 Ok(()) => {
                     acked.push(row.id);
@@ -339,7 +435,8 @@ impl Relay {
                         .observe(secs);
                     row_event!(Level::DEBUG, row, "forwarded");
                 }
-                Err(e) => {
+                Err((true, e)) => refused.push((i, e)),
+                Err((false, e)) => {
                     failed += 1;
                     self.metrics.relay_failures.inc();
                     row_event!(Level::WARN, row, error = %e,
@@ -347,6 +444,6 @@ impl Relay {
                 }
             }
         }
-        (acked, failed)
+        (acked, refused, failed)
     }
 }

@@ -151,10 +151,15 @@ fn consumer(cfg: &RunConfig) -> anyhow::Result<BaseConsumer> {
         .set("enable.auto.commit", "false")
         // A start offset deleted by retention meanwhile: read from what is left.
         .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        // The same prefetch bound as the sidecar's consumer (kafka::consumer_config).
+        .set("queued.max.messages.kbytes", "16384");
     cfg.kafka.apply(&mut c, ClientKind::Consumer);
     c.set("enable.auto.offset.store", "false");
-    Ok(c.create()?)
+    Ok(crate::kafka::client(
+        &c,
+        rdkafka::consumer::DefaultConsumerContext,
+    )?)
 }
 
 fn resolve_range(
@@ -513,14 +518,49 @@ fn stripped_source(msg: &InputMessage) -> Option<String> {
 
 /// A DLQ message carries its original position in headers; the gate row and the output
 /// should point at the original, and the dead-letter headers should not travel on.
+///
+/// Anyone can write a DLQ record, so the headers are checked before they are believed: a
+/// topic that is not a valid topic name (a NUL byte would fail the whole gate
+/// transaction), a negative or non-numeric partition or offset. A record whose source
+/// headers do not check out keeps its DLQ position and headers, and says so in the log.
 fn restore_original(mut msg: InputMessage) -> InputMessage {
-    if let (Some(topic), Some(partition), Some(offset)) = (
+    let source = (
         header_text(&msg, header::SOURCE_TOPIC),
-        header_text(&msg, header::SOURCE_PARTITION).and_then(|p| p.parse().ok()),
-        header_text(&msg, header::SOURCE_OFFSET).and_then(|o| o.parse().ok()),
-    ) {
+        header_text(&msg, header::SOURCE_PARTITION),
+        header_text(&msg, header::SOURCE_OFFSET),
+    );
+    if source == (None, None, None) {
+        return msg;
+    }
+    let valid = (
+        source
+            .0
+            .clone()
+            .filter(|t| crate::config::is_valid_topic_name(t)),
+        source
+            .1
+            .as_deref()
+            .and_then(|p| p.parse::<i32>().ok())
+            .filter(|p| *p >= 0),
+        source
+            .2
+            .as_deref()
+            .and_then(|o| o.parse::<i64>().ok())
+            .filter(|o| *o >= 0),
+    );
+    let (Some(topic), Some(partition), Some(offset)) = valid else {
+        tracing::warn!(
+            topic = msg.topic,
+            partition = msg.partition,
+            offset = msg.offset,
+            "DLQ record has kdedup-source-* headers that are missing or invalid; gated at its DLQ position instead"
+        );
+        return msg;
+    };
+    {
         msg.timestamp_ms = header_text(&msg, header::SOURCE_TIMESTAMP)
-            .and_then(|t| t.parse().ok())
+            .and_then(|t| t.parse::<i64>().ok())
+            .filter(|t| *t >= 0)
             .or(msg.timestamp_ms);
         msg.topic = topic;
         msg.partition = partition;
@@ -682,6 +722,10 @@ pub async fn run(args: ReplayArgs, env: &dyn Env) -> anyhow::Result<ReplaySummar
         crate::config::parse_duration("--publish-timeout", &args.publish_timeout, "60s")?;
     let idle_timeout = crate::config::parse_duration("--idle-timeout", &args.idle_timeout, "3s")?;
     let cfg = Arc::new(args.run.clone().validate(env)?);
+    match db::check_connection(&cfg.db).await? {
+        Ok(security) => crate::app::log_connection_security(&cfg.db, &security),
+        Err(e) => return Err(db::ConnectConfigError::or_context(&cfg.db, e)),
+    }
     let topic = args
         .from_topic
         .clone()
@@ -744,10 +788,13 @@ async fn replay(
         relay_wakeup: wakeup.clone(),
         origin: Origin::Replay,
         keepalive: None,
+        max_message_bytes: crate::app::input_size_limit(&cfg).await,
     };
     let mut ended_short = Vec::new();
     if !args.force {
-        let oldest_allowed = chrono::Utc::now().timestamp_millis() - cfg.ttl.as_millis() as i64;
+        let oldest_allowed = chrono::Utc::now()
+            .timestamp_millis()
+            .saturating_sub(i64::try_from(cfg.ttl.as_millis()).unwrap_or(i64::MAX));
         let (covered, too_old, short) =
             check_ages(&gate, &consumer, &range, idle_timeout, oldest_allowed)?;
         if let Some(old) = too_old {
@@ -960,6 +1007,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), Some(v.as_bytes().to_vec())))
                 .collect(),
+            header_names_utf8: true,
         }
     }
 
@@ -994,5 +1042,23 @@ mod tests {
         assert_eq!((m.topic.as_str(), m.partition, m.offset), ("orders", 2, 41));
         assert_eq!(m.timestamp_ms, Some(1000));
         assert_eq!(m.headers.len(), 1, "{:?}", m.headers);
+    }
+
+    #[test]
+    fn forged_source_headers_are_not_believed() {
+        for (topic, partition, offset) in [
+            ("ord\0ers", "2", "41"),
+            ("orders", "-2", "41"),
+            ("orders", "2", "x"),
+            ("", "2", "41"),
+        ] {
+            let m = restore_original(dlq_msg(&[
+                (header::SOURCE_TOPIC, topic),
+                (header::SOURCE_PARTITION, partition),
+                (header::SOURCE_OFFSET, offset),
+            ]));
+            assert_ne!(m.topic, topic, "{topic:?} {partition} {offset}");
+            assert_eq!(m.headers.len(), 3, "DLQ headers kept: {:?}", m.headers);
+        }
     }
 }

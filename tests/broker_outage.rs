@@ -67,6 +67,7 @@ async fn a_broker_outage_loses_nothing_and_the_relay_resumes() {
         batch_linger: "10ms".into(),
         batch_max_bytes: 1 << 20,
         relay_batch_size: 500,
+        relay_batch_max_bytes: 16 << 20,
         relay: true,
         metrics_addr: "127.0.0.1:0".into(),
         shutdown_timeout: "5s".into(),
