@@ -769,6 +769,34 @@ pub fn database_url(arg: Option<String>, env: &dyn Env) -> Result<String, Config
     Ok(url)
 }
 
+/// `%XX` sequences decoded (a URL query value); anything malformed is kept as written.
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// The URL parameters kdedup's Postgres client understands (sqlx's names, which follow
 /// libpq's for TLS).
 const URL_PARAMETERS: &[&str] = &[
@@ -809,6 +837,25 @@ fn check_url_parameters(url: &str) -> Result<(), ConfigError> {
                 format!("the URL parameter {name:?} is not one kdedup's Postgres client understands (it would be ignored)"),
                 format!("remove it, or use one of {}", URL_PARAMETERS.join(", ")),
             ));
+        }
+        if matches!(
+            name,
+            "sslrootcert"
+                | "ssl-root-cert"
+                | "ssl-ca"
+                | "sslcert"
+                | "ssl-cert"
+                | "sslkey"
+                | "ssl-key"
+        ) {
+            let path = percent_decode(pair.split_once('=').map_or("", |(_, v)| v));
+            if let Err(e) = std::fs::File::open(&path) {
+                return Err(ConfigError::new(
+                    "database_url",
+                    format!("{name}={path:?} cannot be read: {e}"),
+                    "mount the file (in Kubernetes: a ConfigMap or Secret volume) at that path, or correct the path",
+                ));
+            }
         }
         if matches!(name, "sslmode" | "ssl-mode") {
             let value = pair.split_once('=').map_or("", |(_, v)| v);
@@ -1387,9 +1434,16 @@ mod tests {
         a.db.database_url = Some("postgres://u@h/db?sslmode=verify_full".into());
         assert!(a.validate(&env(&[])).is_err());
         let mut a = args(&[]);
-        a.db.database_url =
-            Some("postgres://u@h/db?sslmode=verify-full&sslrootcert=/ca.crt&options[statement_timeout]=5s".into());
+        a.db.database_url = Some(
+            "postgres://u@h/db?sslmode=verify-full&sslrootcert=/etc/hostname&options[statement_timeout]=5s"
+                .into(),
+        );
         assert!(a.validate(&env(&[])).is_ok());
+        let mut a = args(&[]);
+        a.db.database_url =
+            Some("postgres://u@h/db?sslmode=verify-full&sslrootcert=/no%2Fca.crt".into());
+        let err = a.validate(&env(&[])).unwrap_err().to_string();
+        assert!(err.contains("\"/no/ca.crt\" cannot be read"), "{err}");
     }
 
     #[test]

@@ -68,6 +68,7 @@ async fn input_compressed_with_every_codec_is_forwarded() {
         &SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema),
         "codecs",
     );
+    s.wait_ready(Duration::from_secs(60)).await;
     let out = read_topic(&t.output, expected.len(), Duration::from_secs(90));
     assert_each_once(&out, &expected);
     assert_eq!(s.metric("kdedup_input_undecodable_total"), 0.0);
@@ -130,6 +131,7 @@ async fn a_header_name_that_is_not_utf8_is_dead_lettered_and_the_partition_goes_
         &SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema),
         "hdrutf8",
     );
+    s.wait_ready(Duration::from_secs(60)).await;
     let out = read_topic(&t.output, 40, Duration::from_secs(60));
     let expected: HashSet<String> = (0..40).map(|i| format!("h-{i}")).collect();
     assert_each_once(&out, &expected);
@@ -187,6 +189,7 @@ async fn events_the_database_cannot_store_are_dead_lettered_and_the_rest_forward
             .set("KDEDUP_DATABASE_URL", &url),
         "dataerr",
     );
+    s.wait_ready(Duration::from_secs(60)).await;
     let out = read_topic(&t.output, expected.len(), Duration::from_secs(60));
     assert_each_once(&out, &expected);
     assert_ordered(&out);

@@ -133,6 +133,7 @@ async fn refused_tls_settings_exit_at_once_naming_the_setting() {
     create_topic(&t.input, 1).await;
     let base = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema);
     let dir = tls_dir();
+    // (what, URL, what the fix mentions, exit code of run/migrate, of stats)
     let cases = [
         (
             "a CA that did not sign the server's certificate",
@@ -144,12 +145,17 @@ async fn refused_tls_settings_exit_at_once_naming_the_setting() {
                 ),
             ),
             "sslrootcert",
+            78,
+            2,
         ),
         (
             "plaintext to a server that requires TLS",
             tls_url("127.0.0.1", "sslmode=disable"),
             "pg_hba.conf",
+            78,
+            2,
         ),
+        // Checked before connecting: a configuration error (64) like any other.
         (
             "a CA file that does not exist",
             tls_url(
@@ -157,9 +163,11 @@ async fn refused_tls_settings_exit_at_once_naming_the_setting() {
                 "sslmode=verify-full&sslrootcert=/nonexistent/ca.crt",
             ),
             "sslrootcert",
+            64,
+            64,
         ),
     ];
-    for (what, url, fix_mentions) in cases {
+    for (what, url, fix_mentions, code, stats_code) in cases {
         let cfg = with_url(&base, &url);
         for command in ["run", "migrate", "stats"] {
             let started = Instant::now();
@@ -172,7 +180,7 @@ async fn refused_tls_settings_exit_at_once_naming_the_setting() {
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
-            let expected = if command == "stats" { 2 } else { 78 };
+            let expected = if command == "stats" { stats_code } else { code };
             assert_eq!(
                 out.status.code(),
                 Some(expected),
