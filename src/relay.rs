@@ -287,23 +287,18 @@ impl Relay {
             let why = Rejection::OutputRefused {
                 error: error.clone(),
             };
-            let mut result = Err(String::new());
-            for stripped in [false, true] {
-                let record = dlq_record(&self.cfg.dlq_topic, &msg, &why, stripped);
-                result = match self.producer.send(record, Duration::from_secs(30)).await {
-                    Ok(_) => Ok(()),
-                    Err((e, _)) if kafka::is_permanent_produce_error(&e) && !stripped => {
-                        Err(e.to_string())
-                    }
-                    Err((e, _)) => {
-                        result = Err(e.to_string());
-                        break;
-                    }
-                };
-                if result.is_ok() {
-                    break;
+            let timeout = Duration::from_secs(30);
+            let whole = dlq_record(&self.cfg.dlq_topic, &msg, &why, false);
+            let result = match self.producer.send(whole, timeout).await {
+                // Refused whole (too large for the DLQ too): sent without value and
+                // headers; the source position headers still lead to the original.
+                Err((e, _)) if kafka::is_permanent_produce_error(&e) => {
+                    let stripped = dlq_record(&self.cfg.dlq_topic, &msg, &why, true);
+                    self.producer.send(stripped, timeout).await
                 }
-            }
+                other => other,
+            };
+            let result = result.map(|_| ()).map_err(|(e, _)| e.to_string());
             match result {
                 Ok(()) => {
                     self.metrics

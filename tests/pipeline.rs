@@ -152,11 +152,13 @@ async fn crash_after_db_commit_before_offset_commit_forwards_nothing_twice() {
     produce(&t.input, &msgs).await;
 
     // First life: every gate transaction commits, but no offset ever reaches Kafka
-    // (auto-commit off), then SIGKILL. That is the crash between the two commits, for
+    // (the auto-commit interval is a day; enable.auto.commit itself is kdedup's and
+    // cannot be turned off), then SIGKILL. That is the crash between the two commits, for
     // every batch at once.
     let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema);
     let mut first = Sidecar::start(
-        &cfg.clone().set("KDEDUP_KAFKA_ENABLE_AUTO_COMMIT", "false"),
+        &cfg.clone()
+            .set("KDEDUP_KAFKA_AUTO_COMMIT_INTERVAL_MS", "86400000"),
         "crash_first_life",
     );
     wait_until(
