@@ -5,23 +5,22 @@
 #   docker build -t ghcr.io/example/kdedup:0.1.0 .
 #
 # Two stages: Debian bookworm with the Rust toolchain builds the binary (librdkafka is compiled
-# from source by rdkafka-sys), and distroless cc-debian12 runs it: glibc, libgcc, CA
-# certificates and a `nonroot` user (uid 65532), no shell, no package manager.
+# from source by rdkafka-sys), and the image is `FROM scratch` with exactly the tree that
+# scripts/image-rootfs.sh lays out: the binary, the shared libraries `ldd` resolves for it
+# (glibc, libgcc, OpenSSL 3, zlib) and the dynamic loader, the CA bundle, /etc/passwd and
+# /etc/group with the `nonroot` user (uid 65532), /tmp. No shell, no package manager.
+# `make image` builds the same image offline with buildah from the same script, and
+# `make test` runs it with podman (tests/image.rs), so the image tested is the image built.
 #
-# Shared libraries: rdkafka's features are `ssl` and (by default) `libz`. librdkafka is built
-# from source and linked statically, with its built-in lz4; zstd, curl and GSSAPI (cyrus-sasl)
-# are off (so no OAUTHBEARER OIDC nor Kerberos), and SASL PLAIN and SCRAM need nothing more
-# than OpenSSL. openssl-sys is not vendored, so OpenSSL 3 (libssl.so.3, libcrypto.so.3) is
-# linked dynamically, and libz-sys links the system zlib (libz.so.1) dynamically because
-# zlib1g-dev is installed.
-# cc-debian12 ships libssl3 but not zlib, so libssl, libcrypto and libz are all copied from
-# the builder; both stages are Debian 12, so these are the very libraries the binary was
-# linked against. The builder stage fails if the binary needs any other library that the
-# runtime image lacks. scripts/check-image-runtime.sh runs the same check, and the binary as
-# uid 65532 on a read-only root with only these libraries, without a Docker engine.
+# Shared libraries: rdkafka's features are `ssl`, `zstd` and (by default) `libz`. librdkafka
+# is built from source and linked statically, with its built-in lz4 and snappy and a static
+# zstd (zstd-sys); curl and GSSAPI (cyrus-sasl) are off (so no OAUTHBEARER OIDC nor
+# Kerberos), and SASL PLAIN and SCRAM need nothing more than OpenSSL. openssl-sys is not
+# vendored, so OpenSSL 3 (libssl.so.3, libcrypto.so.3) is linked dynamically; the Postgres
+# client's TLS (sqlx with native-tls) uses the same OpenSSL. libz-sys links the system zlib
+# (libz.so.1) dynamically because zlib1g-dev is installed.
 
 ARG RUST_IMAGE=rust:1-bookworm
-ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
 
 FROM ${RUST_IMAGE} AS builder
 
@@ -29,7 +28,7 @@ FROM ${RUST_IMAGE} AS builder
 # script and openssl-sys look for (already present in the image today, listed so a slimmer
 # builder image still works).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libssl-dev zlib1g-dev pkg-config make \
+ && apt-get install -y --no-install-recommends libssl-dev zlib1g-dev pkg-config make ca-certificates binutils \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
@@ -40,39 +39,36 @@ COPY . .
 ENV SQLX_OFFLINE=true
 
 # The cache mounts keep the crates.io download and incremental artifacts across builds; the
-# binary is copied out of the cached target/ because cache mounts are not part of the image.
-# The release profile keeps line tables (debug = 1, for profiling); the image drops them
-# but keeps the symbol table, so backtraces still name functions.
+# root filesystem is laid out from the cached target/ because cache mounts are not part of
+# the image. The release profile keeps line tables (debug = 1, for profiling); the image drops
+# them but keeps the symbol table, so backtraces still name functions.
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
     cargo build --release --locked --bin kdedup \
- && install -D -m 0755 target/release/kdedup /out/usr/local/bin/kdedup \
- && strip --strip-debug /out/usr/local/bin/kdedup
+ && scripts/image-rootfs.sh target/release/kdedup /out
 
-RUN set -eu; \
-    multiarch="$(gcc -print-multiarch)"; \
-    mkdir -p "/out/usr/lib/${multiarch}"; \
-    for lib in libssl.so.3 libcrypto.so.3 libz.so.1; do \
-        cp -L "/usr/lib/${multiarch}/${lib}" "/out/usr/lib/${multiarch}/${lib}"; \
-    done; \
-    ldd /out/usr/local/bin/kdedup | tee /tmp/ldd.txt; \
-    if grep -q 'not found' /tmp/ldd.txt; then echo 'kdedup has unresolved libraries' >&2; exit 1; fi; \
-    for so in $(awk '/=>/ { print $1 }' /tmp/ldd.txt); do \
-        case "$so" in \
-            libc.so.*|libm.so.*|libgcc_s.so.*|libpthread.so.*|libdl.so.*|librt.so.*|libstdc++.so.*) ;; \
-            libssl.so.3|libcrypto.so.3|libz.so.1) ;; \
-            *) echo "kdedup links $so, which the runtime image lacks: copy it into /out as well" >&2; exit 1 ;; \
-        esac; \
-    done
-
-FROM ${RUNTIME_IMAGE}
+FROM scratch
 
 COPY --from=builder /out/ /
 
-# The distroless `nonroot` user; the Kubernetes manifests pin the same uid (runAsUser: 65532)
-# and mount the root filesystem read-only: kdedup writes nothing to disk.
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG SOURCE=unknown
+LABEL org.opencontainers.image.title="kdedup" \
+      org.opencontainers.image.description="Kafka consumer-side deduplication sidecar" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+ENV PATH=/usr/local/bin \
+    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
+
+# The `nonroot` user of /etc/passwd; the Kubernetes manifests pin the same uid
+# (runAsUser: 65532) and mount the root filesystem read-only: kdedup writes nothing to disk.
 USER 65532:65532
+WORKDIR /home/nonroot
 
 # /metrics, /livez, /readyz (KDEDUP_METRICS_ADDR, default port 9464).
 EXPOSE 9464
