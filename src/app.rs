@@ -280,7 +280,8 @@ fn own_header_room(cfg: &RunConfig) -> usize {
 /// output topic (`max.message.bytes`) and the producer (`message.max.bytes`) take once
 /// kdedup's own headers are added. A larger message would pass the gate and then be
 /// refused by the broker at relay time; this way it is dead-lettered at once, with the
-/// reason. `None` when nothing limits it (the check is off and the limits are unknown).
+/// reason. Always a limit: `--max-message-bytes 0` turns off only kdedup's own; the
+/// producer's (1,000,000 unless `message.max.bytes` says otherwise) always applies.
 pub async fn input_size_limit(cfg: &RunConfig) -> Option<usize> {
     let mut limits: Vec<usize> = cfg.max_message_bytes.into_iter().collect();
     let room = own_header_room(cfg);

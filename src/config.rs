@@ -120,7 +120,8 @@ pub struct RunArgs {
     pub max_id_bytes: usize,
 
     /// Largest message (key + value + headers) accepted, in bytes; larger ones are
-    /// dead-lettered. 0 turns the check off.
+    /// dead-lettered. Lowered at start to what the output topic and the producer take
+    /// with kdedup's own headers. 0 turns off this flag's own limit (not those).
     #[arg(long, env = "KDEDUP_MAX_MESSAGE_BYTES", default_value_t = 1_000_000)]
     pub max_message_bytes: usize,
 

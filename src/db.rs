@@ -130,15 +130,19 @@ pub struct ConnectConfigError {
 }
 
 impl ConnectConfigError {
+    /// The configuration problem `e` is, if it is one.
+    fn of(cfg: &DbConfig, e: &DbError) -> Option<Self> {
+        e.configuration_problem().map(|fix| ConnectConfigError {
+            url: crate::config::redact_url(&cfg.url),
+            cause: e.to_string(),
+            fix,
+        })
+    }
+
     /// `e` as a [`ConnectConfigError`] when it is one, else `e` with what was being done.
     pub fn or_context(cfg: &DbConfig, e: DbError) -> anyhow::Error {
-        match e.configuration_problem() {
-            Some(fix) => ConnectConfigError {
-                url: crate::config::redact_url(&cfg.url),
-                cause: e.to_string(),
-                fix,
-            }
-            .into(),
+        match Self::of(cfg, &e) {
+            Some(config) => config.into(),
             None => anyhow::Error::new(e).context(format!(
                 "connecting to Postgres ({})",
                 crate::config::redact_url(&cfg.url)
@@ -179,12 +183,8 @@ pub async fn check_connection(
     };
     match attempt.await {
         Ok(security) => Ok(Ok(security)),
-        Err(e) => match e.configuration_problem() {
-            Some(fix) => Err(ConnectConfigError {
-                url: crate::config::redact_url(&cfg.url),
-                cause: e.to_string(),
-                fix,
-            }),
+        Err(e) => match ConnectConfigError::of(cfg, &e) {
+            Some(config) => Err(config),
             None => Ok(Err(e)),
         },
     }
