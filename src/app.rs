@@ -293,12 +293,24 @@ pub async fn input_size_limit(cfg: &RunConfig) -> Option<usize> {
     )
     .await
     {
-        Ok(found) => limits.extend(
-            found
-                .iter()
-                .filter_map(|(_, v)| v.parse::<usize>().ok())
-                .map(|topic_limit| topic_limit.saturating_sub(room)),
-        ),
+        Ok(found) => {
+            for topic_limit in found.iter().filter_map(|(_, v)| v.parse::<usize>().ok()) {
+                limits.push(topic_limit.saturating_sub(room));
+                // The broker checks the limit per record batch, not per record: a batch of
+                // several records over it is refused whole, and the relay would
+                // dead-letter every record in it.
+                let batch_size = cfg
+                    .kafka
+                    .0
+                    .get("batch.size")
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(1_000_000);
+                if batch_size > topic_limit {
+                    warn!(output_topic = cfg.output_topic, max_message_bytes = topic_limit, batch_size,
+                          "the output topic's max.message.bytes is below the producer's batch.size: a full batch would be refused whole and its records dead-lettered; set KDEDUP_KAFKA_BATCH_SIZE to at most the topic's limit");
+                }
+            }
+        }
         Err(e) => warn!(error = %e, output_topic = cfg.output_topic,
                         "cannot read the output topic's max.message.bytes; only --max-message-bytes limits input size"),
     }
