@@ -198,7 +198,7 @@ async fn main() -> anyhow::Result<()> {
                     .bind(m.timestamp().to_millis())
                     .bind(m.key())
                     .bind(value)
-                    .bind(kdedup::headers::encode(&headers))
+                    .bind(kdedup::model::headers::encode(&headers))
                     .execute(&mut *tx)
                     .await?;
                 }

@@ -20,6 +20,8 @@ pub enum Point {
     RelayAfterAck,
 }
 
+// Names and parsing are needed only where points can be armed (and by the unit tests).
+#[cfg(any(test, feature = "crash-points"))]
 impl Point {
     pub const ALL: [Point; 4] = [
         Point::BeforeDbCommit,
@@ -101,6 +103,7 @@ fn armed_point() -> Option<(Point, u64)> {
 }
 
 /// `<point>[:<n>]`; `None` for anything else.
+#[cfg(any(test, feature = "crash-points"))]
 pub fn parse(spec: &str) -> Option<(Point, u64)> {
     let (name, n) = match spec.split_once(':') {
         Some((name, n)) => (name, n.parse().ok().filter(|n| *n > 0)?),

@@ -15,8 +15,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, DbArgs, DemoArgs, Env, KafkaProperties, RunArgs};
+use crate::kafka::properties::KafkaProperties;
 use crate::metrics::Metrics;
+use crate::settings::{DemoSettings, RunSettings};
 
 const INPUT: &str = "orders";
 const OUTPUT: &str = "orders.dedup";
@@ -32,45 +33,22 @@ struct Sent {
     without_id: usize,
 }
 
-/// The demo drops and recreates its schema (`DROP SCHEMA ... CASCADE`), so it only
-/// accepts a name that says it is a demo's: pointing `--db-schema` at a real kdedup
-/// schema (or an application's) must not delete it.
-fn demo_schema(name: &str) -> Result<String, config::ConfigError> {
-    let schema = config::validate_schema(name)?;
-    if !schema.starts_with("kdedup_demo") {
-        return Err(config::ConfigError::new(
-            "--db-schema (kdedup demo)",
-            format!("{schema:?} is not a demo schema, and the demo drops its schema with everything in it"),
-            "use a name starting with kdedup_demo (the default is kdedup_demo)",
-        ));
-    }
-    Ok(schema)
-}
-
-pub async fn run(args: DemoArgs, env: &dyn Env) -> anyhow::Result<()> {
-    let url = args
-        .database_url
-        .clone()
-        .or_else(|| env.var("DATABASE_URL"))
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
-    let schema = demo_schema(&args.db_schema)?;
+/// Runs the demo. `run_settings` makes the sidecar's settings once the embedded cluster
+/// is up: `(bootstrap servers, admin address, (input topic, output topic))`.
+pub async fn run<F>(args: DemoSettings, run_settings: F) -> anyhow::Result<()>
+where
+    F: FnOnce(&str, &str, (&str, &str)) -> anyhow::Result<RunSettings>,
+{
+    let db = args.db.clone();
+    let (url, schema) = (db.url.clone(), db.schema.clone());
 
     // A fresh schema, so every demo run starts from an empty gate.
-    let db = DbArgs {
-        database_url: Some(url.clone()),
-        db_schema: schema.clone(),
-        db_max_connections: 4,
-    }
-    .validate(env)?;
-    let pool = crate::db::pool(&db)?;
+    let pool = crate::store::pool(&db)?;
     sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
         .execute(&pool)
         .await
         .with_context(|| {
-            format!(
-                "cannot reach Postgres at {} (start it, or set DATABASE_URL)",
-                config::redact_url(&url)
-            )
+            format!("cannot reach Postgres at {url} (start it, or set DATABASE_URL)")
         })?;
     pool.close().await;
 
@@ -82,60 +60,13 @@ pub async fn run(args: DemoArgs, env: &dyn Env) -> anyhow::Result<()> {
     let brokers = cluster.bootstrap_servers();
 
     let metrics_addr = free_or_ephemeral(&args.metrics_addr).await;
-    let mut run_args = RunArgs {
-        brokers: Some(brokers.clone()),
-        group_id: Some("orders-app".into()),
-        input_topics: Some(INPUT.into()),
-        output_topic: Some(OUTPUT.into()),
-        dlq_topic: None,
-        db: DbArgs {
-            database_url: Some(url.clone()),
-            db_schema: schema.clone(),
-            db_max_connections: 4,
-        },
-        id_from: "header:event-id,json:/id".into(),
-        scope: Some("orders".into()),
-        max_id_bytes: 512,
-        max_message_bytes: 1_000_000,
-        on_payload_mismatch: crate::config::PayloadMismatch::Skip,
-        ttl: "7d".into(),
-        batch_size: 1000,
-        gate_lanes: 2,
-        read_ahead_bytes: 8 << 20,
-        batch_linger: "10ms".into(),
-        batch_max_bytes: 16 << 20,
-        relay_batch_size: 2000,
-        relay_batch_max_bytes: 16 * 1024 * 1024,
-        relay: true,
-        metrics_addr,
-        shutdown_timeout: "5s".into(),
-        migrate_on_start: true,
-        create_topics: false,
-        topic_replication_factor: 1,
-        prune: crate::config::PruneFlags {
-            pruner: true,
-            prune_interval: "60s".into(),
-            prune_batch_size: 5000,
-            prune_pause: "50ms".into(),
-        },
-        kafka_property: vec![
-            "session.timeout.ms=6000".into(),
-            "heartbeat.interval.ms=500".into(),
-        ],
-    };
-    // Only -X properties here: the demo must not pick up a real cluster's KDEDUP_KAFKA_*.
-    let no_env: std::collections::BTreeMap<String, String> = Default::default();
-    run_args.kafka_property.sort();
-    let cfg = run_args.validate(&no_env)?;
+    let cfg = run_settings(&brokers, &metrics_addr, (INPUT, OUTPUT))?;
 
     println!("kdedup demo");
     println!(
         "  Kafka: embedded mock cluster (3 brokers), topic `{INPUT}` with {PARTITIONS} partitions"
     );
-    println!(
-        "  Postgres: {} (schema {schema}, recreated)",
-        config::redact_url(&url)
-    );
+    println!("  Postgres: {url} (schema {schema}, recreated)");
     println!();
 
     let producer: FutureProducer =
@@ -189,7 +120,8 @@ pub async fn run(args: DemoArgs, env: &dyn Env) -> anyhow::Result<()> {
     }
     let elapsed = first_consumed.map_or(Duration::ZERO, |t| t.elapsed());
 
-    let verified = read_output(&brokers, metrics.events_forwarded.get() as usize)?;
+    let expect = metrics.events_forwarded.get() as usize;
+    let verified = tokio::task::block_in_place(|| read_output(&brokers, expect))?;
     let duplicates = metrics.duplicates_total();
     let forwarded = metrics.events_forwarded.get();
     let rate = sent.messages as f64 / elapsed.as_secs_f64().max(1e-6);
@@ -433,19 +365,4 @@ fn read_output(brokers: &str, expect: usize) -> anyhow::Result<Verified> {
         distinct: ids.len(),
         in_order,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_demo_only_drops_a_demo_schema() {
-        assert_eq!(demo_schema("kdedup_demo").unwrap(), "kdedup_demo");
-        assert!(demo_schema("kdedup_demo_2").is_ok());
-        for real in ["kdedup", "public", "orders"] {
-            let err = demo_schema(real).unwrap_err().to_string();
-            assert!(err.contains("kdedup_demo"), "{err}");
-        }
-    }
 }

@@ -2,39 +2,39 @@
 //!
 //! Each `(scope, event_id)` causes exactly one forwarding write within its TTL, however
 //! many times Kafka, a producer retry or a dead-letter replay delivers it. The gate is a
-//! primary key in Postgres; the forwarding write (an outbox row) commits in the same
-//! transaction; Kafka offsets move only after that commit.
+//! primary key in Postgres; the sink's forwarding write (today: an outbox row) commits in
+//! the same transaction; Kafka offsets move only after that commit.
 //!
-//! Layout:
-//! - [`config`]: flags, `KDEDUP_*` environment, validation (exit 64 on bad config).
-//! - [`crash`]: named crash points for the crash tests (feature `crash-points`).
-//! - [`identity`]: where an event id and its scope come from; why a message has none.
-//! - [`pipeline`]: consume → identify → gate → store offsets; dead letters.
-//! - [`db`]: pool, embedded migrations, the gate statement.
-//! - [`pruner`]: deletes expired gate rows in bounded batches, one pruner per schema.
-//! - [`relay`]: outbox → output topic, one active relay per schema (advisory lock).
-//! - [`replay`]: re-feeds the DLQ (or any topic range) through the same gate.
-//! - [`kafka`]: client settings, rebalance bookkeeping, topic creation.
-//! - [`admin`]: `/metrics`, `/livez`, `/readyz`.
-//! - [`metrics`]: the metric set, on one registry passed down.
-//! - [`app`]: `kdedup run` start-up and shutdown order.
-//! - [`demo`]: `kdedup demo` on librdkafka's embedded mock cluster.
-//! - [`ops`]: `kdedup inspect` and `kdedup stats`, read-only views of the gate tables.
+//! Layout, top to bottom; a module uses only those below it:
+//!
+//! | layer | modules |
+//! |---|---|
+//! | command line | [`cli`]: flags, `KDEDUP_*`, validation (exit 64); the only user of clap |
+//! | commands | [`app`] (`kdedup run`: start and stop order, health loop), [`replay`], [`ops`] (`inspect`, `stats`), [`demo`] |
+//! | stages | `consume` (reader → lanes → settle: the `run` data path), `sink` (the seam; `sink::kafka`: outbox + relay), [`pruner`], `admin` (`/metrics`, `/livez`, `/readyz`) |
+//! | clients | [`store`] (pool, migrations, errors, every SQL statement: [`store::gate`] is the gate), `kafka` (client configs, rebalance context, topics, dead-letter records) |
+//! | domain | [`settings`] (validated, one struct per component), [`model`] (input message, position, headers, identity), [`metrics`], `health`, `crash`, `retry`, [`telemetry`] |
+//!
+//! Where to look first: the gate transaction is [`store::gate`]; the Kafka loop is
+//! `consume` (`consume/mod.rs`, the reader; `consume/lanes.rs`; `consume/settle.rs`); the
+//! sink seam is `sink/mod.rs`; configuration is [`cli`] and [`settings`].
 
-pub mod admin;
 pub mod app;
-pub mod config;
-pub mod crash;
-pub mod db;
+pub mod cli;
 pub mod demo;
-pub mod headers;
-pub mod identity;
-pub mod kafka;
 pub mod metrics;
+pub mod model;
 pub mod ops;
-pub mod pipeline;
 pub mod pruner;
-pub mod relay;
 pub mod replay;
-pub mod retry;
+pub mod settings;
+pub mod store;
 pub mod telemetry;
+
+pub(crate) mod admin;
+pub(crate) mod consume;
+pub(crate) mod crash;
+pub(crate) mod health;
+pub(crate) mod kafka;
+pub(crate) mod retry;
+pub(crate) mod sink;

@@ -4,7 +4,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use kdedup::config::{Cli, Command, ProcessEnv, EX_USAGE};
+use kdedup::cli::env::ProcessEnv;
+use kdedup::cli::{Cli, Command, ConfigError, EX_CONFIG, EX_USAGE};
 use kdedup::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -74,8 +75,8 @@ async fn async_main(cli: Cli) -> ExitCode {
             kdedup::telemetry::init();
             let result = async {
                 connect_once(&db).await?;
-                let pool = kdedup::db::pool(&db)?;
-                kdedup::db::migrate(&pool, &db.schema).await?;
+                let pool = kdedup::store::pool(&db)?;
+                kdedup::store::migrate(&pool, &db.schema).await?;
                 anyhow::Ok(())
             }
             .await;
@@ -102,7 +103,7 @@ async fn async_main(cli: Cli) -> ExitCode {
             kdedup::telemetry::init();
             let result = async {
                 connect_once(&db).await?;
-                let mut conn = kdedup::db::dedicated_connection(&db).await?;
+                let mut conn = kdedup::store::dedicated_connection(&db).await?;
                 let metrics = Metrics::new();
                 let n = kdedup::pruner::prune_round(
                     &mut conn,
@@ -126,33 +127,43 @@ async fn async_main(cli: Cli) -> ExitCode {
                 }
             }
         }
-        Command::Inspect(args) => match args.db.clone().validate(&ProcessEnv) {
-            Ok(db) => kdedup::ops::inspect_command(&db, &args).await,
+        Command::Inspect(args) => match args.validate(&ProcessEnv) {
+            Ok(inspect) => kdedup::ops::inspect_command(&inspect).await,
             Err(e) => usage_error(e),
         },
-        Command::Stats(args) => match args.db.clone().validate(&ProcessEnv) {
-            Ok(db) => kdedup::ops::stats_command(&db, &args).await,
+        Command::Stats(args) => match args.db.validate(&ProcessEnv) {
+            Ok(db) => kdedup::ops::stats_command(&db, args.json).await,
             Err(e) => usage_error(e),
         },
         Command::Replay(args) => {
             kdedup::telemetry::init();
-            match kdedup::replay::run(*args, &ProcessEnv).await {
+            let replay = match args.validate(&ProcessEnv) {
+                Ok(replay) => replay,
+                Err(e) => return usage_error(e),
+            };
+            match kdedup::replay::run(replay).await {
                 Ok(_) => ExitCode::SUCCESS,
-                Err(e) => match e.downcast_ref::<kdedup::config::ConfigError>() {
-                    Some(c) => {
-                        eprintln!("kdedup: {c}");
-                        ExitCode::from(EX_USAGE as u8)
-                    }
-                    None => {
-                        eprintln!("kdedup replay: {e:#}");
-                        failure_code(&e)
-                    }
-                },
+                Err(e) => {
+                    eprintln!("kdedup replay: {e:#}");
+                    failure_code(&e)
+                }
             }
         }
         Command::Demo(args) => {
             kdedup::telemetry::init_for_demo();
-            match kdedup::demo::run(args, &ProcessEnv).await {
+            let demo = match args.validate(&ProcessEnv) {
+                Ok(demo) => demo,
+                Err(e) => return usage_error(e),
+            };
+            let run_settings = |brokers: &str, metrics_addr: &str, topics: (&str, &str)| {
+                Ok(kdedup::cli::validate::demo_run_settings(
+                    &demo,
+                    brokers,
+                    metrics_addr,
+                    topics,
+                )?)
+            };
+            match kdedup::demo::run(demo.clone(), run_settings).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("demo failed: {e:#}");
@@ -164,29 +175,30 @@ async fn async_main(cli: Cli) -> ExitCode {
 }
 
 /// Connects once (for the one-shot commands) and says how; a refused setting is named.
-async fn connect_once(db: &kdedup::config::DbConfig) -> anyhow::Result<()> {
-    match kdedup::db::check_connection(db).await? {
+async fn connect_once(db: &kdedup::settings::DbSettings) -> anyhow::Result<()> {
+    match kdedup::store::check_connection(db).await? {
         Ok(security) => {
-            kdedup::app::log_connection_security(db, &security);
+            security.log(db);
             Ok(())
         }
-        Err(e) => Err(kdedup::db::ConnectConfigError::or_context(db, e)),
+        Err(e) => Err(kdedup::store::ConnectConfigError::or_context(db, e)),
     }
 }
 
 /// Exit code of a failed command: `EX_CONFIG` (78) when Postgres refused the connection
 /// settings (TLS, login, database), which no restart fixes; 1 for anything else.
 fn failure_code(e: &anyhow::Error) -> ExitCode {
-    if e.chain()
-        .any(|c| c.downcast_ref::<kdedup::db::ConnectConfigError>().is_some())
-    {
-        ExitCode::from(kdedup::config::EX_CONFIG as u8)
+    if e.chain().any(|c| {
+        c.downcast_ref::<kdedup::store::ConnectConfigError>()
+            .is_some()
+    }) {
+        ExitCode::from(EX_CONFIG as u8)
     } else {
         ExitCode::FAILURE
     }
 }
 
-fn usage_error(e: kdedup::config::ConfigError) -> ExitCode {
+fn usage_error(e: ConfigError) -> ExitCode {
     eprintln!("kdedup: {e}");
     ExitCode::from(EX_USAGE as u8)
 }

@@ -9,49 +9,18 @@
 //! absent (`ON CONFLICT ... DO UPDATE ... WHERE expires_at <= now()`), so an id whose TTL
 //! passed is accepted again as new whether or not its row was deleted yet.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::info;
 
-use crate::config::DbConfig;
-use crate::db::{self, ADVISORY_LOCK_CLASS};
 use crate::metrics::Metrics;
-use crate::retry::Backoff;
-
-#[derive(Debug, Clone)]
-pub struct PruneSettings {
-    /// Time between prune rounds.
-    pub interval: Duration,
-    /// Rows deleted per transaction.
-    pub batch_size: i64,
-    /// Pause between two batches of one round.
-    pub pause: Duration,
-}
-
-/// Deletes at most `batch_size` rows that expired at or before `now`; returns how many.
-pub async fn prune_batch(
-    conn: &mut PgConnection,
-    now: DateTime<Utc>,
-    batch_size: i64,
-) -> Result<u64, sqlx::Error> {
-    let done = sqlx::query(
-        "DELETE FROM processed_events
-         WHERE event_key IN (
-             SELECT event_key FROM processed_events
-             WHERE expires_at <= $1
-             ORDER BY expires_at
-             LIMIT $2
-             FOR UPDATE SKIP LOCKED)",
-    )
-    .bind(now)
-    .bind(batch_size)
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected())
-}
+use crate::settings::DbSettings;
+pub use crate::settings::PruneSettings;
+use crate::store::lock::{sleep_or_stop, SingletonLock};
+pub use crate::store::prune::prune_batch;
 
 /// One full round: batches until fewer than `batch_size` rows were deleted.
 pub async fn prune_round(
@@ -83,35 +52,24 @@ pub async fn prune_round(
 }
 
 /// Runs prune rounds every `interval` while holding the pruner lock, until `stop`.
-pub async fn run(db: DbConfig, settings: PruneSettings, metrics: Metrics, stop: CancellationToken) {
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-    while !stop.is_cancelled() {
-        let mut conn = match db::dedicated_connection(&db).await {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(error = %e, "pruner cannot reach Postgres; retrying");
-                sleep_or_stop(backoff.next_delay(), &stop).await;
-                continue;
-            }
-        };
-        let locked: Result<bool, _> =
-            sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext('pruner:' || $2))")
-                .bind(ADVISORY_LOCK_CLASS)
-                .bind(&db.schema)
-                .fetch_one(&mut conn)
-                .await;
-        if !matches!(locked, Ok(true)) {
-            debug!("another pruner works on this schema; standing by");
-            sleep_or_stop(settings.interval, &stop).await;
-            continue;
-        }
-        backoff.reset();
+pub async fn run(
+    db: DbSettings,
+    settings: PruneSettings,
+    metrics: Metrics,
+    stop: CancellationToken,
+) {
+    let lock = SingletonLock {
+        role: "pruner",
+        db,
+        standby_retry: settings.interval,
+    };
+    while let Ok(mut conn) = lock.acquire(&stop, |_| {}).await {
         loop {
             match prune_round(&mut conn, Utc::now(), &settings, &metrics, &stop).await {
                 Ok(0) => {}
                 Ok(n) => info!(rows = n, "pruned expired processed_events rows"),
                 Err(e) => {
-                    warn!(error = %e, "prune round failed; reconnecting");
+                    tracing::warn!(error = %e, "prune round failed; reconnecting");
                     break;
                 }
             }
@@ -123,12 +81,5 @@ pub async fn run(db: DbConfig, settings: PruneSettings, metrics: Metrics, stop: 
                 return;
             }
         }
-    }
-}
-
-async fn sleep_or_stop(d: Duration, stop: &CancellationToken) {
-    tokio::select! {
-        _ = stop.cancelled() => {}
-        _ = tokio::time::sleep(d) => {}
     }
 }

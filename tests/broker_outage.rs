@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::{database_url, drop_schema, pg, unique, wait_until};
-use kdedup::config::{DbArgs, PayloadMismatch, PruneFlags, RunArgs};
+use kdedup::cli::{DbArgs, PayloadMismatch, PruneFlags, RunArgs};
 use kdedup::metrics::Metrics;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};

@@ -141,7 +141,7 @@ fn relay_sessions(logs: &[(std::path::PathBuf, bool)]) -> Vec<RelaySession> {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
                 continue;
             };
-            if v["target"] != "kdedup::relay" {
+            if v["target"] != "kdedup::sink::kafka::relay" {
                 continue;
             }
             let msg = v["message"].as_str().unwrap_or_default();
@@ -278,7 +278,7 @@ async fn chaos_kills_and_restarts_keep_every_invariant() {
     let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
         .set("KDEDUP_BROKERS", &b)
         .set("KDEDUP_BATCH_SIZE", "200")
-        .set("KDEDUP_LOG", "info,kdedup::relay=debug");
+        .set("KDEDUP_LOG", "info,kdedup::sink::kafka::relay=debug");
     let pool = pg().await;
     println!(
         "chaos: broker {b} (tansu, storage database {}), schema {}, logs in {}",

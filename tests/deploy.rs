@@ -59,7 +59,7 @@ fn every_variable_the_manifests_set_is_read_by_the_binary() {
         );
         for v in vars {
             assert!(
-                kdedup::config::is_known_env_var(&v),
+                kdedup::cli::env::is_known_env_var(&v),
                 "{dir} sets {v}, which kdedup does not read"
             );
         }
@@ -71,7 +71,7 @@ fn every_variable_the_manifests_set_is_read_by_the_binary() {
         let yaml = std::fs::read_to_string(&path).unwrap();
         for v in variables(&yaml) {
             assert!(
-                kdedup::config::is_known_env_var(&v),
+                kdedup::cli::env::is_known_env_var(&v),
                 "{} sets {v}, which kdedup does not read",
                 path.display()
             );
@@ -83,7 +83,7 @@ fn every_variable_the_manifests_set_is_read_by_the_binary() {
 fn probes_and_scrape_port_match_the_admin_server() {
     let default_port = {
         use clap::CommandFactory;
-        let cmd = kdedup::config::Cli::command();
+        let cmd = kdedup::cli::Cli::command();
         let run = cmd.find_subcommand("run").unwrap();
         let arg = run
             .get_arguments()

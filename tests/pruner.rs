@@ -7,15 +7,16 @@ use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
 use common::*;
-use kdedup::config::DbConfig;
-use kdedup::db::{self, GateOutcome, GateRow};
 use kdedup::metrics::Metrics;
 use kdedup::pruner::{prune_batch, prune_round, PruneSettings};
+use kdedup::settings::{DatabaseUrl, DbSettings};
+use kdedup::store::gate::{self, GateBatch, GateOutcome, GateRow, GateStatement};
+use kdedup::store::{self as db, outbox::OUTBOX_WRITE};
 use tokio_util::sync::CancellationToken;
 
-fn db_config(schema: &str) -> DbConfig {
-    DbConfig {
-        url: database_url(),
+fn db_config(schema: &str) -> DbSettings {
+    DbSettings {
+        url: DatabaseUrl::new(database_url()),
         schema: schema.to_string(),
         max_connections: 2,
     }
@@ -32,7 +33,7 @@ fn row(id: &str) -> GateRow {
         payload_hash: vec![0; 16],
         key: None,
         value: Some(b"v".to_vec()),
-        headers: kdedup::headers::encode(&[]),
+        headers: kdedup::model::headers::encode(&[]),
     }
 }
 
@@ -70,15 +71,15 @@ async fn the_key_kdedup_computes_is_the_key_sql_computes() {
             .fetch_one(&pool)
             .await
             .unwrap();
-        assert_eq!(in_sql, db::event_key(scope, id), "{scope:?} {id:?}");
+        assert_eq!(in_sql, gate::event_key(scope, id), "{scope:?} {id:?}");
     }
     // The scope length is part of the key: moving a character across the boundary is
     // another key.
-    assert_ne!(db::event_key("a", "bc"), db::event_key("ab", "c"));
+    assert_ne!(gate::event_key("a", "bc"), gate::event_key("ab", "c"));
     // Rows written by SQL (setup) are found by the key kdedup computes.
     let live: i64 =
         sqlx::query_scalar("SELECT count(*) FROM processed_events WHERE event_key = $1")
-            .bind(db::event_key("s", "e-7"))
+            .bind(gate::event_key("s", "e-7"))
             .fetch_one(&pool)
             .await
             .unwrap();
@@ -135,11 +136,15 @@ async fn an_expired_id_is_accepted_again_as_new() {
     // e-1 expired long ago (2026-01-01) but has not been pruned: the gate treats it as
     // absent. e-new is new. Then with a live TTL both are duplicates.
     let ttl = Duration::from_secs(3600);
-    let first = db::gate(&pool, &[row("e-1"), row("e-new")], ttl, &Default::default())
+    let statement = GateStatement::new(Some(OUTBOX_WRITE));
+    let mut batch = GateBatch::default();
+    batch.push(row("e-1"));
+    batch.push(row("e-new"));
+    let first = gate::gate(&pool, &statement, batch.part(0..2, true), ttl)
         .await
         .unwrap();
     assert_eq!(first, vec![GateOutcome::Forwarded, GateOutcome::Forwarded]);
-    let again = db::gate(&pool, &[row("e-1"), row("e-new")], ttl, &Default::default())
+    let again = gate::gate(&pool, &statement, batch.part(0..2, true), ttl)
         .await
         .unwrap();
     assert!(

@@ -502,7 +502,7 @@ async fn replay_serves_its_duplicate_counts_on_metrics_while_it_runs() {
         .await
         .expect("connect");
     sqlx::query("SELECT pg_advisory_lock($1, hashtext('relay:' || $2))")
-        .bind(kdedup::db::ADVISORY_LOCK_CLASS)
+        .bind(kdedup::store::ADVISORY_LOCK_CLASS)
         .bind(&t.schema)
         .execute(&mut lock)
         .await

@@ -461,7 +461,7 @@ impl Bench {
             let batch: usize = self.tuning("KDEDUP_BATCH_SIZE").parse()?;
             let seconds = if self.args.quick { 2.0 } else { 3.0 };
             let rounds = if self.args.quick { 1 } else { 3 };
-            let list = shapes::shapes(&self.root);
+            let list = shapes::shapes();
             report.shapes =
                 shapes::measure_all(self, &list, &[0.0, 0.5], batch, seconds, rounds).await?;
             for r in &report.shapes {
@@ -550,7 +550,7 @@ impl Bench {
                 ))
                 .fetch_one(&self.pg)
                 .await?;
-                // As the gate writes it (src/db.rs); here the key is computed by the server
+                // As the gate writes it (src/store/gate.rs); here the key is computed by the server
                 // (kdedup computes it in the client), which only handicaps the uuid layout.
                 let (key_col, key_val, conflict) = if tag == "text" {
                     ("", "", "scope, event_id")
@@ -2504,10 +2504,10 @@ impl Report {
             let _ = writeln!(s, "\n## Gate statement alone (no Kafka, no relay)\n");
             let _ = writeln!(
                 s,
-                "The gate transaction driven as `db::gate` drives it (BEGIN, one statement with the batch bound as \
+                "The gate transaction driven as `store::gate::gate` drives it (BEGIN, one statement with the batch bound as \
                  arrays, COMMIT), {} events per batch, from a fresh schema, after a warm-up; 50% duplicates = half of \
                  each batch repeats ids gated in earlier batches. Every variant ran {} round(s) of {} s, round-robin, \
-                 each on a fresh schema; the table shows the median round and the range. The shipped statement is read from src/db.rs; A–C \
+                 each on a fresh schema; the table shows the median round and the range. The shipped statement is the library's own (src/store/gate.rs); A–C \
                  are alternatives written for this experiment (bench/README.md explains them).\n",
                 b.tuning("KDEDUP_BATCH_SIZE"),
                 if b.args.quick { 1 } else { 3 },

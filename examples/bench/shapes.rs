@@ -1,10 +1,11 @@
 //! Gate statement experiments: the gate transaction alone (no Kafka, no relay), driven the
-//! way `db::gate` drives it (one transaction per batch, the batch bound as ten arrays),
+//! way `store::gate::gate` drives it (one transaction per batch, the batch bound as ten arrays),
 //! for the statement kdedup ships and for alternative shapes. The numbers back the
 //! recommendations in bench/README.md; kdedup itself is not changed by any of this.
 //!
-//! The shipped statement is read from src/db.rs (`GATE_SQL`) at run time, so it follows
-//! the source. The alternatives are fixed texts written for this experiment.
+//! The shipped statement comes from the library (`store::gate::GateStatement` with the
+//! Kafka sink's outbox write), so it follows the source. The alternatives are fixed texts
+//! written for this experiment.
 
 use std::time::Instant;
 
@@ -143,15 +144,14 @@ LEFT JOIN LATERAL (
 ORDER BY b.ord
 "#;
 
-/// `GATE_SQL` as it is in src/db.rs now.
-pub fn shipped_gate_sql(root: &std::path::Path) -> Option<String> {
-    let src = std::fs::read_to_string(root.join("src/db.rs")).ok()?;
-    let start = src.find("const GATE_SQL: &str = r#\"")? + "const GATE_SQL: &str = r#\"".len();
-    let len = src[start..].find("\"#;")?;
-    Some(src[start..start + len].to_string())
+/// The gate statement as the Kafka sink runs it (src/store/gate.rs).
+pub fn shipped_gate_sql() -> String {
+    kdedup::store::gate::GateStatement::new(Some(kdedup::store::outbox::OUTBOX_WRITE))
+        .sql()
+        .to_string()
 }
 
-pub fn shapes(root: &std::path::Path) -> Vec<Shape> {
+pub fn shapes() -> Vec<Shape> {
     let shape = |label, sql: &str, counters, setup, sessions, session_setup| Shape {
         label,
         sql: sql.to_string(),
@@ -161,9 +161,17 @@ pub fn shapes(root: &std::path::Path) -> Vec<Shape> {
         session_setup,
     };
     let mut v = Vec::new();
-    if let Some(sql) = shipped_gate_sql(root) {
+    {
+        let sql = shipped_gate_sql();
         let c = sql.contains("$13");
-        v.push(shape("shipped GATE_SQL (src/db.rs)", &sql, c, &[], 1, &[]));
+        v.push(shape(
+            "shipped gate statement (src/store/gate.rs)",
+            &sql,
+            c,
+            &[],
+            1,
+            &[],
+        ));
         v.push(shape(
             "shipped, without the expires_at btree index",
             &sql,
@@ -278,7 +286,8 @@ impl Workload {
             ));
             b.values.push(Some(self.value.clone()));
             b.headers.push(headers);
-            b.event_keys.push(kdedup::db::event_key(super::SCOPE, &id));
+            b.event_keys
+                .push(kdedup::store::gate::event_key(super::SCOPE, &id));
             b.ids.push(id);
         }
         self.recent.extend(fresh);

@@ -23,68 +23,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::Args;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::sync::Notify;
+use tokio::task::block_in_place;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ClientKind, ConfigError, Env, RunArgs, RunConfig};
-use crate::db;
+use crate::consume::settle::{Gate, Origin};
+use crate::kafka::properties::ClientKind;
 use crate::metrics::Metrics;
-use crate::pipeline::{header, Gate, InputMessage, Origin};
-use crate::relay::Relay;
-
-#[derive(Debug, Clone, Args)]
-pub struct ReplayArgs {
-    /// Topic to replay [default: the dead-letter topic].
-    #[arg(long, env = "KDEDUP_REPLAY_TOPIC")]
-    pub from_topic: Option<String>,
-
-    /// First offset to replay, in every partition [default: the beginning].
-    #[arg(long, conflicts_with = "from_time")]
-    pub from_offset: Option<i64>,
-
-    /// Replay up to this offset (exclusive), in every partition [default: the end listed
-    /// at start].
-    #[arg(long, conflicts_with = "to_time")]
-    pub to_offset: Option<i64>,
-
-    /// First message timestamp to replay (RFC 3339, e.g. 2026-11-20T00:00:00Z).
-    #[arg(long)]
-    pub from_time: Option<String>,
-
-    /// Replay messages with timestamps before this (RFC 3339).
-    #[arg(long)]
-    pub to_time: Option<String>,
-
-    /// Report what would be forwarded without writing anything.
-    #[arg(long)]
-    pub dry_run: bool,
-
-    /// Replay events older than the TTL too (the gate may have forgotten them: they would
-    /// be forwarded again). Also skips the first pass that checks the range's timestamps.
-    #[arg(long)]
-    pub force: bool,
-
-    /// Fallback end: a partition whose end offset the broker does not report, or that
-    /// stays short of it (a gap: transaction markers, aborted records), ends once nothing
-    /// arrived for this long.
-    #[arg(long, default_value = "3s")]
-    pub idle_timeout: String,
-
-    /// How long to wait, at the end, for the outbox to be published.
-    #[arg(long, default_value = "60s")]
-    pub publish_timeout: String,
-
-    /// Serve /metrics (and /livez, /readyz) on --metrics-addr / KDEDUP_METRICS_ADDR while
-    /// the replay runs, e.g. kdedup_duplicates_total{cause="replay"}.
-    #[arg(long, env = "KDEDUP_REPLAY_SERVE_METRICS")]
-    pub serve_metrics: bool,
-
-    #[command(flatten)]
-    pub run: RunArgs,
-}
+use crate::model::{header, is_valid_topic_name, InputMessage};
+use crate::settings::{ConsumeSettings, ReplaySettings, RunSettings};
+use crate::sink::kafka::relay::Relay;
+use crate::sink::kafka::KafkaSink;
+use crate::store::gate::GateStatement;
+use crate::store::{self as db, outbox};
 
 /// How many stripped DLQ records the summary lists by source position (all are logged).
 const STRIPPED_LISTED: usize = 20;
@@ -132,29 +85,17 @@ impl Range {
     }
 }
 
-fn parse_time(setting: &str, v: &str) -> Result<i64, ConfigError> {
-    chrono::DateTime::parse_from_rfc3339(v)
-        .map(|t| t.timestamp_millis())
-        .map_err(|e| {
-            ConfigError::new(
-                setting,
-                format!("cannot read {v:?} as a time ({e})"),
-                "write RFC 3339, e.g. 2026-11-20T00:00:00Z",
-            )
-        })
-}
-
-fn consumer(cfg: &RunConfig) -> anyhow::Result<BaseConsumer> {
+fn consumer(cfg: &RunSettings) -> anyhow::Result<BaseConsumer> {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.brokers)
-        .set("group.id", format!("{}.replay", cfg.group_id))
+    c.set("bootstrap.servers", &cfg.kafka.brokers)
+        .set("group.id", format!("{}.replay", cfg.kafka.group_id))
         .set("enable.auto.commit", "false")
         // A start offset deleted by retention meanwhile: read from what is left.
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
         // The same prefetch bound as the sidecar's consumer (kafka::consumer_config).
         .set("queued.max.messages.kbytes", "16384");
-    cfg.kafka.apply(&mut c, ClientKind::Consumer);
+    cfg.kafka.properties.apply(&mut c, ClientKind::Consumer);
     c.set("enable.auto.offset.store", "false");
     Ok(crate::kafka::client(
         &c,
@@ -165,10 +106,9 @@ fn consumer(cfg: &RunConfig) -> anyhow::Result<BaseConsumer> {
 fn resolve_range(
     consumer: &BaseConsumer,
     topic: &str,
-    args: &ReplayArgs,
-    from_ms: Option<i64>,
-    to_ms: Option<i64>,
+    args: &ReplaySettings,
 ) -> anyhow::Result<Range> {
+    let (from_ms, to_ms) = (args.from_ms, args.to_ms);
     let timeout = Duration::from_secs(10);
     let md = consumer
         .fetch_metadata(Some(topic), timeout)
@@ -412,7 +352,7 @@ impl<'c> Reader<'c> {
                 }
             }
             self.reached.insert(partition, offset + 1);
-            let msg = InputMessage::from_kafka(&m);
+            let msg = crate::kafka::input::input_message(&m);
             bytes += msg.size();
             batch.push(msg);
         }
@@ -533,10 +473,7 @@ fn restore_original(mut msg: InputMessage) -> InputMessage {
         return msg;
     }
     let valid = (
-        source
-            .0
-            .clone()
-            .filter(|t| crate::config::is_valid_topic_name(t)),
+        source.0.clone().filter(|t| is_valid_topic_name(t)),
         source
             .1
             .as_deref()
@@ -641,6 +578,7 @@ struct TooOld {
 /// listed end.
 fn check_ages(
     gate: &Gate,
+    consume: &ConsumeSettings,
     consumer: &BaseConsumer,
     range: &Range,
     idle_timeout: Duration,
@@ -651,7 +589,7 @@ fn check_ages(
     let mut too_old: Option<TooOld> = None;
     let mut read = 0;
     loop {
-        let batch = reader.next_batch(gate.cfg.batch_size, gate.cfg.batch_max_bytes)?;
+        let batch = reader.next_batch(consume.batch_size, consume.batch_max_bytes)?;
         if batch.is_empty() {
             break;
         }
@@ -669,7 +607,7 @@ fn check_ages(
             }
             let old = too_old.get_or_insert_with(|| TooOld {
                 count: 0,
-                first: format!("{}/{}/{}", m.topic, m.partition, m.offset),
+                first: m.position().to_string(),
                 first_timestamp_ms: ts,
             });
             old.count += 1;
@@ -693,7 +631,7 @@ async fn serve_metrics(
     metrics: &Metrics,
     stop: &CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let health = Arc::new(crate::admin::Health::default());
+    let health = Arc::new(crate::health::Health::default());
     health.postgres_up.store(true, Ordering::Release);
     health.broker_up.store(true, Ordering::Release);
     health.consumer_joined.store(true, Ordering::Release);
@@ -707,69 +645,37 @@ async fn serve_metrics(
 }
 
 /// Runs a replay; prints a summary on stdout.
-pub async fn run(args: ReplayArgs, env: &dyn Env) -> anyhow::Result<ReplaySummary> {
-    let from_ms = args
-        .from_time
-        .as_deref()
-        .map(|v| parse_time("--from-time", v))
-        .transpose()?;
-    let to_ms = args
-        .to_time
-        .as_deref()
-        .map(|v| parse_time("--to-time", v))
-        .transpose()?;
-    let publish_timeout =
-        crate::config::parse_duration("--publish-timeout", &args.publish_timeout, "60s")?;
-    let idle_timeout = crate::config::parse_duration("--idle-timeout", &args.idle_timeout, "3s")?;
-    let cfg = Arc::new(args.run.clone().validate(env)?);
+pub async fn run(args: ReplaySettings) -> anyhow::Result<ReplaySummary> {
+    let cfg = Arc::new(args.run.clone());
     match db::check_connection(&cfg.db).await? {
-        Ok(security) => crate::app::log_connection_security(&cfg.db, &security),
+        Ok(security) => security.log(&cfg.db),
         Err(e) => return Err(db::ConnectConfigError::or_context(&cfg.db, e)),
     }
-    let topic = args
-        .from_topic
-        .clone()
-        .unwrap_or_else(|| cfg.dlq_topic.clone());
-
     let metrics = Metrics::new();
     let admin_stop = CancellationToken::new();
     let admin = match args.serve_metrics {
         true => Some(serve_metrics(cfg.metrics_addr, &metrics, &admin_stop).await?),
         false => None,
     };
-    let result = replay(
-        &args,
-        cfg,
-        &topic,
-        from_ms,
-        to_ms,
-        idle_timeout,
-        publish_timeout,
-        &metrics,
-    )
-    .await;
+    let result = replay(&args, cfg, &metrics).await;
     admin_stop.cancel();
     if let Some(admin) = admin {
         let _ = admin.await;
     }
     let summary = result?;
-    print_summary(&topic, args.dry_run, &summary);
+    print_summary(&args.topic, args.dry_run, &summary);
     Ok(summary)
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn replay(
-    args: &ReplayArgs,
-    cfg: Arc<RunConfig>,
-    topic: &str,
-    from_ms: Option<i64>,
-    to_ms: Option<i64>,
-    idle_timeout: Duration,
-    publish_timeout: Duration,
+    args: &ReplaySettings,
+    cfg: Arc<RunSettings>,
     metrics: &Metrics,
 ) -> anyhow::Result<ReplaySummary> {
+    let (topic, idle_timeout, publish_timeout) =
+        (args.topic.as_str(), args.idle_timeout, args.publish_timeout);
     let consumer = consumer(&cfg)?;
-    let mut range = resolve_range(&consumer, topic, args, from_ms, to_ms)?;
+    let mut range = block_in_place(|| resolve_range(&consumer, topic, args))?;
     tracing::info!(
         topic,
         partitions = ?range.partitions,
@@ -779,31 +685,44 @@ async fn replay(
     // Nothing below writes until the range has passed the age check.
     let pool = db::pool(&cfg.db)?;
     let wakeup = Arc::new(Notify::new());
-    let producer = crate::kafka::producer(&cfg.brokers, &cfg.kafka)?;
+    let producer = crate::kafka::producer(&cfg.kafka.brokers, &cfg.kafka.properties)?;
+    let sink = Arc::new(KafkaSink {
+        relay_wakeup: wakeup.clone(),
+    });
     let gate = Gate {
-        cfg: cfg.clone(),
+        settings: Arc::new(cfg.gate.clone()),
+        dlq_topic: cfg.kafka.dlq_topic.clone(),
         pool: pool.clone(),
         dlq: producer.clone(),
         metrics: metrics.clone(),
-        relay_wakeup: wakeup.clone(),
+        statement: Arc::new(GateStatement::new(crate::sink::Sink::gate_write(&*sink))),
+        sink,
         origin: Origin::Replay,
         keepalive: None,
-        max_message_bytes: crate::app::input_size_limit(&cfg).await,
+        max_message_bytes: crate::app::checks::input_size_limit(&cfg).await,
     };
     let mut ended_short = Vec::new();
     if !args.force {
         let oldest_allowed = chrono::Utc::now()
             .timestamp_millis()
-            .saturating_sub(i64::try_from(cfg.ttl.as_millis()).unwrap_or(i64::MAX));
-        let (covered, too_old, short) =
-            check_ages(&gate, &consumer, &range, idle_timeout, oldest_allowed)?;
+            .saturating_sub(i64::try_from(cfg.gate.ttl.as_millis()).unwrap_or(i64::MAX));
+        let (covered, too_old, short) = block_in_place(|| {
+            check_ages(
+                &gate,
+                &cfg.consume,
+                &consumer,
+                &range,
+                idle_timeout,
+                oldest_allowed,
+            )
+        })?;
         if let Some(old) = too_old {
             bail!(
                 "refusing to replay: {} event(s) in the range are older than the TTL ({}), the first at {} (timestamp {}). \
                  The gate may have forgotten them and would forward them again. Nothing was written. \
                  Narrow the range with --from-time/--from-offset, or pass --force if forwarding such events again is acceptable",
                 old.count,
-                humantime::format_duration(cfg.ttl),
+                humantime::format_duration(cfg.gate.ttl),
                 old.first,
                 format_ms(old.first_timestamp_ms),
             );
@@ -816,15 +735,19 @@ async fn replay(
     if !args.dry_run && cfg.migrate_on_start {
         db::migrate(&pool, &cfg.db.schema).await?;
     }
-    if !args.dry_run && cfg.create_topics {
-        crate::app::create_topics(&cfg, &producer).await?;
+    if !args.dry_run && cfg.kafka.create_topics {
+        crate::app::checks::create_topics(&cfg, &producer).await?;
     }
     let stop = CancellationToken::new();
     let relay_stop = CancellationToken::new();
     let relay = (!args.dry_run).then(|| {
         tokio::spawn(
             Relay {
-                cfg: cfg.clone(),
+                settings: cfg.relay.clone(),
+                db: cfg.db.clone(),
+                brokers: cfg.kafka.brokers.clone(),
+                output_topic: cfg.kafka.output_topic.clone(),
+                dlq_topic: cfg.kafka.dlq_topic.clone(),
                 producer: producer.clone(),
                 metrics: metrics.clone(),
                 wakeup: wakeup.clone(),
@@ -843,7 +766,9 @@ async fn replay(
     let mut progress = Progress::new("replaying", range.known_total());
     let mut summary = ReplaySummary::default();
     loop {
-        let raw = reader.next_batch(cfg.batch_size, cfg.batch_max_bytes)?;
+        let raw = block_in_place(|| {
+            reader.next_batch(cfg.consume.batch_size, cfg.consume.batch_max_bytes)
+        })?;
         if raw.is_empty() {
             break;
         }
@@ -881,7 +806,7 @@ async fn replay(
                 .settle_without_dead_letters(batch, &stop)
                 .await
                 .map_err(|_| anyhow::anyhow!("replay stopped"))?;
-            summary.forwarded += s.forwarded;
+            summary.forwarded += s.first_seen;
             summary.duplicates += s.duplicates;
             summary.unusable += s.dead_lettered;
             summary.mismatched += s.mismatched;
@@ -897,7 +822,7 @@ async fn replay(
         // running sidecar's.
         let deadline = Instant::now() + publish_timeout;
         loop {
-            let backlog = db::outbox_backlog(&pool).await.unwrap_or(i64::MAX);
+            let backlog = outbox::backlog(&pool).await.unwrap_or(i64::MAX);
             if backlog == 0 {
                 break;
             }
@@ -983,7 +908,7 @@ async fn dry_run_batch(
         }
     }
     let live = match gate_table_exists {
-        true => db::live_ids(&gate.pool, &keys).await?,
+        true => db::gate::live_ids(&gate.pool, &keys).await?,
         false => 0,
     };
     s.duplicates += live;

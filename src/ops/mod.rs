@@ -13,12 +13,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use clap::Args;
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection, Postgres, Transaction};
 
-use crate::config::{DbArgs, DbConfig};
-use crate::db;
+use crate::settings::{DbSettings, InspectSettings};
+use crate::store as db;
 
 /// `kdedup inspect`: the id is not in `processed_events`.
 pub const EXIT_NOT_FOUND: u8 = 1;
@@ -33,36 +32,6 @@ pub const EXACT_COUNT_LIMIT: i64 = 1_000_000;
 
 /// Longest any single query of `inspect` or `stats` may run.
 const STATEMENT_TIMEOUT: &str = "60s";
-
-/// `kdedup inspect <event-id>`.
-#[derive(Debug, Clone, Args)]
-pub struct InspectArgs {
-    /// The event id, exactly as kdedup extracted it from the message.
-    pub event_id: String,
-
-    /// Only this scope, as stored: the group id, the literal `--scope` of `kdedup run`, or
-    /// the header's value for `header:<name>` scopes [default: every scope].
-    #[arg(long)]
-    pub scope: Option<String>,
-
-    /// Print one JSON document instead of text.
-    #[arg(long)]
-    pub json: bool,
-
-    #[command(flatten)]
-    pub db: DbArgs,
-}
-
-/// `kdedup stats`.
-#[derive(Debug, Clone, Args)]
-pub struct StatsArgs {
-    /// Print one JSON document instead of text.
-    #[arg(long)]
-    pub json: bool,
-
-    #[command(flatten)]
-    pub db: DbArgs,
-}
 
 /// One `processed_events` row of the inspected id.
 #[derive(Debug, Clone, PartialEq)]
@@ -147,8 +116,8 @@ impl Stats {
 }
 
 /// `kdedup inspect`: prints the result and returns the exit code.
-pub async fn inspect_command(db: &DbConfig, args: &InspectArgs) -> ExitCode {
-    match inspect(db, &args.event_id, args.scope.as_deref()).await {
+pub async fn inspect_command(args: &InspectSettings) -> ExitCode {
+    match inspect(&args.db, &args.event_id, args.scope.as_deref()).await {
         Ok(found) => {
             if args.json {
                 println!("{}", inspect_json(&found));
@@ -169,10 +138,10 @@ pub async fn inspect_command(db: &DbConfig, args: &InspectArgs) -> ExitCode {
 }
 
 /// `kdedup stats`: prints the result and returns the exit code.
-pub async fn stats_command(db: &DbConfig, args: &StatsArgs) -> ExitCode {
+pub async fn stats_command(db: &DbSettings, json: bool) -> ExitCode {
     match stats(db).await {
         Ok(s) => {
-            if args.json {
+            if json {
                 println!("{}", stats_json(&s));
             } else {
                 print!("{}", stats_text(&s));
@@ -186,7 +155,7 @@ pub async fn stats_command(db: &DbConfig, args: &StatsArgs) -> ExitCode {
     }
 }
 
-async fn connect(cfg: &DbConfig) -> anyhow::Result<PgConnection> {
+async fn connect(cfg: &DbSettings) -> anyhow::Result<PgConnection> {
     let mut conn = tokio::time::timeout(Duration::from_secs(10), db::dedicated_connection(cfg))
         .await
         .map_err(|_| anyhow::anyhow!("cannot connect to Postgres within 10s"))?
@@ -248,7 +217,7 @@ const SIGHTING_COLUMNS: &str = "pe.scope, pe.source_topic, pe.source_partition, 
 /// of the primary key, `event_key(scope, event_id)`; without a scope, the scopes are the
 /// ones `gate_counters` has seen (one probe per scope).
 pub async fn inspect(
-    cfg: &DbConfig,
+    cfg: &DbSettings,
     event_id: &str,
     scope: Option<&str>,
 ) -> anyhow::Result<Inspection> {
@@ -311,7 +280,7 @@ pub async fn inspect(
 type CounterRow = (String, i64, i64, DateTime<Utc>, DateTime<Utc>);
 
 /// Reads the numbers `kdedup stats` prints.
-pub async fn stats(cfg: &DbConfig) -> anyhow::Result<Stats> {
+pub async fn stats(cfg: &DbSettings) -> anyhow::Result<Stats> {
     let mut conn = connect(cfg).await?;
     let mut tx = snapshot(&mut conn).await?;
     let (_, _, has_counters) = tables(&mut tx, &cfg.schema).await?;

@@ -1,8 +1,8 @@
 //! Outbox relay: publishes committed outbox rows to the output topic, in outbox order,
 //! and deletes them only after the broker acknowledged them.
 //!
-//! One relay per schema publishes at a time: it holds a session-level advisory lock on a
-//! dedicated connection and does all its queries on that connection, so losing the
+//! One relay per schema publishes at a time: it holds the schema's `relay`
+//! [`SingletonLock`] and does all its queries on that lock's connection, so losing the
 //! connection (and with it the lock) also stops it from deleting anything. Other replicas
 //! stand by and retry the lock.
 //!
@@ -24,14 +24,15 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Level};
 
-use crate::config::RunConfig;
-use crate::db::{self, ADVISORY_LOCK_CLASS};
-use crate::headers;
-use crate::identity::Rejection;
-use crate::kafka;
+use crate::kafka::{self, dlq};
 use crate::metrics::Metrics;
-use crate::pipeline::{dlq_record, header, InputMessage};
+use crate::model::headers;
+use crate::model::identity::Rejection;
+use crate::model::{header, InputMessage, Position};
 use crate::retry::Backoff;
+use crate::settings::{DbSettings, RelaySettings};
+use crate::store::lock::{sleep_or_stop, SingletonLock};
+use crate::store::outbox::{self, OutboxRow};
 
 /// Logs an event about one outbox row with the fields every event line carries: the event
 /// id, its scope and its source position, so `grep event_id=X` finds the whole story.
@@ -50,45 +51,15 @@ macro_rules! row_event {
 }
 
 pub struct Relay {
-    pub cfg: Arc<RunConfig>,
+    pub settings: RelaySettings,
+    pub db: DbSettings,
+    pub brokers: String,
+    pub output_topic: String,
+    pub dlq_topic: String,
     pub producer: FutureProducer,
     pub metrics: Metrics,
     pub wakeup: Arc<Notify>,
 }
-
-#[derive(sqlx::FromRow)]
-struct OutboxRow {
-    id: i64,
-    scope: String,
-    event_id: String,
-    source_topic: String,
-    source_partition: i32,
-    source_offset: i64,
-    source_timestamp_ms: Option<i64>,
-    created_at: chrono::DateTime<chrono::Utc>,
-    key: Option<Vec<u8>>,
-    value: Option<Vec<u8>>,
-    headers: Vec<u8>,
-}
-
-/// The next round: the oldest outbox rows, at most `$1` of them and at most `$2` bytes of
-/// keys, values and headers (always at least one row, whatever its size). The sizes come
-/// from `octet_length`, which reads a stored value's length without fetching it, so rows
-/// past the budget are never read. Memory per round is bounded by bytes, not only rows.
-const NEXT_ROUND_SQL: &str = "
-SELECT o.id, o.scope, o.event_id, o.source_topic, o.source_partition, o.source_offset,
-       o.source_timestamp_ms, o.created_at, o.key, o.value, o.headers
-FROM (
-    SELECT id, size, sum(size) OVER (ORDER BY id) - size AS before
-    FROM (
-        SELECT id, coalesce(octet_length(key), 0) + coalesce(octet_length(value), 0)
-                   + octet_length(headers) AS size
-        FROM outbox ORDER BY id LIMIT $1
-    ) candidates
-) sized
-JOIN outbox o ON o.id = sized.id
-WHERE sized.before = 0 OR sized.before + sized.size <= $2
-ORDER BY o.id";
 
 /// Why the relay left its active state.
 enum Exit {
@@ -99,44 +70,19 @@ enum Exit {
 impl Relay {
     /// Runs until `stop` fires; then publishes what is left in the outbox and returns.
     pub async fn run(self, stop: CancellationToken) {
+        let lock = SingletonLock {
+            role: "relay",
+            db: self.db.clone(),
+            standby_retry: Duration::from_secs(2),
+        };
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        loop {
-            if stop.is_cancelled() {
-                return;
-            }
-            let mut conn = match db::dedicated_connection(&self.cfg.db).await {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "relay cannot reach Postgres; retrying");
-                    self.sleep_or_stop(backoff.next_delay(), &stop).await;
-                    continue;
-                }
-            };
-            let locked: Result<bool, sqlx::Error> =
-                sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext('relay:' || $2))")
-                    .bind(ADVISORY_LOCK_CLASS)
-                    .bind(&self.cfg.db.schema)
-                    .fetch_one(&mut conn)
-                    .await;
-            match locked {
-                Ok(true) => {}
-                Ok(false) => {
-                    self.metrics.relay_active.set(0);
-                    debug!("another relay publishes for this schema; standing by");
-                    self.sleep_or_stop(Duration::from_secs(2), &stop).await;
-                    continue;
-                }
-                Err(e) => {
-                    warn!(error = %e, "relay lock query failed; retrying");
-                    self.sleep_or_stop(backoff.next_delay(), &stop).await;
-                    continue;
-                }
-            }
+        let active = &self.metrics.relay_active;
+        while let Ok(mut conn) = lock.acquire(&stop, |_| active.set(0)).await {
             backoff.reset();
-            self.metrics.relay_active.set(1);
-            info!(output_topic = self.cfg.output_topic, "relay active");
+            active.set(1);
+            info!(output_topic = self.output_topic, "relay active");
             let exit = self.publish_while_locked(&mut conn, &stop).await;
-            self.metrics.relay_active.set(0);
+            active.set(0);
             match exit {
                 Exit::Stopped => {
                     // Closing the connection releases the advisory lock.
@@ -146,16 +92,9 @@ impl Relay {
                 }
                 Exit::ConnectionLost(e) => {
                     warn!(error = %e, "relay lost its Postgres connection (and lock); reacquiring");
-                    self.sleep_or_stop(backoff.next_delay(), &stop).await;
+                    sleep_or_stop(backoff.next_delay(), &stop).await;
                 }
             }
-        }
-    }
-
-    async fn sleep_or_stop(&self, d: Duration, stop: &CancellationToken) {
-        tokio::select! {
-            _ = stop.cancelled() => {}
-            _ = tokio::time::sleep(d) => {}
         }
     }
 
@@ -163,17 +102,17 @@ impl Relay {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
             let producer = self.producer.clone();
-            let brokers = self.cfg.brokers.clone();
-            let topic = self.cfg.output_topic.clone();
+            let brokers = self.brokers.clone();
+            let topic = self.output_topic.clone();
             let found = tokio::task::spawn_blocking(move || {
-                kafka::partition_count(&producer, &brokers, &topic, Duration::from_secs(5))
+                kafka::topics::partition_count(&producer, &brokers, &topic, Duration::from_secs(5))
             })
             .await
             .expect("metadata task does not panic");
             match found {
                 Ok(Some(n)) => return Some(n as i32),
                 Ok(None) => warn!(
-                    output_topic = self.cfg.output_topic,
+                    output_topic = self.output_topic,
                     "output topic does not exist; create it (or leave KDEDUP_CREATE_TOPICS on)"
                 ),
                 Err(e) => warn!(error = %e, "cannot read output topic metadata; retrying"),
@@ -200,11 +139,12 @@ impl Relay {
         let mut round: u64 = 0;
         loop {
             let stopping = stop.is_cancelled();
-            let rows: Vec<OutboxRow> = match sqlx::query_as(NEXT_ROUND_SQL)
-                .bind(i64::try_from(self.cfg.relay_batch_size).unwrap_or(i64::MAX))
-                .bind(i64::try_from(self.cfg.relay_batch_max_bytes).unwrap_or(i64::MAX))
-                .fetch_all(&mut *conn)
-                .await
+            let rows = match outbox::next_round(
+                conn,
+                self.settings.batch_size,
+                self.settings.batch_max_bytes,
+            )
+            .await
             {
                 Ok(rows) => rows,
                 Err(e) => return Exit::ConnectionLost(e),
@@ -235,11 +175,7 @@ impl Relay {
             }
             if !acked.is_empty() {
                 crate::crash::reached(crate::crash::Point::RelayAfterAck);
-                if let Err(e) = sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-                    .bind(&acked)
-                    .execute(&mut *conn)
-                    .await
-                {
+                if let Err(e) = outbox::delete(conn, &acked).await {
                     // These rows will be published again by whoever holds the lock next;
                     // the kdedup-event-id header makes the repeat recognisable.
                     return Exit::ConnectionLost(e);
@@ -254,7 +190,7 @@ impl Relay {
                 if stopping {
                     return Exit::Stopped;
                 }
-                self.sleep_or_stop(backoff.next_delay(), stop).await;
+                sleep_or_stop(backoff.next_delay(), stop).await;
             } else {
                 backoff.reset();
             }
@@ -287,26 +223,14 @@ impl Relay {
             let why = Rejection::OutputRefused {
                 error: error.clone(),
             };
-            let timeout = Duration::from_secs(30);
-            let whole = dlq_record(&self.cfg.dlq_topic, &msg, &why, false);
-            let result = match self.producer.send(whole, timeout).await {
-                // Refused whole (too large for the DLQ too): sent without value and
-                // headers; the source position headers still lead to the original.
-                Err((e, _)) if kafka::is_permanent_produce_error(&e) => {
-                    let stripped = dlq_record(&self.cfg.dlq_topic, &msg, &why, true);
-                    self.producer.send(stripped, timeout).await
-                }
-                other => other,
-            };
-            let result = result.map(|_| ()).map_err(|(e, _)| e.to_string());
-            match result {
-                Ok(()) => {
+            match dlq::send(&self.producer, &self.dlq_topic, &msg, &why).await {
+                Ok(_stripped) => {
                     self.metrics
                         .dead_lettered
                         .with_label_values(&[why.reason()])
                         .inc();
                     row_event!(Level::ERROR, row, outbox_id = row.id, error = %why,
-                               dlq_topic = self.cfg.dlq_topic,
+                               dlq_topic = self.dlq_topic,
                                "the output topic refused this event for good; it is in the dead-letter topic");
                     done.push(row.id);
                 }
@@ -341,10 +265,12 @@ impl Relay {
                     Vec::new()
                 }
             };
-            let source = format!(
-                "{}/{}/{}",
-                row.source_topic, row.source_partition, row.source_offset
-            );
+            let source = Position {
+                topic: row.source_topic.clone(),
+                partition: row.source_partition,
+                offset: row.source_offset,
+            }
+            .to_string();
             let mut hs = OwnedHeaders::new_with_capacity(input_headers.len() + 2);
             for (k, v) in &input_headers {
                 if k == header::EVENT_ID || k == header::SOURCE {
@@ -365,7 +291,7 @@ impl Relay {
                     value: Some(source.as_bytes()),
                 });
             let mut record: FutureRecord<'_, Vec<u8>, Vec<u8>> =
-                FutureRecord::to(&self.cfg.output_topic)
+                FutureRecord::to(&self.output_topic)
                     .partition(row.source_partition.rem_euclid(partitions))
                     .headers(hs);
             if let Some(k) = &row.key {

@@ -1,0 +1,91 @@
+//! The health loop: refreshes the readiness inputs and the table gauges every 2 s, and
+//! stops the process when the producer failed for good.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::producer::FutureProducer;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::store::{self, stats};
+
+/// Where the health checks report a fatal Kafka client error: the reason, and the stop
+/// token of the consumer so that the process drains and exits.
+pub(super) struct Fatal {
+    pub(super) reason: Arc<std::sync::Mutex<Option<String>>>,
+    pub(super) stop: CancellationToken,
+}
+
+/// Refreshes the Postgres and broker readiness inputs every few seconds.
+pub(super) async fn health_checks(
+    pool: PgPool,
+    producer: FutureProducer,
+    probe_topic: String,
+    health: Arc<Health>,
+    metrics: Metrics,
+    stop: CancellationToken,
+    fatal: Fatal,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let pg = tokio::time::timeout(Duration::from_secs(3), store::ping(&pool))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if pg != health.postgres_up.swap(pg, Ordering::AcqRel) {
+            if pg {
+                info!("postgres reachable")
+            } else {
+                warn!("postgres unreachable")
+            }
+        }
+        metrics.postgres_up.set(pg as i64);
+        if pg {
+            if let Ok(t) = stats::table_stats(&pool).await {
+                metrics.processed_events_rows.set(t.processed_events_rows);
+                metrics.outbox_backlog.set(t.outbox_backlog);
+                metrics.outbox_oldest_age.set(t.outbox_oldest_age_s);
+                metrics.oldest_row_age.set(t.oldest_row_age_s);
+            }
+        }
+
+        let (p, t) = (producer.clone(), probe_topic.clone());
+        let broker = tokio::task::spawn_blocking(move || {
+            use rdkafka::producer::Producer;
+            // One of kdedup's own topics: metadata of every topic in a large cluster is
+            // a heavy request to make every 2 s from every replica.
+            p.client()
+                .fetch_metadata(Some(&t), Duration::from_secs(3))
+                .is_ok_and(|md| !md.brokers().is_empty())
+        })
+        .await
+        .unwrap_or(false);
+        if broker != health.broker_up.swap(broker, Ordering::AcqRel) {
+            if broker {
+                info!("kafka cluster reachable")
+            } else {
+                warn!("kafka cluster unreachable")
+            }
+        }
+        metrics.broker_up.set(broker as i64);
+
+        // An idempotent producer that hit a fatal error (fenced, out-of-order sequence)
+        // fails every later produce: dead letters and the relay would retry for ever.
+        // librdkafka cannot recover it; a new process can.
+        use rdkafka::producer::Producer;
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            error!(code = ?code, reason, "kafka producer hit a fatal error; stopping so that the process restarts");
+            *fatal.reason.lock().expect("fatal lock") = Some(format!("{code:?}: {reason}"));
+            fatal.stop.cancel();
+            return;
+        }
+    }
+}

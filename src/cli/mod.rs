@@ -1,0 +1,369 @@
+//! The command line: flags, `KDEDUP_*` environment, validation, exit codes.
+//!
+//! Every flag also reads `KDEDUP_<FLAG>`. Any librdkafka property passes through as
+//! `KDEDUP_KAFKA_<PROPERTY>` (dots written as underscores) or `--kafka-property k=v`.
+//!
+//! Parsing (clap) only checks shapes; `validate` ([`validate`]) turns the raw flags into
+//! [`crate::settings`] and checks the rules that span fields, so that a bad setting is
+//! reported with its name and a fix *before* anything connects to Kafka or Postgres.
+//! `main` maps a [`ConfigError`] to exit code 64 (`EX_USAGE`). This is the only module
+//! that knows clap.
+
+pub mod env;
+pub mod validate;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit code for bad configuration (sysexits.h `EX_USAGE`).
+pub const EX_USAGE: i32 = 64;
+
+/// Exit code when a server refuses the configuration: Postgres rejected the TLS settings,
+/// the login or the database name (sysexits.h `EX_CONFIG`). A restart cannot fix it.
+pub const EX_CONFIG: i32 = 78;
+
+/// Prefix of the environment variables that pass librdkafka properties through.
+pub const KAFKA_ENV_PREFIX: &str = "KDEDUP_KAFKA_";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kdedup",
+    version,
+    about = "Kafka consumer-side deduplication sidecar: each event id causes exactly one forwarding write"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the sidecar: consume, gate in Postgres, relay to the output topic.
+    Run(Box<RunArgs>),
+    /// Apply the embedded database migrations and exit.
+    Migrate(DbArgs),
+    /// Zero-setup demo: embedded mock Kafka cluster + the local Postgres.
+    Demo(DemoArgs),
+    /// Re-feed events (the dead-letter topic by default) through the gate.
+    Replay(Box<ReplayArgs>),
+    /// Delete expired processed_events rows once and exit.
+    Prune(PruneArgs),
+    /// Show where and when an event id was first seen and whether it was forwarded.
+    ///
+    /// Exit codes: 0 found, 1 not recorded (never seen, or expired and pruned), 2 the
+    /// database could not be read.
+    Inspect(InspectArgs),
+    /// Gate table statistics: rows, expiry horizon, outbox backlog, duplicates avoided.
+    Stats(StatsArgs),
+}
+
+/// Connection settings shared by every subcommand that talks to Postgres.
+#[derive(Debug, Clone, Args)]
+pub struct DbArgs {
+    /// Postgres connection URL (falls back to DATABASE_URL).
+    #[arg(long, env = "KDEDUP_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Schema that holds kdedup's tables, so the application's own tables are never touched.
+    #[arg(long, env = "KDEDUP_DB_SCHEMA", default_value = "kdedup")]
+    pub db_schema: String,
+
+    /// Size of the Postgres connection pool.
+    #[arg(long, env = "KDEDUP_DB_MAX_CONNECTIONS", default_value_t = 4)]
+    pub db_max_connections: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Kafka bootstrap servers, comma-separated (host:port,...).
+    #[arg(long, env = "KDEDUP_BROKERS")]
+    pub brokers: Option<String>,
+
+    /// Consumer group id.
+    #[arg(long, env = "KDEDUP_GROUP_ID")]
+    pub group_id: Option<String>,
+
+    /// Input topics, comma-separated.
+    #[arg(long, env = "KDEDUP_INPUT_TOPICS")]
+    pub input_topics: Option<String>,
+
+    /// Topic that receives each first-seen event exactly once.
+    #[arg(long, env = "KDEDUP_OUTPUT_TOPIC")]
+    pub output_topic: Option<String>,
+
+    /// Dead-letter topic for events without a usable id [default: <first input topic>.dlq].
+    #[arg(long, env = "KDEDUP_DLQ_TOPIC")]
+    pub dlq_topic: Option<String>,
+
+    #[command(flatten)]
+    pub db: DbArgs,
+
+    /// Where the event id comes from: comma-separated fallback chain of
+    /// `header:<name>`, `key`, `json:<JSON pointer>`, `cloudevents` (source + id, binary
+    /// or structured mode); the first source present wins.
+    #[arg(long, env = "KDEDUP_ID_FROM", default_value = "header:event-id")]
+    pub id_from: String,
+
+    /// Dedup scope: a literal, or `header:<name>` for per-tenant scoping [default: the group id].
+    #[arg(long, env = "KDEDUP_SCOPE")]
+    pub scope: Option<String>,
+
+    /// Longest accepted event id, in bytes.
+    #[arg(long, env = "KDEDUP_MAX_ID_BYTES", default_value_t = 512)]
+    pub max_id_bytes: usize,
+
+    /// Largest message (key + value + headers) accepted, in bytes; larger ones are
+    /// dead-lettered. Lowered at start to what the output topic and the producer take
+    /// with kdedup's own headers. 0 turns off this flag's own limit (not those).
+    #[arg(long, env = "KDEDUP_MAX_MESSAGE_BYTES", default_value_t = 1_000_000)]
+    pub max_message_bytes: usize,
+
+    /// What to do with an event whose id was already seen with a different payload:
+    /// `skip` it (counted and logged) or send it to the dead-letter topic (`dlq`).
+    #[arg(long, env = "KDEDUP_ON_PAYLOAD_MISMATCH", value_enum, default_value_t = PayloadMismatch::Skip)]
+    pub on_payload_mismatch: PayloadMismatch,
+
+    /// How long an id is remembered (e.g. `7d`, `36h`). Must outlive every way an event can
+    /// come back: topic retention, consumer lag, the age of what sits in the DLQ.
+    #[arg(long, env = "KDEDUP_TTL", default_value = "7d")]
+    pub ttl: String,
+
+    /// Most messages per gate transaction.
+    #[arg(long, env = "KDEDUP_BATCH_SIZE", default_value_t = 1000)]
+    pub batch_size: usize,
+
+    /// Gate lanes: each owns a share of the assigned partitions and runs its own gate
+    /// transactions on its own connection, at the same time as the others. A partition
+    /// belongs to one lane, so its order is kept. About one per Postgres core to spend.
+    #[arg(long, env = "KDEDUP_GATE_LANES", default_value_t = 2)]
+    pub gate_lanes: usize,
+
+    /// Most message bytes read ahead of the gate lanes (each message counts at least 1 KiB).
+    /// Lets the lanes work while librdkafka delivers a long run of one partition; the
+    /// memory it takes comes on top of librdkafka's prefetch queue.
+    #[arg(long, env = "KDEDUP_READ_AHEAD_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub read_ahead_bytes: usize,
+
+    /// Longest wait for a batch to fill once its first message arrived (e.g. `20ms`).
+    #[arg(long, env = "KDEDUP_BATCH_LINGER", default_value = "20ms")]
+    pub batch_linger: String,
+
+    /// Most bytes (keys + values + headers) held in one batch.
+    #[arg(long, env = "KDEDUP_BATCH_MAX_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub batch_max_bytes: usize,
+
+    /// Most outbox rows the relay publishes per round.
+    #[arg(long, env = "KDEDUP_RELAY_BATCH_SIZE", default_value_t = 2000)]
+    pub relay_batch_size: usize,
+
+    /// Most bytes (keys + values + headers) of outbox rows the relay reads and publishes
+    /// per round; a round always takes at least one row. Bounds the relay's memory and
+    /// the producer's queue whatever the payload sizes.
+    #[arg(long, env = "KDEDUP_RELAY_BATCH_MAX_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub relay_batch_max_bytes: usize,
+
+    /// Run the outbox relay in this process (one relay per schema publishes; others stand by).
+    #[arg(long, env = "KDEDUP_RELAY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub relay: bool,
+
+    /// Admin HTTP address: /metrics, /livez, /readyz.
+    #[arg(long, env = "KDEDUP_METRICS_ADDR", default_value = "0.0.0.0:9464")]
+    pub metrics_addr: String,
+
+    /// Deadline for a graceful stop after SIGTERM/SIGINT. Keep it below the pod's
+    /// terminationGracePeriodSeconds (30s by default).
+    #[arg(long, env = "KDEDUP_SHUTDOWN_TIMEOUT", default_value = "25s")]
+    pub shutdown_timeout: String,
+
+    /// Apply database migrations at start (turn off when a migration Job does it).
+    #[arg(long, env = "KDEDUP_MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate_on_start: bool,
+
+    /// Create missing output and dead-letter topics at start.
+    #[arg(long, env = "KDEDUP_CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub create_topics: bool,
+
+    /// Replication factor for topics kdedup creates (-1: the broker's default).
+    #[arg(long, env = "KDEDUP_TOPIC_REPLICATION_FACTOR", default_value_t = -1, allow_hyphen_values = true)]
+    pub topic_replication_factor: i32,
+
+    #[command(flatten)]
+    pub prune: PruneFlags,
+
+    /// Extra librdkafka property `key=value` for every Kafka client (repeatable). The same
+    /// can be set as KDEDUP_KAFKA_<PROPERTY> with dots as underscores.
+    #[arg(long = "kafka-property", short = 'X', value_name = "KEY=VALUE")]
+    pub kafka_property: Vec<String>,
+}
+
+/// TTL pruner settings.
+#[derive(Debug, Clone, Args)]
+pub struct PruneFlags {
+    /// Run the TTL pruner in this process (one pruner per schema works; others stand by).
+    #[arg(long, env = "KDEDUP_PRUNER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pruner: bool,
+
+    /// Time between prune rounds.
+    #[arg(long, env = "KDEDUP_PRUNE_INTERVAL", default_value = "60s")]
+    pub prune_interval: String,
+
+    /// Rows deleted per prune transaction.
+    #[arg(long, env = "KDEDUP_PRUNE_BATCH_SIZE", default_value_t = 5000)]
+    pub prune_batch_size: i64,
+
+    /// Pause between two prune transactions.
+    #[arg(long, env = "KDEDUP_PRUNE_PAUSE", default_value = "50ms")]
+    pub prune_pause: String,
+}
+
+/// `kdedup prune`.
+#[derive(Debug, Clone, Args)]
+pub struct PruneArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub prune: PruneFlags,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Distinct events the demo produces (duplicates come on top).
+    #[arg(long, default_value_t = 20_000)]
+    pub events: usize,
+
+    /// Admin HTTP address during the demo.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub metrics_addr: String,
+
+    /// Postgres connection URL (falls back to DATABASE_URL, then the local server).
+    #[arg(long, env = "KDEDUP_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Schema the demo recreates for itself.
+    #[arg(long, default_value = "kdedup_demo")]
+    pub db_schema: String,
+
+    /// Keep serving /metrics after the summary until Ctrl-C.
+    #[arg(long)]
+    pub hold: bool,
+}
+
+/// `--on-payload-mismatch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PayloadMismatch {
+    Skip,
+    Dlq,
+}
+
+/// A setting that cannot be used, with what is wrong and how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {setting}: {problem}. Fix: {fix}")]
+pub struct ConfigError {
+    /// Flag and environment variable, e.g. `--ttl / KDEDUP_TTL`.
+    pub setting: String,
+    pub problem: String,
+    pub fix: String,
+}
+
+impl ConfigError {
+    pub fn new(setting: &str, problem: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self {
+            setting: setting_name(setting),
+            problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
+}
+
+/// `ttl` -> `--ttl / KDEDUP_TTL`.
+pub(crate) fn setting_name(flag: &str) -> String {
+    if flag.starts_with(KAFKA_ENV_PREFIX) || flag.starts_with("--") {
+        return flag.to_string();
+    }
+    format!(
+        "--{} / KDEDUP_{}",
+        flag.replace('_', "-"),
+        flag.to_uppercase().replace('-', "_")
+    )
+}
+
+/// `kdedup inspect <event-id>`.
+#[derive(Debug, Clone, Args)]
+pub struct InspectArgs {
+    /// The event id, exactly as kdedup extracted it from the message.
+    pub event_id: String,
+
+    /// Only this scope, as stored: the group id, the literal `--scope` of `kdedup run`, or
+    /// the header's value for `header:<name>` scopes [default: every scope].
+    #[arg(long)]
+    pub scope: Option<String>,
+
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub db: DbArgs,
+}
+
+/// `kdedup stats`.
+#[derive(Debug, Clone, Args)]
+pub struct StatsArgs {
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub db: DbArgs,
+}
+
+/// `kdedup replay`.
+#[derive(Debug, Clone, Args)]
+pub struct ReplayArgs {
+    /// Topic to replay [default: the dead-letter topic].
+    #[arg(long, env = "KDEDUP_REPLAY_TOPIC")]
+    pub from_topic: Option<String>,
+
+    /// First offset to replay, in every partition [default: the beginning].
+    #[arg(long, conflicts_with = "from_time")]
+    pub from_offset: Option<i64>,
+
+    /// Replay up to this offset (exclusive), in every partition [default: the end listed
+    /// at start].
+    #[arg(long, conflicts_with = "to_time")]
+    pub to_offset: Option<i64>,
+
+    /// First message timestamp to replay (RFC 3339, e.g. 2026-11-20T00:00:00Z).
+    #[arg(long)]
+    pub from_time: Option<String>,
+
+    /// Replay messages with timestamps before this (RFC 3339).
+    #[arg(long)]
+    pub to_time: Option<String>,
+
+    /// Report what would be forwarded without writing anything.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Replay events older than the TTL too (the gate may have forgotten them: they would
+    /// be forwarded again). Also skips the first pass that checks the range's timestamps.
+    #[arg(long)]
+    pub force: bool,
+
+    /// Fallback end: a partition whose end offset the broker does not report, or that
+    /// stays short of it (a gap: transaction markers, aborted records), ends once nothing
+    /// arrived for this long.
+    #[arg(long, default_value = "3s")]
+    pub idle_timeout: String,
+
+    /// How long to wait, at the end, for the outbox to be published.
+    #[arg(long, default_value = "60s")]
+    pub publish_timeout: String,
+
+    /// Serve /metrics (and /livez, /readyz) on --metrics-addr / KDEDUP_METRICS_ADDR while
+    /// the replay runs, e.g. kdedup_duplicates_total{cause="replay"}.
+    #[arg(long, env = "KDEDUP_REPLAY_SERVE_METRICS")]
+    pub serve_metrics: bool,
+
+    #[command(flatten)]
+    pub run: RunArgs,
+}

@@ -1,0 +1,555 @@
+//! Settling a batch: identify, gate, dead-letter. The one place where an input message's
+//! fate is decided.
+//!
+//! Contract:
+//! - Every message of a batch ends in exactly one of: forwarded (gate row + the sink's
+//!   forwarding write committed), duplicate (gate row already there), dead-lettered
+//!   (acknowledged by the broker on the DLQ topic). [`Gate::settle`] returns only once all
+//!   three are durable; the caller stores offsets after that.
+//! - A Postgres or DLQ failure retries the same batch with capped, jittered backoff. On
+//!   shutdown an unfinished batch is abandoned ([`Abandoned`]): its offsets were never
+//!   stored, so it is redelivered and the gate absorbs whatever part of it did commit.
+//! - Rows Postgres refuses as data (SQLSTATE class 22) are found by splitting the batch and
+//!   dead-lettered; the rest commits.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::producer::FutureProducer;
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, warn};
+
+use super::hold::Keepalive;
+use crate::kafka::dlq;
+use crate::metrics::Metrics;
+use crate::model::headers;
+use crate::model::identity::Rejection;
+use crate::model::{InputMessage, Position};
+use crate::retry::Backoff;
+use crate::settings::{GateSettings, PayloadMismatch};
+use crate::sink::Sink;
+use crate::store::gate::{self, GateBatch, GateOutcome, GateRow, GateStatement, Pushed};
+use crate::store::DbError;
+
+/// How a batch's events were settled.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BatchSummary {
+    /// First sightings committed with the sink's forwarding write (for the Kafka sink:
+    /// queued in the outbox; `kdedup_events_forwarded_total` counts them once the broker
+    /// acknowledged them).
+    pub first_seen: usize,
+    pub duplicates: usize,
+    pub dead_lettered: usize,
+    /// Same id as an earlier event, different payload (dead-lettered too with `dlq`).
+    pub mismatched: usize,
+}
+
+/// Where duplicates come from, for `kdedup_duplicates_total{cause}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Consumed from the input topics by `kdedup run`.
+    Live,
+    /// Re-fed by `kdedup replay`.
+    Replay,
+}
+
+impl Origin {
+    /// The `cause` label of a duplicate; `same_position`: seen before at this very
+    /// topic/partition/offset (Kafka redelivered it).
+    fn cause(self, same_position: bool) -> &'static str {
+        match (self, same_position) {
+            (Origin::Replay, _) => "replay",
+            (Origin::Live, true) => "redelivery",
+            (Origin::Live, false) => "upstream",
+        }
+    }
+}
+
+/// Everything the gate step needs; shared by `kdedup run` and `kdedup replay`.
+#[derive(Clone)]
+pub struct Gate {
+    pub settings: Arc<GateSettings>,
+    pub dlq_topic: String,
+    pub pool: PgPool,
+    pub dlq: FutureProducer,
+    pub metrics: Metrics,
+    pub sink: Arc<dyn Sink>,
+    /// The gate statement with the sink's write in it, built once.
+    pub statement: Arc<GateStatement>,
+    pub origin: Origin,
+    /// Keeps the consumer in its group while a batch waits to be retried (`None` for
+    /// callers that do not poll a group member, such as the lanes and replay).
+    pub keepalive: Option<Arc<Keepalive>>,
+    /// Largest message accepted (key + value + headers): `--max-message-bytes`, lowered
+    /// to what the output topic takes once kdedup's own headers are added (see
+    /// [`crate::app::checks::input_size_limit`]). `None`: no limit.
+    pub max_message_bytes: Option<usize>,
+}
+
+/// The batch was not made durable because a stop was requested.
+#[derive(Debug)]
+pub struct Abandoned;
+
+/// A gate outcome, or Postgres' refusal of the row's data: `(sqlstate, message)`.
+type RowResult = Result<GateOutcome, (String, String)>;
+
+fn payload_hash(value: Option<&[u8]>) -> Vec<u8> {
+    // Truncated SHA-256: 16 bytes tell payloads apart with no realistic collision and
+    // keep the row small.
+    Sha256::digest(value.unwrap_or_default())[..16].to_vec()
+}
+
+impl Gate {
+    /// Settles every message of `batch` durably (see the module contract), retrying on
+    /// failure until it succeeds or `stop` fires.
+    pub async fn settle(
+        &self,
+        batch: Vec<InputMessage>,
+        stop: &CancellationToken,
+    ) -> Result<BatchSummary, Abandoned> {
+        self.settle_inner(batch, stop, true).await
+    }
+
+    /// Like [`Gate::settle`], but messages without a usable id are only counted and logged
+    /// (in `dead_lettered`), not produced: replay uses it so that re-reading the
+    /// dead-letter topic never writes into it again.
+    pub async fn settle_without_dead_letters(
+        &self,
+        batch: Vec<InputMessage>,
+        stop: &CancellationToken,
+    ) -> Result<BatchSummary, Abandoned> {
+        self.settle_inner(batch, stop, false).await
+    }
+
+    async fn settle_inner(
+        &self,
+        batch: Vec<InputMessage>,
+        stop: &CancellationToken,
+        produce_dead_letters: bool,
+    ) -> Result<BatchSummary, Abandoned> {
+        let started = Instant::now();
+        let mut summary = BatchSummary::default();
+        let (candidates, rejected) = self.candidates(batch, &mut summary);
+
+        // Dead letters first: they are durable once acknowledged, and a retry of the gate
+        // below must not send them twice.
+        if !rejected.is_empty() {
+            self.dead_letter_or_report(&rejected, stop, produce_dead_letters)
+                .await?;
+            summary.dead_lettered += rejected.len();
+        }
+
+        let outcomes = self.gate_with_retry(&candidates, stop).await?;
+        if let Some(k) = &self.keepalive {
+            k.resume().await;
+        }
+        let late_rejects = self.record_outcomes(candidates, outcomes, &mut summary);
+        // Mismatches found by the gate (and rows Postgres refused) are dead-lettered after
+        // its commit; a crash before this produce redelivers the message, and the gate
+        // finds the mismatch (or the refusal) again.
+        if !late_rejects.is_empty() {
+            self.dead_letter_or_report(&late_rejects, stop, produce_dead_letters)
+                .await?;
+            summary.dead_lettered += late_rejects.len();
+            // A dead-letter retry above may have held the input again.
+            if let Some(k) = &self.keepalive {
+                k.resume().await;
+            }
+        }
+        self.metrics.events_gated.inc_by(summary.first_seen as u64);
+        if summary.first_seen > 0 {
+            self.sink.committed(summary.first_seen);
+        }
+        self.metrics
+            .batch_duration
+            .observe(started.elapsed().as_secs_f64());
+        Ok(summary)
+    }
+
+    /// The batch's gate candidates (each id once) and the messages rejected before the
+    /// gate: no usable id, or an id repeated in this batch with another payload.
+    fn candidates(
+        &self,
+        batch: Vec<InputMessage>,
+        summary: &mut BatchSummary,
+    ) -> (GateBatch, Vec<(InputMessage, Rejection)>) {
+        let mut rejected: Vec<(InputMessage, Rejection)> = Vec::new();
+        let mut candidates = GateBatch::with_capacity(batch.len());
+        for msg in batch {
+            self.metrics
+                .events_consumed
+                .with_label_values(&[&msg.topic])
+                .inc();
+            let (scope, event_id) = match self.identify(&msg) {
+                Ok(identity) => identity,
+                Err(rejection) => {
+                    rejected.push((msg, rejection));
+                    continue;
+                }
+            };
+            let row = GateRow {
+                payload_hash: payload_hash(msg.value.as_deref()),
+                headers: headers::encode(&msg.headers),
+                scope,
+                event_id,
+                topic: msg.topic,
+                partition: msg.partition,
+                offset: msg.offset,
+                timestamp_ms: msg.timestamp_ms,
+                key: msg.key,
+                value: msg.value,
+            };
+            match candidates.push(row) {
+                Pushed::Candidate => {}
+                Pushed::Duplicate(row) => {
+                    // `push` kept the first copy; this one is only counted and logged.
+                    summary.duplicates += 1;
+                    let cause = self.origin.cause(false);
+                    debug!(
+                        event_id = row.event_id,
+                        scope = row.scope,
+                        topic = row.topic,
+                        partition = row.partition,
+                        offset = row.offset,
+                        cause,
+                        "duplicate within batch, not forwarded"
+                    );
+                    self.metrics.duplicates.with_label_values(&[cause]).inc();
+                }
+                Pushed::Mismatch { first, row } => {
+                    summary.mismatched += 1;
+                    let first = first.position();
+                    let msg = row_to_message(row.clone());
+                    if let Some(r) = self.payload_mismatch(&row.scope, &row.event_id, &msg, &first)
+                    {
+                        rejected.push((msg, r));
+                    }
+                }
+            }
+        }
+        (candidates, rejected)
+    }
+
+    /// Counts, logs and summarises what the gate decided; returns the rows to dead-letter
+    /// after the commit (mismatches, rows Postgres refused).
+    fn record_outcomes(
+        &self,
+        candidates: GateBatch,
+        outcomes: Vec<RowResult>,
+        summary: &mut BatchSummary,
+    ) -> Vec<(InputMessage, Rejection)> {
+        let committed_at = chrono::Utc::now().timestamp_millis();
+        let mut late_rejects: Vec<(InputMessage, Rejection)> = Vec::new();
+        for (row, outcome) in candidates.into_rows().into_iter().zip(outcomes) {
+            let outcome = match outcome {
+                Ok(outcome) => outcome,
+                Err((sqlstate, message)) => {
+                    // Not committed: a replay after the cause is fixed gates it as new.
+                    let (scope, event_id) = (row.scope.clone(), row.event_id.clone());
+                    late_rejects.push((
+                        row_to_message(row),
+                        Rejection::DatabaseRefused {
+                            sqlstate,
+                            message,
+                            scope,
+                            event_id,
+                        },
+                    ));
+                    continue;
+                }
+            };
+            match outcome {
+                GateOutcome::Forwarded => {
+                    summary.first_seen += 1;
+                    debug!(
+                        event_id = row.event_id,
+                        scope = row.scope,
+                        topic = row.topic,
+                        partition = row.partition,
+                        offset = row.offset,
+                        "first sighting, queued for output"
+                    );
+                    if let Some(ts) = row.timestamp_ms {
+                        let secs = (committed_at - ts).max(0) as f64 / 1000.0;
+                        self.metrics
+                            .latency
+                            .with_label_values(&["input_to_commit"])
+                            .observe(secs);
+                    }
+                }
+                GateOutcome::Mismatch { first } => {
+                    summary.mismatched += 1;
+                    let (scope, event_id) = (row.scope.clone(), row.event_id.clone());
+                    let msg = row_to_message(row);
+                    if let Some(r) = self.payload_mismatch(&scope, &event_id, &msg, &first) {
+                        late_rejects.push((msg, r));
+                    }
+                }
+                GateOutcome::Duplicate { first } => {
+                    summary.duplicates += 1;
+                    let same_position = first.as_ref().is_some_and(|f| *f == row.position());
+                    let cause = self.origin.cause(same_position);
+                    self.metrics.duplicates.with_label_values(&[cause]).inc();
+                    debug!(
+                        event_id = row.event_id,
+                        scope = row.scope,
+                        topic = row.topic,
+                        partition = row.partition,
+                        offset = row.offset,
+                        cause,
+                        "duplicate, not forwarded"
+                    );
+                }
+            }
+        }
+        late_rejects
+    }
+
+    /// `(scope, event_id)` of a message, or why it has none.
+    pub fn identify(&self, msg: &InputMessage) -> Result<(String, String), Rejection> {
+        if !msg.header_names_utf8 {
+            return Err(Rejection::HeaderNotUtf8);
+        }
+        if let Some(max) = self.max_message_bytes {
+            let len = msg.size();
+            if len > max {
+                return Err(Rejection::MessageTooLarge { len, max });
+            }
+        }
+        let scope = self.settings.scope.extract(&msg.view())?;
+        let id = self.settings.id.extract(&msg.view())?;
+        Ok((scope, id))
+    }
+
+    /// Counts and logs an id reused with a different payload; returns the rejection to
+    /// dead-letter it with, when `--on-payload-mismatch dlq`.
+    fn payload_mismatch(
+        &self,
+        scope: &str,
+        event_id: &str,
+        msg: &InputMessage,
+        first: &Position,
+    ) -> Option<Rejection> {
+        let action = match self.settings.on_payload_mismatch {
+            PayloadMismatch::Skip => "skipped",
+            PayloadMismatch::Dlq => "dead_lettered",
+        };
+        self.metrics
+            .payload_mismatches
+            .with_label_values(&[action])
+            .inc();
+        warn!(
+            event_id,
+            scope,
+            topic = msg.topic,
+            partition = msg.partition,
+            offset = msg.offset,
+            first_topic = first.topic,
+            first_partition = first.partition,
+            first_offset = first.offset,
+            action,
+            "same event id with a different payload: not a duplicate but a producer bug"
+        );
+        match self.settings.on_payload_mismatch {
+            PayloadMismatch::Skip => None,
+            PayloadMismatch::Dlq => Some(Rejection::PayloadMismatch {
+                first: first.to_string(),
+                scope: scope.to_string(),
+                event_id: event_id.to_string(),
+            }),
+        }
+    }
+
+    /// Gates `batch`, retrying what can heal. Rows Postgres refuses as data (SQLSTATE class
+    /// 22: a value this database cannot store) are found by splitting the batch in halves,
+    /// each half its own transaction, committed in input order, down to the single rows
+    /// at fault; those come back as `Err((sqlstate, message))` for the dead-letter topic
+    /// and everything else is gated. The in-batch duplicates are counted with the first
+    /// part that commits.
+    async fn gate_with_retry(
+        &self,
+        batch: &GateBatch,
+        stop: &CancellationToken,
+    ) -> Result<Vec<RowResult>, Abandoned> {
+        let mut results: Vec<Option<RowResult>> = vec![None; batch.len()];
+        let mut duplicates_counted = false;
+        // Ranges still to gate, the next one last; the whole batch at first.
+        let mut todo = vec![(0, batch.len())];
+        while let Some((lo, hi)) = todo.pop() {
+            if lo == hi {
+                continue;
+            }
+            let part = batch.part(lo..hi, !duplicates_counted);
+            match self.gate_attempts(part, hi - lo, stop).await? {
+                Ok(outcomes) => {
+                    duplicates_counted = true;
+                    for (slot, outcome) in results[lo..hi].iter_mut().zip(outcomes) {
+                        *slot = Some(Ok(outcome));
+                    }
+                }
+                Err(refused) if hi - lo == 1 => results[lo] = Some(Err(refused)),
+                Err((sqlstate, _)) => {
+                    debug!(
+                        rows = hi - lo,
+                        sqlstate, "Postgres refused data in these rows; splitting to find them"
+                    );
+                    let mid = lo + (hi - lo) / 2;
+                    todo.push((mid, hi));
+                    todo.push((lo, mid));
+                }
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every row is gated or refused"))
+            .collect())
+    }
+
+    /// One part of a batch through the gate, retried until it commits, `stop` fires, or
+    /// Postgres refuses the data (`Ok(Err((sqlstate, message)))`, not retried).
+    async fn gate_attempts(
+        &self,
+        part: gate::GatePart<'_>,
+        rows: usize,
+        stop: &CancellationToken,
+    ) -> Result<Result<Vec<GateOutcome>, (String, String)>, Abandoned> {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        let timeout = self.settings.attempt_timeout;
+        loop {
+            let started = Instant::now();
+            let attempt = gate::gate(&self.pool, &self.statement, part, self.settings.ttl);
+            // A timed-out attempt may still have committed (the answer to COMMIT was lost):
+            // the retry then finds its rows at their own positions, counts them as
+            // redeliveries and forwards nothing twice.
+            let result = match tokio::time::timeout(timeout, attempt).await {
+                Ok(result) => result,
+                Err(_elapsed) => Err(DbError::Timeout(timeout)),
+            };
+            match result {
+                Ok(outcomes) => {
+                    self.metrics
+                        .gate_duration
+                        .observe(started.elapsed().as_secs_f64());
+                    return Ok(Ok(outcomes));
+                }
+                Err(e) if e.data_exception().is_some() => {
+                    return Ok(Err(e.data_exception().expect("checked")));
+                }
+                Err(e) => {
+                    self.metrics.gate_retries.inc();
+                    let delay = backoff.next_delay();
+                    if e.is_transient() {
+                        warn!(error = %e, retry_in_ms = delay.as_millis() as u64, rows,
+                              "gate transaction failed; retrying the batch");
+                    } else {
+                        error!(error = %e, retry_in_ms = delay.as_millis() as u64, rows,
+                               "gate transaction failed with a non-transient error; retrying the batch");
+                    }
+                    if !self.idle(delay, stop).await {
+                        return Err(Abandoned);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn idle(&self, d: Duration, stop: &CancellationToken) -> bool {
+        match &self.keepalive {
+            Some(k) => k.idle(d, stop).await,
+            None => {
+                tokio::select! {
+                    _ = stop.cancelled() => false,
+                    _ = tokio::time::sleep(d) => true,
+                }
+            }
+        }
+    }
+
+    async fn dead_letter_or_report(
+        &self,
+        rejected: &[(InputMessage, Rejection)],
+        stop: &CancellationToken,
+        produce: bool,
+    ) -> Result<(), Abandoned> {
+        if produce {
+            return self.dead_letter(rejected, stop).await;
+        }
+        for (msg, why) in rejected {
+            let (scope, event_id) = why.identity();
+            warn!(event_id, scope, topic = msg.topic, partition = msg.partition, offset = msg.offset,
+                  reason = why.reason(), error = %why, "still no usable event id; left where it is");
+        }
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &self,
+        rejected: &[(InputMessage, Rejection)],
+        stop: &CancellationToken,
+    ) -> Result<(), Abandoned> {
+        let mut pending: Vec<usize> = (0..rejected.len()).collect();
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        loop {
+            let results = futures::future::join_all(pending.iter().map(|&i| {
+                let (msg, why) = &rejected[i];
+                dlq::send(&self.dlq, &self.dlq_topic, msg, why)
+            }))
+            .await;
+            let mut failed = Vec::new();
+            for (&i, result) in pending.iter().zip(results) {
+                let (msg, why) = &rejected[i];
+                let (scope, event_id) = why.identity();
+                match result {
+                    Ok(_stripped) => {
+                        self.metrics
+                            .dead_lettered
+                            .with_label_values(&[why.reason()])
+                            .inc();
+                        warn!(event_id, scope, topic = msg.topic, partition = msg.partition, offset = msg.offset,
+                              reason = why.reason(), error = %why, "message dead-lettered");
+                    }
+                    Err(e) => {
+                        error!(event_id, scope, topic = msg.topic, partition = msg.partition, offset = msg.offset,
+                               dlq_topic = self.dlq_topic, error = %e, "dead-letter produce failed; retrying");
+                        failed.push(i);
+                    }
+                }
+            }
+            if failed.is_empty() {
+                return Ok(());
+            }
+            pending = failed;
+            if !self.idle(backoff.next_delay(), stop).await {
+                return Err(Abandoned);
+            }
+        }
+    }
+}
+
+/// The input message a gate row was made from.
+fn row_to_message(row: GateRow) -> InputMessage {
+    InputMessage {
+        topic: row.topic,
+        partition: row.partition,
+        offset: row.offset,
+        timestamp_ms: row.timestamp_ms,
+        key: row.key,
+        value: row.value,
+        headers: headers::decode(&row.headers).unwrap_or_default(),
+        header_names_utf8: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_hash_tells_payloads_apart() {
+        assert_eq!(payload_hash(Some(b"a")), payload_hash(Some(b"a")));
+        assert_ne!(payload_hash(Some(b"a")), payload_hash(Some(b"b")));
+        assert_eq!(payload_hash(None).len(), 16);
+    }
+}

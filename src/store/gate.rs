@@ -1,0 +1,368 @@
+//! The gate statement: one atomic decision per batch.
+//!
+//! One statement inserts the batch's `(scope, event_id)` rows (keyed by [`event_key`], a
+//! 16-byte digest of the two) into `processed_events`, treats a conflict with a live row
+//! as a duplicate (`ON CONFLICT ... DO UPDATE ... WHERE expires_at <= now()`: only an
+//! expired row is taken over), runs the sink's forwarding write for exactly the rows it
+//! inserted, and adds the decisions to the per-scope totals in `gate_counters`. It commits
+//! with the batch, so a crash leaves all of it or none.
+//!
+//! The sink's part is one data-modifying CTE ([`GateStatement::new`]); it reads `batch`
+//! (the candidate rows, with their input order `ord`) joined to `gate` (the keys this
+//! statement inserted), so it sees first-seen events only.
+//!
+//! A key may appear only once per statement (`ON CONFLICT DO UPDATE` cannot touch one row
+//! twice): [`GateBatch`] removes in-batch duplicates as it is built, and the gate only
+//! takes parts of a `GateBatch`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::DbError;
+use crate::model::Position;
+
+/// The key of `(scope, event_id)` in `processed_events`: the first 16 bytes of
+/// SHA-256(len(scope) as u32 big-endian || scope || event_id). The SQL function
+/// `event_key(scope, event_id)` (migration 3) computes the same value; the reasons for a
+/// digest key are written there.
+pub fn event_key(scope: &str, event_id: &str) -> Uuid {
+    let mut h = Sha256::new();
+    h.update((scope.len() as u32).to_be_bytes());
+    h.update(scope.as_bytes());
+    h.update(event_id.as_bytes());
+    let digest = h.finalize();
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&digest[..16]);
+    Uuid::from_bytes(key)
+}
+
+/// One first-sighting candidate sent to the gate.
+#[derive(Debug, Clone)]
+pub struct GateRow {
+    pub scope: String,
+    pub event_id: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: Option<i64>,
+    pub payload_hash: Vec<u8>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<u8>,
+}
+
+impl GateRow {
+    pub fn position(&self) -> Position {
+        Position {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset: self.offset,
+        }
+    }
+}
+
+/// The candidates of one batch, each `(scope, event_id)` once, in input order.
+#[derive(Debug, Default)]
+pub struct GateBatch {
+    rows: Vec<GateRow>,
+    first_of: HashMap<(String, String), usize>,
+    /// Per scope, the copies [`GateBatch::push`] removed, for the `gate_counters` totals.
+    in_batch_duplicates: BTreeMap<String, i64>,
+}
+
+/// What [`GateBatch::push`] did with a row.
+#[derive(Debug)]
+pub enum Pushed<'a> {
+    /// The first of its id in this batch: a candidate.
+    Candidate,
+    /// A repeat of an earlier row of this batch, with the same payload (counted); the
+    /// row is handed back.
+    Duplicate(GateRow),
+    /// A repeat with a different payload: not a duplicate (not counted), the row is
+    /// handed back.
+    Mismatch { first: &'a GateRow, row: GateRow },
+}
+
+impl GateBatch {
+    pub fn with_capacity(n: usize) -> Self {
+        GateBatch {
+            rows: Vec::with_capacity(n),
+            ..Default::default()
+        }
+    }
+
+    /// Adds `row` unless its id is already in the batch.
+    pub fn push(&mut self, row: GateRow) -> Pushed<'_> {
+        let id = (row.scope.clone(), row.event_id.clone());
+        match self.first_of.get(&id) {
+            None => {
+                self.first_of.insert(id, self.rows.len());
+                self.rows.push(row);
+                Pushed::Candidate
+            }
+            Some(&first) if self.rows[first].payload_hash == row.payload_hash => {
+                *self.in_batch_duplicates.entry(id.0).or_default() += 1;
+                Pushed::Duplicate(row)
+            }
+            Some(&first) => Pushed::Mismatch {
+                first: &self.rows[first],
+                row,
+            },
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    pub fn rows(&self) -> &[GateRow] {
+        &self.rows
+    }
+
+    pub fn into_rows(self) -> Vec<GateRow> {
+        self.rows
+    }
+
+    /// Rows `range` of the batch, as one gate statement's input. `with_duplicates`: add the
+    /// in-batch duplicates to the totals with this part (exactly one committed part must).
+    pub fn part(&self, range: std::ops::Range<usize>, with_duplicates: bool) -> GatePart<'_> {
+        GatePart {
+            rows: &self.rows[range],
+            in_batch_duplicates: with_duplicates.then_some(&self.in_batch_duplicates),
+        }
+    }
+}
+
+/// A slice of a [`GateBatch`]: unique keys by construction.
+#[derive(Debug, Clone, Copy)]
+pub struct GatePart<'a> {
+    rows: &'a [GateRow],
+    in_batch_duplicates: Option<&'a BTreeMap<String, i64>>,
+}
+
+/// What the gate decided for one row, in the order the rows were given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GateOutcome {
+    /// First sighting: recorded, and the sink's forwarding write done.
+    Forwarded,
+    /// Already recorded with the same payload. `first` is where it was first seen, when
+    /// visible to this transaction (a replica that committed the same id a moment ago may
+    /// not be).
+    Duplicate { first: Option<Position> },
+    /// Already recorded with a different payload: not a duplicate but a producer bug.
+    Mismatch { first: Position },
+}
+
+/// The gate statement for one sink, built once at start.
+#[derive(Debug, Clone)]
+pub struct GateStatement {
+    sql: String,
+}
+
+impl GateStatement {
+    /// The gate with `forward` as the sink's forwarding write: the body of one
+    /// data-modifying CTE that reads `batch b JOIN gate g ON g.event_key = b.event_key`
+    /// (see the module docs), or `None` for a sink that writes nothing in the statement.
+    pub fn new(forward: Option<&str>) -> Self {
+        let forward = forward
+            .map(|cte| format!("forwarded AS (\n{cte}\n),\n"))
+            .unwrap_or_default();
+        GateStatement {
+            sql: format!("{GATE_HEAD}{forward}{GATE_TAIL}"),
+        }
+    }
+
+    /// The statement's text (the benchmark runs it as it ships).
+    pub fn sql(&self) -> &str {
+        &self.sql
+    }
+}
+
+// Gate rows are inserted in event_key order: two replicas inserting overlapping ids then lock
+// them in the same order, which rules out deadlocks between their transactions.
+const GATE_HEAD: &str = r#"
+WITH batch AS (
+    SELECT *
+    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int4[], $5::int8[], $6::int8[],
+                $7::bytea[], $8::bytea[], $9::bytea[], $10::bytea[], $14::uuid[])
+         WITH ORDINALITY
+         AS b(scope, event_id, source_topic, source_partition, source_offset,
+              source_timestamp_ms, payload_hash, key, value, headers, event_key, ord)
+),
+gate AS (
+    INSERT INTO processed_events
+        (event_key, scope, event_id, source_topic, source_partition, source_offset,
+         payload_hash, first_seen_at, expires_at)
+    SELECT event_key, scope, event_id, source_topic, source_partition, source_offset,
+           payload_hash, now(), now() + make_interval(secs => $11)
+    FROM batch
+    ORDER BY event_key
+    -- An expired row is treated as absent even before the pruner deleted it: the id is
+    -- accepted again as new, which is what a TTL means.
+    ON CONFLICT (event_key) DO UPDATE
+        SET source_topic = EXCLUDED.source_topic,
+            source_partition = EXCLUDED.source_partition,
+            source_offset = EXCLUDED.source_offset,
+            payload_hash = EXCLUDED.payload_hash,
+            first_seen_at = EXCLUDED.first_seen_at,
+            expires_at = EXCLUDED.expires_at
+        WHERE processed_events.expires_at <= now()
+    RETURNING event_key
+),
+"#;
+
+const GATE_TAIL: &str = r#"
+decided AS (
+    SELECT b.ord, b.scope,
+           g.event_key IS NOT NULL AS inserted,
+           pe.source_topic, pe.source_partition, pe.source_offset,
+           (pe.event_key IS NOT NULL AND pe.payload_hash IS DISTINCT FROM b.payload_hash)
+               AS payload_differs
+    FROM batch b
+    LEFT JOIN gate g ON g.event_key = b.event_key
+    LEFT JOIN processed_events pe
+           ON g.event_key IS NULL AND pe.event_key = b.event_key
+),
+-- Running totals for `kdedup stats`, one upsert per scope in this batch. A duplicate is a
+-- row not inserted whose payload matches the first one (a reused id with another payload
+-- is a mismatch, not a duplicate), plus the in-batch duplicates the caller removed before
+-- this statement ($12 scopes, $13 counts). The counters row of a scope is a hot row: the
+-- transactions of all replicas gating that scope take its lock at the end of this
+-- statement and keep it until their COMMIT, so they serialise there for one round trip.
+-- Scopes are locked in order, and only after every gate row, so this cannot deadlock.
+counted AS (
+    INSERT INTO gate_counters AS c (scope, duplicates, forwarded)
+    SELECT scope, sum(duplicates)::int8, sum(forwarded)::int8
+    FROM (
+        SELECT scope, (NOT inserted AND NOT payload_differs)::int AS duplicates,
+               inserted::int AS forwarded
+        FROM decided
+        UNION ALL
+        SELECT scope, n, 0 FROM UNNEST($12::text[], $13::int8[]) AS d(scope, n)
+    ) t
+    GROUP BY scope
+    ORDER BY scope
+    ON CONFLICT (scope) DO UPDATE
+        SET duplicates = c.duplicates + EXCLUDED.duplicates,
+            forwarded = c.forwarded + EXCLUDED.forwarded,
+            updated_at = now()
+    RETURNING 1
+)
+SELECT ord, inserted, source_topic, source_partition, source_offset, payload_differs
+FROM decided
+ORDER BY ord
+"#;
+
+/// `(ord, inserted, first topic, first partition, first offset, payload differs)`.
+type GateResultRow = (i64, bool, Option<String>, Option<i32>, Option<i64>, bool);
+
+/// Runs the gate for `part` in one transaction and commits it. Returns one outcome per
+/// row, in the part's order.
+pub async fn gate(
+    pool: &PgPool,
+    statement: &GateStatement,
+    part: GatePart<'_>,
+    ttl: Duration,
+) -> Result<Vec<GateOutcome>, DbError> {
+    let rows = part.rows;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (dup_scopes, dup_counts): (Vec<&str>, Vec<i64>) = part
+        .in_batch_duplicates
+        .into_iter()
+        .flatten()
+        .filter(|(_, n)| **n > 0)
+        .map(|(s, n)| (s.as_str(), *n))
+        .unzip();
+    let mut scopes = Vec::with_capacity(rows.len());
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut topics = Vec::with_capacity(rows.len());
+    let mut partitions = Vec::with_capacity(rows.len());
+    let mut offsets = Vec::with_capacity(rows.len());
+    let mut timestamps = Vec::with_capacity(rows.len());
+    let mut hashes = Vec::with_capacity(rows.len());
+    let mut keys = Vec::with_capacity(rows.len());
+    let mut values = Vec::with_capacity(rows.len());
+    let mut headers = Vec::with_capacity(rows.len());
+    let mut event_keys = Vec::with_capacity(rows.len());
+    for r in rows {
+        event_keys.push(event_key(&r.scope, &r.event_id));
+        scopes.push(r.scope.as_str());
+        ids.push(r.event_id.as_str());
+        topics.push(r.topic.as_str());
+        partitions.push(r.partition);
+        offsets.push(r.offset);
+        timestamps.push(r.timestamp_ms);
+        hashes.push(r.payload_hash.as_slice());
+        keys.push(r.key.as_deref());
+        values.push(r.value.as_deref());
+        headers.push(r.headers.as_slice());
+    }
+    let mut tx = pool.begin().await?;
+    let result: Vec<GateResultRow> = sqlx::query_as(&statement.sql)
+        .bind(&scopes)
+        .bind(&ids)
+        .bind(&topics)
+        .bind(&partitions)
+        .bind(&offsets)
+        .bind(&timestamps)
+        .bind(&hashes)
+        .bind(&keys)
+        .bind(&values)
+        .bind(&headers)
+        .bind(ttl.as_secs_f64())
+        .bind(&dup_scopes)
+        .bind(&dup_counts)
+        .bind(&event_keys)
+        .fetch_all(&mut *tx)
+        .await?;
+    crate::crash::gate_delay().await;
+    crate::crash::reached(crate::crash::Point::BeforeDbCommit);
+    tx.commit().await?;
+    debug_assert_eq!(result.len(), rows.len());
+    Ok(result
+        .into_iter()
+        .map(|(_, inserted, topic, partition, offset, differs)| {
+            if inserted {
+                return GateOutcome::Forwarded;
+            }
+            let first = match (topic, partition, offset) {
+                (Some(topic), Some(partition), Some(offset)) => Some(Position {
+                    topic,
+                    partition,
+                    offset,
+                }),
+                _ => None,
+            };
+            match first {
+                Some(first) if differs => GateOutcome::Mismatch { first },
+                first => GateOutcome::Duplicate { first },
+            }
+        })
+        .collect())
+}
+
+/// How many of `keys` (scope, event_id) the gate holds and has not expired.
+pub async fn live_ids(pool: &PgPool, keys: &[(String, String)]) -> Result<usize, DbError> {
+    if keys.is_empty() {
+        return Ok(0);
+    }
+    let event_keys: Vec<Uuid> = keys.iter().map(|(s, i)| event_key(s, i)).collect();
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM processed_events
+         WHERE event_key = ANY($1) AND expires_at > now()",
+    )
+    .bind(&event_keys)
+    .fetch_one(pool)
+    .await?;
+    Ok(n as usize)
+}

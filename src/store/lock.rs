@@ -1,0 +1,93 @@
+//! One active worker per schema (the relay, the pruner): a session-level advisory lock on
+//! a connection of its own.
+//!
+//! The holder does all its queries on the lock's connection, so losing the connection
+//! (and with it the lock) also stops it from writing anything. Closing the connection
+//! releases the lock; other replicas stand by and try again.
+
+use std::time::Duration;
+
+use sqlx::PgConnection;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{dedicated_connection, ADVISORY_LOCK_CLASS};
+use crate::retry::Backoff;
+use crate::settings::DbSettings;
+
+/// A named singleton role in one schema, e.g. `relay` or `pruner`.
+pub struct SingletonLock {
+    /// The purpose; with the schema it makes the lock's second key.
+    pub role: &'static str,
+    pub db: DbSettings,
+    /// How long a standby waits before it tries the lock again.
+    pub standby_retry: Duration,
+}
+
+/// Why [`SingletonLock::acquire`] returned without the lock.
+pub struct Stopped;
+
+impl SingletonLock {
+    /// Waits until this process holds the lock (returning the connection that holds it)
+    /// or `stop` fires. Says once, at INFO, that it stands by and for which schema;
+    /// `standing_by` is called with `true` then and `false` once the lock is held.
+    pub async fn acquire(
+        &self,
+        stop: &CancellationToken,
+        mut standing_by: impl FnMut(bool),
+    ) -> Result<PgConnection, Stopped> {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut said_standby = false;
+        loop {
+            if stop.is_cancelled() {
+                return Err(Stopped);
+            }
+            let mut conn = match dedicated_connection(&self.db).await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, role = self.role, "cannot reach Postgres; retrying");
+                    sleep_or_stop(backoff.next_delay(), stop).await;
+                    continue;
+                }
+            };
+            let locked: Result<bool, sqlx::Error> =
+                sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2 || ':' || $3))")
+                    .bind(ADVISORY_LOCK_CLASS)
+                    .bind(self.role)
+                    .bind(&self.db.schema)
+                    .fetch_one(&mut conn)
+                    .await;
+            match locked {
+                Ok(true) => {
+                    standing_by(false);
+                    return Ok(conn);
+                }
+                Ok(false) => {
+                    if !said_standby {
+                        info!(
+                            role = self.role,
+                            schema = self.db.schema,
+                            "another replica holds this role for the schema; standing by"
+                        );
+                        said_standby = true;
+                    }
+                    standing_by(true);
+                    backoff.reset();
+                    sleep_or_stop(self.standby_retry, stop).await;
+                }
+                Err(e) => {
+                    warn!(error = %e, role = self.role, "lock query failed; retrying");
+                    sleep_or_stop(backoff.next_delay(), stop).await;
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps for `d`, or less when `stop` fires.
+pub async fn sleep_or_stop(d: Duration, stop: &CancellationToken) {
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = tokio::time::sleep(d) => {}
+    }
+}

@@ -1,0 +1,261 @@
+//! Postgres: connections, embedded migrations, errors, and every statement kdedup runs.
+//!
+//! All kdedup tables live in one schema (`--db-schema`), reached through the connection's
+//! `search_path`, so the SQL never names the schema and the application's tables are never
+//! touched. Statements live in the submodule of the table they serve: [`gate`] (the gate
+//! statement), [`outbox`] (the Kafka sink's outbox), [`prune`], [`stats`] (gauges and
+//! `kdedup inspect` / `kdedup stats`), and [`lock`] (one active relay or pruner per schema).
+
+pub mod gate;
+pub mod lock;
+pub mod outbox;
+pub mod prune;
+pub mod stats;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection};
+
+use tracing::{info, warn};
+
+use crate::settings::DbSettings;
+
+/// Migrations under `migrations/`, compiled into the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// First key of every advisory lock kdedup takes ("kddp"); the second is per purpose+schema.
+pub const ADVISORY_LOCK_CLASS: i32 = 0x6b64_6470;
+
+/// SQLSTATE codes the gate treats specially.
+pub mod sqlstate {
+    pub const SERIALIZATION_FAILURE: &str = "40001";
+    pub const DEADLOCK_DETECTED: &str = "40P01";
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub const CANNOT_CONNECT_NOW: &str = "57P03";
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+    pub const INVALID_AUTHORIZATION: &str = "28000";
+    pub const INVALID_PASSWORD: &str = "28P01";
+    pub const INVALID_CATALOG_NAME: &str = "3D000";
+    /// Class 22, data exception: a value this database cannot store (a NUL byte in text,
+    /// a character its encoding lacks). Retrying the same rows cannot help.
+    pub const DATA_EXCEPTION_CLASS: &str = "22";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("postgres error: {0}")]
+    Sqlx(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("no answer from postgres within {0:?}")]
+    Timeout(Duration),
+}
+
+impl DbError {
+    /// Whether waiting and retrying can help (connection trouble, conflicts between
+    /// replicas). Anything else still gets retried by the pipeline, but is logged as an
+    /// error an operator must look at.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DbError::Sqlx(sqlx::Error::Database(db)) => {
+                matches!(
+                    db.code().as_deref(),
+                    Some(sqlstate::SERIALIZATION_FAILURE)
+                        | Some(sqlstate::DEADLOCK_DETECTED)
+                        | Some(sqlstate::ADMIN_SHUTDOWN)
+                        | Some(sqlstate::CANNOT_CONNECT_NOW)
+                        | Some(sqlstate::TOO_MANY_CONNECTIONS)
+                ) || db.code().is_some_and(|c| c.starts_with("08"))
+            }
+            DbError::Sqlx(
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_),
+            ) => true,
+            DbError::Timeout(_) => true,
+            _ => false,
+        }
+    }
+
+    /// For an error that says the connection settings are wrong (not that the server is
+    /// away), what to fix. Retrying such an error only hides it, so start-up gives up on
+    /// it at once.
+    pub fn configuration_problem(&self) -> Option<&'static str> {
+        match self {
+            DbError::Sqlx(sqlx::Error::Tls(_)) => Some(
+                "TLS to Postgres failed: check sslmode, sslrootcert (the CA that signed the server's certificate), \
+                 sslcert/sslkey in the URL, and for verify-full that the URL's host is a name in the certificate",
+            ),
+            DbError::Sqlx(sqlx::Error::Configuration(_)) => Some(
+                "the connection settings are unusable: check the URL and every file it names (sslrootcert, sslcert, sslkey)",
+            ),
+            DbError::Sqlx(sqlx::Error::Database(db)) => match db.code().as_deref() {
+                Some(sqlstate::INVALID_PASSWORD) | Some(sqlstate::INVALID_AUTHORIZATION) => Some(
+                    "Postgres refused the login: check the user and password in the URL, and the server's \
+                     pg_hba.conf (a server that requires TLS refuses sslmode=disable)",
+                ),
+                Some(sqlstate::INVALID_CATALOG_NAME) => {
+                    Some("the database named in the URL does not exist: create it or correct the name")
+                }
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// A data exception (SQLSTATE class 22): the rows, not the connection, are at fault.
+    pub fn data_exception(&self) -> Option<(String, String)> {
+        match self {
+            DbError::Sqlx(sqlx::Error::Database(db)) => db
+                .code()
+                .filter(|c| c.starts_with(sqlstate::DATA_EXCEPTION_CLASS))
+                .map(|c| (c.into_owned(), db.message().to_string())),
+            _ => None,
+        }
+    }
+}
+
+/// A Postgres connection that cannot work as configured: the cause, the setting and the
+/// fix, with the URL redacted.
+#[derive(Debug, thiserror::Error)]
+#[error("connecting to Postgres ({url}) failed: {cause}. Setting: --database-url / KDEDUP_DATABASE_URL. Fix: {fix}")]
+pub struct ConnectConfigError {
+    pub url: String,
+    pub cause: String,
+    pub fix: &'static str,
+}
+
+impl ConnectConfigError {
+    /// The configuration problem `e` is, if it is one.
+    fn of(cfg: &DbSettings, e: &DbError) -> Option<Self> {
+        e.configuration_problem().map(|fix| ConnectConfigError {
+            url: cfg.url.to_string(),
+            cause: e.to_string(),
+            fix,
+        })
+    }
+
+    /// `e` as a [`ConnectConfigError`] when it is one, else `e` with what was being done.
+    pub fn or_context(cfg: &DbSettings, e: DbError) -> anyhow::Error {
+        match Self::of(cfg, &e) {
+            Some(config) => config.into(),
+            None => anyhow::Error::new(e).context(format!("connecting to Postgres ({})", cfg.url)),
+        }
+    }
+}
+
+/// Whether the connection is encrypted, as Postgres sees it (`pg_stat_ssl`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionSecurity {
+    pub ssl: bool,
+    pub version: Option<String>,
+    pub cipher: Option<String>,
+}
+
+/// Says once how the connection to Postgres is protected. Plaintext is a warning unless
+/// the URL asked for it (`sslmode=disable`): with libpq's default, `prefer`, a server
+/// without TLS is used in plaintext without a word.
+impl ConnectionSecurity {
+    pub fn log(&self, db: &DbSettings) {
+        let security = self;
+        let url = db.url.expose();
+        if security.ssl {
+            info!(
+                tls_version = security.version.as_deref().unwrap_or("?"),
+                cipher = security.cipher.as_deref().unwrap_or("?"),
+                "connected to Postgres over TLS"
+            );
+        } else if url.contains("sslmode=disable") || url.contains("ssl-mode=disable") {
+            info!("connected to Postgres without TLS (sslmode=disable)");
+        } else {
+            warn!("connected to Postgres WITHOUT TLS: the server offers none; set sslmode=verify-full (with sslrootcert) in KDEDUP_DATABASE_URL to require it");
+        }
+    }
+}
+
+/// Connects once, outside the pool, and reports how: the first thing every command that
+/// talks to Postgres does, so that a setting the server refuses is reported as one (with
+/// the fix), not retried. Transient failures (connection refused, the server starting)
+/// are returned as `Ok(Err(_))` for the caller to retry.
+pub async fn check_connection(
+    cfg: &DbSettings,
+) -> Result<Result<ConnectionSecurity, DbError>, ConnectConfigError> {
+    let attempt = async {
+        let mut conn = dedicated_connection(cfg).await?;
+        let security: (bool, Option<String>, Option<String>) = sqlx::query_as(
+            "SELECT ssl, version, cipher FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        )
+        .fetch_optional(&mut conn)
+        .await?
+        .unwrap_or((false, None, None));
+        let _ = conn.close().await;
+        Ok::<_, DbError>(ConnectionSecurity {
+            ssl: security.0,
+            version: security.1,
+            cipher: security.2,
+        })
+    };
+    match attempt.await {
+        Ok(security) => Ok(Ok(security)),
+        Err(e) => match ConnectConfigError::of(cfg, &e) {
+            Some(config) => Err(config),
+            None => Ok(Err(e)),
+        },
+    }
+}
+
+pub fn connect_options(cfg: &DbSettings) -> Result<PgConnectOptions, DbError> {
+    let opts = PgConnectOptions::from_str(cfg.url.expose())?
+        .application_name("kdedup")
+        .options([("search_path", cfg.schema.as_str())])
+        // Statement text can carry event ids; keep it at debug level.
+        .log_statements(tracing::log::LevelFilter::Debug)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(5));
+    Ok(opts)
+}
+
+/// A pool whose connections all use kdedup's schema. Connects lazily, so a database that is
+/// down at start is retried by the callers instead of failing the process.
+pub fn pool(cfg: &DbSettings) -> Result<PgPool, DbError> {
+    Ok(PgPoolOptions::new()
+        .max_connections(cfg.max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(connect_options(cfg)?))
+}
+
+/// A single connection outside the pool, for session-level advisory locks.
+pub async fn dedicated_connection(cfg: &DbSettings) -> Result<PgConnection, DbError> {
+    Ok(PgConnection::connect_with(&connect_options(cfg)?).await?)
+}
+
+/// Creates the schema (if missing) and applies the embedded migrations into it.
+pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), DbError> {
+    debug_assert!(schema
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
+    let mut tx = pool.begin().await?;
+    // Serialise concurrent starts: CREATE SCHEMA IF NOT EXISTS can still race.
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext('schema:' || $2))")
+        .bind(ADVISORY_LOCK_CLASS)
+        .bind(schema)
+        .execute(&mut *tx)
+        .await?;
+    // The name was validated against [a-z_][a-z0-9_]*, so quoting it is enough.
+    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// Cheap liveness check used by readiness.
+pub async fn ping(pool: &PgPool) -> Result<(), DbError> {
+    sqlx::query("SELECT 1").execute(pool).await?;
+    Ok(())
+}
