@@ -199,7 +199,9 @@ fn failure_code(e: &anyhow::Error) -> ExitCode {
 }
 
 fn usage_error(e: ConfigError) -> ExitCode {
-    eprintln!("kdedup: {e}");
+    for line in e.to_string().lines() {
+        eprintln!("kdedup: {line}");
+    }
     ExitCode::from(EX_USAGE as u8)
 }
 

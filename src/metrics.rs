@@ -9,6 +9,29 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+/// Why a duplicate came: the `cause` label of `kdedup_duplicates_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// Same topic/partition/offset as the first sighting: Kafka delivered it again.
+    Redelivery,
+    /// Re-fed by `kdedup replay`.
+    Replay,
+    /// Anything else: a producer retry, a client that sent it twice.
+    Upstream,
+}
+
+impl Cause {
+    pub const ALL: [Cause; 3] = [Cause::Redelivery, Cause::Upstream, Cause::Replay];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Cause::Redelivery => "redelivery",
+            Cause::Replay => "replay",
+            Cause::Upstream => "upstream",
+        }
+    }
+}
+
 /// Every metric kdedup exports, with help text.
 #[derive(Clone)]
 pub struct Metrics {
@@ -54,6 +77,15 @@ pub struct Metrics {
     pub latency: HistogramVec,
 }
 
+/// Registers `metric` on `registry` as it is made, so a new metric is one field and one
+/// constructor call.
+fn reg<M: Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique");
+    metric
+}
+
 fn counter(name: &str, help: &str) -> IntCounter {
     IntCounter::with_opts(Opts::new(name, help)).expect("valid metric")
 }
@@ -73,208 +105,258 @@ impl Metrics {
             0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ];
         let m = Metrics {
-            events_consumed: counter_vec(
-                "kdedup_events_consumed_total",
-                "Messages read from the input topics.",
-                &["topic"],
-            ),
-            duplicates: counter_vec(
-                "kdedup_duplicates_total",
-                "Events not forwarded because their (scope, event_id) was already recorded. cause: redelivery (same topic/partition/offset as the first sighting), replay (re-fed by kdedup replay), upstream (anything else).",
-                &["cause"],
-            ),
-            events_gated: counter(
-                "kdedup_events_gated_total",
-                "First-seen events whose gate row and outbox row were committed.",
-            ),
-            events_forwarded: counter(
-                "kdedup_events_forwarded_total",
-                "Events the broker acknowledged on the output topic.",
-            ),
-            dead_lettered: counter_vec(
-                "kdedup_events_dead_lettered_total",
-                "Messages sent to the dead-letter topic, by reason.",
-                &["reason"],
-            ),
-            payload_mismatches: counter_vec(
-                "kdedup_payload_mismatches_total",
-                "Events whose id was already recorded with a different payload (a producer bug, not a duplicate), by action taken.",
-                &["action"],
-            ),
-            batch_duration: Histogram::with_opts(
-                HistogramOpts::new(
-                    "kdedup_batch_duration_seconds",
-                    "Time to make one batch durable: dead-letter produce plus the gate transaction.",
-                )
-                .buckets(seconds_buckets.clone()),
-            )
-            .expect("valid metric"),
-            gate_duration: Histogram::with_opts(
-                HistogramOpts::new(
-                    "kdedup_gate_transaction_duration_seconds",
-                    "Time of one successful gate transaction: the gate statement and its COMMIT.",
-                )
-                .buckets(seconds_buckets.clone()),
-            )
-            .expect("valid metric"),
-            batch_size: Histogram::with_opts(
-                HistogramOpts::new("kdedup_batch_size", "Messages per gate batch.")
-                    .buckets(vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0]),
-            )
-            .expect("valid metric"),
-            gate_retries: counter(
-                "kdedup_gate_retries_total",
-                "Gate transactions retried after a Postgres error.",
-            ),
-            outbox_backlog: gauge(
-                "kdedup_outbox_backlog",
-                "Outbox rows committed but not yet acknowledged by the broker (every replica reads the shared outbox).",
-            ),
-            relay_active: gauge(
-                "kdedup_relay_active",
-                "1 when this process holds the relay lock and publishes, 0 on standby.",
-            ),
-            relay_failures: counter(
-                "kdedup_relay_delivery_failures_total",
-                "Outbox rows whose produce failed and will be retried.",
-            ),
-            input_undecodable: counter(
-                "kdedup_input_undecodable_total",
-                "Consumer errors for input librdkafka cannot decode (unsupported compression codec, corrupt record batch). The partition is stuck until fixed; /readyz is 503 meanwhile.",
-            ),
-            relay_publish_duration: Histogram::with_opts(
-                HistogramOpts::new(
-                    "kdedup_relay_publish_duration_seconds",
-                    "Time for one relay round: read outbox rows, produce, await acks, delete.",
-                )
-                .buckets(seconds_buckets.clone()),
-            )
-            .expect("valid metric"),
-            postgres_up: gauge("kdedup_postgres_up", "1 when Postgres answered the last check."),
-            broker_up: gauge("kdedup_broker_up", "1 when the Kafka cluster answered the last metadata request."),
-            consumer_joined: gauge(
-                "kdedup_consumer_joined",
-                "1 once the consumer has joined its group and received an assignment.",
-            ),
-            assigned_partitions: gauge(
-                "kdedup_assigned_partitions",
-                "Input partitions currently assigned to this instance.",
-            ),
-            ttl_seconds: gauge("kdedup_ttl_seconds", "Configured TTL of processed_events rows."),
-            rows_pruned: counter(
-                "kdedup_rows_pruned_total",
-                "processed_events rows deleted by the TTL pruner.",
-            ),
-            prune_batches: counter(
-                "kdedup_prune_batches_total",
-                "Delete transactions run by the TTL pruner.",
-            ),
-            prune_duration: Histogram::with_opts(
-                HistogramOpts::new(
-                    "kdedup_prune_round_duration_seconds",
-                    "Time for one pruner round (all batches until no expired row is left).",
-                )
-                .buckets(vec![0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0]),
-            )
-            .expect("valid metric"),
-            oldest_row_age: gauge(
-                "kdedup_oldest_row_age_seconds",
-                "Age of the oldest processed_events row (the one that expires first).",
-            ),
-            consumer_lag: IntGaugeVec::new(
-                Opts::new(
-                    "kdedup_consumer_lag",
-                    "Messages between the partition's high watermark and the last durable (stored) offset, per assigned partition.",
+            events_consumed: reg(
+                &registry,
+                counter_vec(
+                    "kdedup_events_consumed_total",
+                    "Messages read from the input topics.",
+                    &["topic"],
                 ),
-                &["topic", "partition"],
-            )
-            .expect("valid metric"),
-            input_retention: IntGaugeVec::new(
-                Opts::new(
-                    "kdedup_input_retention_seconds",
-                    "retention.ms of each input topic, in seconds (-1: unlimited). A TTL shorter than this lets a replay slip through.",
+            ),
+            duplicates: reg(
+                &registry,
+                counter_vec(
+                    "kdedup_duplicates_total",
+                    "Events not forwarded because their (scope, event_id) was already recorded. cause: redelivery (same topic/partition/offset as the first sighting), replay (re-fed by kdedup replay), upstream (anything else).",
+                    &["cause"],
                 ),
-                &["topic"],
-            )
-            .expect("valid metric"),
-            processed_events_rows: gauge(
-                "kdedup_processed_events_rows",
-                "Estimated rows in processed_events (Postgres statistics).",
             ),
-            outbox_oldest_age: gauge(
-                "kdedup_outbox_oldest_age_seconds",
-                "Age of the oldest outbox row not yet acknowledged (0 when empty).",
+            events_gated: reg(
+                &registry,
+                counter(
+                    "kdedup_events_gated_total",
+                    "First-seen events whose gate row and outbox row were committed.",
+                ),
             ),
-            build_info: IntGaugeVec::new(
-                Opts::new("kdedup_build_info", "Build information; always 1."),
-                &["version", "rdkafka_version"],
-            )
-            .expect("valid metric"),
-            latency: HistogramVec::new(
-                HistogramOpts::new(
-                    "kdedup_latency_seconds",
-                    "End-to-end latency by stage: input_to_commit (input message timestamp to gate commit), commit_to_ack (gate commit to output acknowledgement).",
+            events_forwarded: reg(
+                &registry,
+                counter(
+                    "kdedup_events_forwarded_total",
+                    "Events the broker acknowledged on the output topic.",
+                ),
+            ),
+            dead_lettered: reg(
+                &registry,
+                counter_vec(
+                    "kdedup_events_dead_lettered_total",
+                    "Messages sent to the dead-letter topic, by reason.",
+                    &["reason"],
+                ),
+            ),
+            payload_mismatches: reg(
+                &registry,
+                counter_vec(
+                    "kdedup_payload_mismatches_total",
+                    "Events whose id was already recorded with a different payload (a producer bug, not a duplicate), by action taken.",
+                    &["action"],
+                ),
+            ),
+            batch_duration: reg(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "kdedup_batch_duration_seconds",
+                        "Time to make one batch durable: dead-letter produce plus the gate transaction.",
+                    )
+                    .buckets(seconds_buckets.clone()),
                 )
-                .buckets(vec![
-                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                ]),
-                &["stage"],
-            )
-            .expect("valid metric"),
+                .expect("valid metric"),
+            ),
+            gate_duration: reg(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "kdedup_gate_transaction_duration_seconds",
+                        "Time of one successful gate transaction: the gate statement and its COMMIT.",
+                    )
+                    .buckets(seconds_buckets.clone()),
+                )
+                .expect("valid metric"),
+            ),
+            batch_size: reg(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new("kdedup_batch_size", "Messages per gate batch.")
+                        .buckets(vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0]),
+                )
+                .expect("valid metric"),
+            ),
+            gate_retries: reg(
+                &registry,
+                counter(
+                    "kdedup_gate_retries_total",
+                    "Gate transactions retried after a Postgres error.",
+                ),
+            ),
+            outbox_backlog: reg(
+                &registry,
+                gauge(
+                    "kdedup_outbox_backlog",
+                    "Outbox rows committed but not yet acknowledged by the broker (every replica reads the shared outbox).",
+                ),
+            ),
+            relay_active: reg(
+                &registry,
+                gauge(
+                    "kdedup_relay_active",
+                    "1 when this process holds the relay lock and publishes, 0 on standby.",
+                ),
+            ),
+            relay_failures: reg(
+                &registry,
+                counter(
+                    "kdedup_relay_delivery_failures_total",
+                    "Outbox rows whose produce failed and will be retried.",
+                ),
+            ),
+            input_undecodable: reg(
+                &registry,
+                counter(
+                    "kdedup_input_undecodable_total",
+                    "Consumer errors for input librdkafka cannot decode (unsupported compression codec, corrupt record batch). The partition is stuck until fixed; /readyz is 503 meanwhile.",
+                ),
+            ),
+            relay_publish_duration: reg(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "kdedup_relay_publish_duration_seconds",
+                        "Time for one relay round: read outbox rows, produce, await acks, delete.",
+                    )
+                    .buckets(seconds_buckets.clone()),
+                )
+                .expect("valid metric"),
+            ),
+            postgres_up: reg(
+                &registry,
+                gauge("kdedup_postgres_up", "1 when Postgres answered the last check."),
+            ),
+            broker_up: reg(
+                &registry,
+                gauge("kdedup_broker_up", "1 when the Kafka cluster answered the last metadata request."),
+            ),
+            consumer_joined: reg(
+                &registry,
+                gauge(
+                    "kdedup_consumer_joined",
+                    "1 once the consumer has joined its group and received an assignment.",
+                ),
+            ),
+            assigned_partitions: reg(
+                &registry,
+                gauge(
+                    "kdedup_assigned_partitions",
+                    "Input partitions currently assigned to this instance.",
+                ),
+            ),
+            ttl_seconds: reg(
+                &registry,
+                gauge("kdedup_ttl_seconds", "Configured TTL of processed_events rows."),
+            ),
+            rows_pruned: reg(
+                &registry,
+                counter(
+                    "kdedup_rows_pruned_total",
+                    "processed_events rows deleted by the TTL pruner.",
+                ),
+            ),
+            prune_batches: reg(
+                &registry,
+                counter(
+                    "kdedup_prune_batches_total",
+                    "Delete transactions run by the TTL pruner.",
+                ),
+            ),
+            prune_duration: reg(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "kdedup_prune_round_duration_seconds",
+                        "Time for one pruner round (all batches until no expired row is left).",
+                    )
+                    .buckets(vec![0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0]),
+                )
+                .expect("valid metric"),
+            ),
+            oldest_row_age: reg(
+                &registry,
+                gauge(
+                    "kdedup_oldest_row_age_seconds",
+                    "Age of the oldest processed_events row (the one that expires first).",
+                ),
+            ),
+            consumer_lag: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "kdedup_consumer_lag",
+                        "Messages between the partition's high watermark and the last durable (stored) offset, per assigned partition.",
+                    ),
+                    &["topic", "partition"],
+                )
+                .expect("valid metric"),
+            ),
+            input_retention: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "kdedup_input_retention_seconds",
+                        "retention.ms of each input topic, in seconds (-1: unlimited). A TTL shorter than this lets a replay slip through.",
+                    ),
+                    &["topic"],
+                )
+                .expect("valid metric"),
+            ),
+            processed_events_rows: reg(
+                &registry,
+                gauge(
+                    "kdedup_processed_events_rows",
+                    "Estimated rows in processed_events (Postgres statistics).",
+                ),
+            ),
+            outbox_oldest_age: reg(
+                &registry,
+                gauge(
+                    "kdedup_outbox_oldest_age_seconds",
+                    "Age of the oldest outbox row not yet acknowledged (0 when empty).",
+                ),
+            ),
+            build_info: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new("kdedup_build_info", "Build information; always 1."),
+                    &["version", "rdkafka_version"],
+                )
+                .expect("valid metric"),
+            ),
+            latency: reg(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "kdedup_latency_seconds",
+                        "End-to-end latency by stage: input_to_commit (input message timestamp to gate commit), commit_to_ack (gate commit to output acknowledgement).",
+                    )
+                    .buckets(vec![
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    ]),
+                    &["stage"],
+                )
+                .expect("valid metric"),
+            ),
             registry,
         };
-        m.register_all();
         let (_, rdkafka_version) = rdkafka::util::get_rdkafka_version();
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), &rdkafka_version])
             .set(1);
         // Pre-create the series dashboards and alerts read, so they exist at zero.
-        for cause in ["redelivery", "upstream", "replay"] {
-            m.duplicates.with_label_values(&[cause]);
+        for cause in Cause::ALL {
+            m.duplicates.with_label_values(&[cause.label()]);
         }
         for stage in ["input_to_commit", "commit_to_ack"] {
             m.latency.with_label_values(&[stage]);
         }
         m
-    }
-
-    fn register_all(&self) {
-        let r = &self.registry;
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
-            Box::new(self.events_consumed.clone()),
-            Box::new(self.duplicates.clone()),
-            Box::new(self.events_gated.clone()),
-            Box::new(self.events_forwarded.clone()),
-            Box::new(self.dead_lettered.clone()),
-            Box::new(self.payload_mismatches.clone()),
-            Box::new(self.batch_duration.clone()),
-            Box::new(self.gate_duration.clone()),
-            Box::new(self.batch_size.clone()),
-            Box::new(self.gate_retries.clone()),
-            Box::new(self.outbox_backlog.clone()),
-            Box::new(self.relay_active.clone()),
-            Box::new(self.relay_failures.clone()),
-            Box::new(self.input_undecodable.clone()),
-            Box::new(self.relay_publish_duration.clone()),
-            Box::new(self.postgres_up.clone()),
-            Box::new(self.broker_up.clone()),
-            Box::new(self.consumer_joined.clone()),
-            Box::new(self.assigned_partitions.clone()),
-            Box::new(self.ttl_seconds.clone()),
-            Box::new(self.rows_pruned.clone()),
-            Box::new(self.prune_batches.clone()),
-            Box::new(self.prune_duration.clone()),
-            Box::new(self.oldest_row_age.clone()),
-            Box::new(self.consumer_lag.clone()),
-            Box::new(self.input_retention.clone()),
-            Box::new(self.processed_events_rows.clone()),
-            Box::new(self.outbox_oldest_age.clone()),
-            Box::new(self.build_info.clone()),
-            Box::new(self.latency.clone()),
-        ];
-        for c in collectors {
-            r.register(c).expect("metric names are unique");
-        }
     }
 
     /// The registry in the Prometheus text exposition format.
@@ -288,9 +370,9 @@ impl Metrics {
 
     /// Sum of `kdedup_duplicates_total` over causes.
     pub fn duplicates_total(&self) -> u64 {
-        ["redelivery", "upstream", "replay"]
+        Cause::ALL
             .iter()
-            .map(|c| self.duplicates.with_label_values(&[c]).get())
+            .map(|c| self.duplicates.with_label_values(&[c.label()]).get())
             .sum()
     }
 

@@ -254,14 +254,16 @@ pub enum PayloadMismatch {
     Dlq,
 }
 
-/// A setting that cannot be used, with what is wrong and how to fix it.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration: {setting}: {problem}. Fix: {fix}")]
+/// A setting that cannot be used, with what is wrong and how to fix it; validation reports
+/// every such setting at once, the first here and the others in `more`.
+#[derive(Debug)]
 pub struct ConfigError {
     /// Flag and environment variable, e.g. `--ttl / KDEDUP_TTL`.
     pub setting: String,
     pub problem: String,
     pub fix: String,
+    /// Further bad settings found in the same validation, one line each.
+    pub more: Vec<ConfigError>,
 }
 
 impl ConfigError {
@@ -270,9 +272,33 @@ impl ConfigError {
             setting: setting_name(setting),
             problem: problem.into(),
             fix: fix.into(),
+            more: Vec::new(),
         }
     }
+
+    /// This error with `more` found beside it.
+    pub fn with_more(mut self, more: Vec<ConfigError>) -> Self {
+        self.more.extend(more);
+        self
+    }
 }
+
+impl std::fmt::Display for ConfigError {
+    /// One line per bad setting.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "invalid configuration: {}: {}. Fix: {}",
+            self.setting, self.problem, self.fix
+        )?;
+        for e in &self.more {
+            write!(f, "\n{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 /// `ttl` -> `--ttl / KDEDUP_TTL`.
 pub(crate) fn setting_name(flag: &str) -> String {

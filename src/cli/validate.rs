@@ -311,248 +311,347 @@ pub fn kafka_properties(env: &dyn Env, flags: &[String]) -> Result<KafkaProperti
     Ok(KafkaProperties(props))
 }
 
-impl RunArgs {
-    /// Turns raw flags into [`RunSettings`], or names the first bad setting and its fix.
-    pub fn validate(self, env: &dyn Env) -> Result<RunSettings, ConfigError> {
-        let brokers = required(self.brokers, "brokers", "kafka-0.kafka:9092")?;
-        let group_id = required(self.group_id, "group_id", "orders-app")?;
-        let input_topics: Vec<String> = required(self.input_topics, "input_topics", "orders")?
-            .split(',')
-            .map(|t| t.trim().to_string())
-            .filter(|t| !t.is_empty())
-            .collect();
-        if input_topics.is_empty() {
-            return Err(ConfigError::new(
-                "input_topics",
-                "names no topic",
-                "list one or more topics, comma-separated",
-            ));
-        }
-        for t in &input_topics {
-            validate_topic("input_topics", t)?;
-        }
-        let output_topic = required(self.output_topic, "output_topic", "orders.dedup")?;
-        validate_topic("output_topic", &output_topic)?;
-        let dlq_topic = self
-            .dlq_topic
-            .filter(|t| !t.trim().is_empty())
-            .unwrap_or_else(|| format!("{}.dlq", input_topics[0]));
-        validate_topic("dlq_topic", &dlq_topic)?;
-        if input_topics.contains(&output_topic) {
-            return Err(ConfigError::new(
-                "output_topic",
-                format!(
-                    "{output_topic:?} is also an input topic; kdedup would consume its own output"
-                ),
-                "choose a distinct output topic, e.g. <input>.dedup",
-            ));
-        }
-        if input_topics.contains(&dlq_topic) || dlq_topic == output_topic {
-            return Err(ConfigError::new(
-                "dlq_topic",
-                format!("{dlq_topic:?} is also an input or the output topic"),
-                "choose a distinct dead-letter topic, e.g. <input>.dlq",
-            ));
-        }
+/// Every configuration error found, in the order the settings were checked.
+#[derive(Debug, Default)]
+pub struct Findings(pub Vec<ConfigError>);
 
-        let db = self.db.validate(env)?;
-        let id = IdSpec::parse(&self.id_from, self.max_id_bytes).map_err(|problem| {
+impl Findings {
+    /// The value, or `None` with the error kept.
+    fn ok<T>(&mut self, r: Result<T, ConfigError>) -> Option<T> {
+        r.map_err(|e| self.0.push(e)).ok()
+    }
+
+    /// Keeps `error()` when `broken`.
+    fn rule(&mut self, broken: bool, error: impl FnOnce() -> ConfigError) {
+        if broken {
+            self.0.push(error());
+        }
+    }
+
+    /// A number within `range`, named by `setting`, with the fix saying the default.
+    fn within<N>(&mut self, setting: &str, n: N, range: std::ops::RangeInclusive<N>, default: N)
+    where
+        N: PartialOrd + std::fmt::Display + Copy,
+    {
+        self.rule(!range.contains(&n), || {
             ConfigError::new(
-                "id_from",
-                problem,
-                "write a comma-separated list of header:<name>, key, json:<pointer>, cloudevents (e.g. header:event-id,json:/id)",
-            )
-        })?;
-        if self.max_id_bytes == 0 || self.max_id_bytes > 2048 {
-            return Err(ConfigError::new(
-                "max_id_bytes",
-                format!("{} is out of range", self.max_id_bytes),
-                "choose a value between 1 and 2048 (ids are part of a btree key)",
-            ));
-        }
-        let scope = match self.scope.filter(|s| !s.trim().is_empty()) {
-            None => ScopeSpec::Literal(group_id.clone()),
-            Some(s) => ScopeSpec::parse(&s).map_err(|problem| {
-                ConfigError::new(
-                    "scope",
-                    problem,
-                    "write a literal scope (e.g. orders) or header:<name> (e.g. header:tenant-id)",
-                )
-            })?,
-        };
-        let ttl = parse_duration("ttl", &self.ttl, "7d or 36h")?;
-        if ttl > MAX_TTL {
-            return Err(ConfigError::new(
-                "ttl",
-                format!("{} is longer than the 100 years kdedup can store", self.ttl),
-                "choose at most 100y (the expiry must fit Postgres' timestamps)",
-            ));
-        }
-        if ttl < Duration::from_secs(60) {
-            return Err(ConfigError::new(
-                "ttl",
-                format!("{} is too short to deduplicate anything", self.ttl),
-                "set it longer than the input topic's retention plus the longest expected lag (default 7d)",
-            ));
-        }
-        if self.batch_size == 0 || self.batch_size > 50_000 {
-            return Err(ConfigError::new(
-                "batch_size",
-                format!("{} is out of range", self.batch_size),
-                "choose between 1 and 50000 (default 1000)",
-            ));
-        }
-        if self.gate_lanes == 0 || self.gate_lanes > 16 {
-            return Err(ConfigError::new(
-                "gate_lanes",
-                format!("{} is out of range", self.gate_lanes),
-                "choose between 1 and 16 (default 2)",
-            ));
-        }
-        if self.gate_lanes as u32 > db.max_connections {
-            return Err(ConfigError::new(
-                "gate_lanes",
+                setting,
+                format!("{n} is out of range"),
                 format!(
-                    "{} lanes need a connection each, but the pool holds {}",
-                    self.gate_lanes, db.max_connections
+                    "choose between {} and {} (default {default})",
+                    range.start(),
+                    range.end()
                 ),
-                "raise --db-max-connections (KDEDUP_DB_MAX_CONNECTIONS) or lower --gate-lanes",
-            ));
+            )
+        });
+    }
+
+    /// At least 1024 bytes.
+    fn kib(&mut self, setting: &str, n: usize, default: usize) {
+        self.rule(n < 1024, || {
+            ConfigError::new(
+                setting,
+                format!("{n} is too small"),
+                format!("choose at least 1024 (default {default})"),
+            )
+        });
+    }
+
+    fn into_result<T>(self, value: impl FnOnce() -> T) -> Result<T, ConfigError> {
+        let mut errors = self.0.into_iter();
+        match errors.next() {
+            None => Ok(value()),
+            Some(first) => Err(first.with_more(errors.collect())),
         }
-        if self.read_ahead_bytes < 1024 {
-            return Err(ConfigError::new(
-                "read_ahead_bytes",
-                format!("{} is too small", self.read_ahead_bytes),
-                "choose at least 1024 (default 8388608)",
-            ));
-        }
-        let batch_linger = parse_duration("batch_linger", &self.batch_linger, "20ms")?;
-        if batch_linger > Duration::from_secs(10) {
-            return Err(ConfigError::new(
-                "batch_linger",
-                format!("{} would hold events for too long", self.batch_linger),
-                "choose at most 10s (default 20ms)",
-            ));
-        }
-        if self.batch_max_bytes < 1024 {
-            return Err(ConfigError::new(
-                "batch_max_bytes",
-                format!("{} is too small", self.batch_max_bytes),
-                "choose at least 1024 (default 16777216)",
-            ));
-        }
-        if self.relay_batch_size == 0 || self.relay_batch_size > 100_000 {
-            return Err(ConfigError::new(
-                "relay_batch_size",
-                format!("{} is out of range", self.relay_batch_size),
-                "choose between 1 and 100000 (default 2000)",
-            ));
-        }
-        if self.relay_batch_max_bytes < 1024 {
-            return Err(ConfigError::new(
-                "relay_batch_max_bytes",
-                format!("{} is too small", self.relay_batch_max_bytes),
-                "choose at least 1024 (default 16777216)",
-            ));
-        }
-        let metrics_addr: SocketAddr = self.metrics_addr.parse().map_err(|_| {
+    }
+}
+
+impl RunArgs {
+    /// Turns raw flags into [`RunSettings`], or names every bad setting and its fix (the
+    /// first in the error, the others in [`ConfigError::more`]).
+    pub fn validate(self, env: &dyn Env) -> Result<RunSettings, ConfigError> {
+        let mut f = Findings::default();
+        let kafka = self.kafka_settings(env, &mut f);
+        let db = f.ok(self.db.clone().validate(env));
+        let gate = self.gate_settings(kafka.as_ref(), &mut f);
+        let consume = self.consume_settings(db.as_ref(), &mut f);
+        f.within("relay_batch_size", self.relay_batch_size, 1..=100_000, 2000);
+        f.kib(
+            "relay_batch_max_bytes",
+            self.relay_batch_max_bytes,
+            16 << 20,
+        );
+        let metrics_addr = f.ok(self.metrics_addr.parse::<SocketAddr>().map_err(|_| {
             ConfigError::new(
                 "metrics_addr",
                 format!("{:?} is not an address", self.metrics_addr),
                 "write ip:port, e.g. 0.0.0.0:9464",
             )
-        })?;
-        let shutdown_timeout = parse_duration("shutdown_timeout", &self.shutdown_timeout, "25s")?;
-        if shutdown_timeout.is_zero() {
-            return Err(ConfigError::new(
-                "shutdown_timeout",
-                "must be more than zero",
-                "set it a few seconds below the pod's terminationGracePeriodSeconds (default 25s)",
-            ));
-        }
-        if self.topic_replication_factor == 0 || self.topic_replication_factor < -1 {
-            return Err(ConfigError::new(
-                "topic_replication_factor",
-                format!(
-                    "{} is not a replication factor",
-                    self.topic_replication_factor
-                ),
-                "use -1 for the broker's default, or 1 or more",
-            ));
-        }
-        let kafka = kafka_properties(env, &self.kafka_property)?;
-        check_kafka_properties(&kafka)?;
-        // Rule spanning two settings: a drain that outlives the group session would be cut
-        // short by the broker evicting us, which turns a clean stop into a rebalance.
-        if let Some(session) = kafka.0.get("session.timeout.ms") {
-            let session_ms: u64 = session.parse().map_err(|_| {
-                ConfigError::new(
-                    "KDEDUP_KAFKA_SESSION_TIMEOUT_MS",
-                    format!("{session:?} is not a number of milliseconds"),
-                    "write milliseconds, e.g. 45000",
-                )
-            })?;
-            if shutdown_timeout >= Duration::from_millis(session_ms) {
-                return Err(ConfigError::new(
-                    "shutdown_timeout",
-                    format!(
-                        "{} is not below session.timeout.ms ({session_ms} ms)",
-                        self.shutdown_timeout
-                    ),
-                    "lower --shutdown-timeout or raise KDEDUP_KAFKA_SESSION_TIMEOUT_MS",
-                ));
-            }
-        }
-
-        // A third of max.poll.interval.ms (see GateSettings::attempt_timeout).
-        let max_poll_ms = kafka.number("max.poll.interval.ms").unwrap_or(300_000);
-        let attempt_timeout = Duration::from_millis(max_poll_ms / 3)
-            .clamp(Duration::from_secs(5), Duration::from_secs(60));
-
-        Ok(RunSettings {
-            kafka: KafkaSettings {
-                brokers,
-                group_id,
-                input_topics,
-                output_topic,
-                dlq_topic,
-                create_topics: self.create_topics,
-                topic_replication_factor: self.topic_replication_factor,
-                properties: kafka,
-            },
-            db,
-            gate: GateSettings {
-                id,
-                scope,
-                ttl,
-                max_message_bytes: (self.max_message_bytes > 0).then_some(self.max_message_bytes),
-                on_payload_mismatch: match self.on_payload_mismatch {
-                    super::PayloadMismatch::Skip => PayloadMismatch::Skip,
-                    super::PayloadMismatch::Dlq => PayloadMismatch::Dlq,
-                },
-                attempt_timeout,
-            },
-            consume: ConsumeSettings {
-                batch_size: self.batch_size,
-                batch_max_bytes: self.batch_max_bytes,
-                batch_linger,
-                gate_lanes: self.gate_lanes,
-                read_ahead_bytes: self.read_ahead_bytes,
-            },
+        }));
+        let shutdown_timeout = self.shutdown_timeout(kafka.as_ref(), &mut f);
+        let prune = match self.prune.pruner {
+            true => f.ok(self.prune.validate()).map(Some),
+            false => Some(None),
+        };
+        f.into_result(|| RunSettings {
+            kafka: kafka.expect("no error"),
+            db: db.expect("no error"),
+            gate: gate.expect("no error"),
+            consume: consume.expect("no error"),
             relay: RelaySettings {
                 enabled: self.relay,
                 batch_size: self.relay_batch_size,
                 batch_max_bytes: self.relay_batch_max_bytes,
             },
-            prune: self
-                .prune
-                .pruner
-                .then(|| self.prune.validate())
-                .transpose()?,
-            metrics_addr,
-            shutdown_timeout,
+            prune: prune.expect("no error"),
+            metrics_addr: metrics_addr.expect("no error"),
+            shutdown_timeout: shutdown_timeout.expect("no error"),
             migrate_on_start: self.migrate_on_start,
         })
+    }
+
+    /// Brokers, group, topics (distinct from each other) and librdkafka properties.
+    fn kafka_settings(&self, env: &dyn Env, f: &mut Findings) -> Option<KafkaSettings> {
+        let brokers = f.ok(required(
+            self.brokers.clone(),
+            "brokers",
+            "kafka-0.kafka:9092",
+        ));
+        let group_id = f.ok(required(self.group_id.clone(), "group_id", "orders-app"));
+        let input_topics: Option<Vec<String>> = f
+            .ok(required(
+                self.input_topics.clone(),
+                "input_topics",
+                "orders",
+            ))
+            .map(|list| {
+                list.split(',')
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty())
+                    .collect()
+            });
+        let input_topics = input_topics.and_then(|topics| {
+            let mut ok = !topics.is_empty();
+            f.rule(topics.is_empty(), || {
+                ConfigError::new(
+                    "input_topics",
+                    "names no topic",
+                    "list one or more topics, comma-separated",
+                )
+            });
+            for t in &topics {
+                ok &= f.ok(validate_topic("input_topics", t)).is_some();
+            }
+            ok.then_some(topics)
+        });
+        let output_topic = f
+            .ok(required(
+                self.output_topic.clone(),
+                "output_topic",
+                "orders.dedup",
+            ))
+            .and_then(|t| f.ok(validate_topic("output_topic", &t)).map(|()| t));
+        let dlq_topic = self
+            .dlq_topic
+            .clone()
+            .filter(|t| !t.trim().is_empty())
+            .or_else(|| Some(format!("{}.dlq", input_topics.as_ref()?[0])))
+            .and_then(|t| f.ok(validate_topic("dlq_topic", &t)).map(|()| t));
+        if let (Some(inputs), Some(output)) = (&input_topics, &output_topic) {
+            f.rule(inputs.contains(output), || {
+                ConfigError::new(
+                    "output_topic",
+                    format!(
+                        "{output:?} is also an input topic; kdedup would consume its own output"
+                    ),
+                    "choose a distinct output topic, e.g. <input>.dedup",
+                )
+            });
+            if let Some(dlq) = &dlq_topic {
+                f.rule(inputs.contains(dlq) || dlq == output, || {
+                    ConfigError::new(
+                        "dlq_topic",
+                        format!("{dlq:?} is also an input or the output topic"),
+                        "choose a distinct dead-letter topic, e.g. <input>.dlq",
+                    )
+                });
+            }
+        }
+        f.rule(
+            self.topic_replication_factor == 0 || self.topic_replication_factor < -1,
+            || {
+                ConfigError::new(
+                    "topic_replication_factor",
+                    format!(
+                        "{} is not a replication factor",
+                        self.topic_replication_factor
+                    ),
+                    "use -1 for the broker's default, or 1 or more",
+                )
+            },
+        );
+        let properties = f
+            .ok(kafka_properties(env, &self.kafka_property))
+            .and_then(|p| f.ok(check_kafka_properties(&p)).map(|()| p));
+        Some(KafkaSettings {
+            brokers: brokers?,
+            group_id: group_id?,
+            input_topics: input_topics?,
+            output_topic: output_topic?,
+            dlq_topic: dlq_topic?,
+            create_topics: self.create_topics,
+            topic_replication_factor: self.topic_replication_factor,
+            properties: properties?,
+        })
+    }
+
+    /// Identity, scope (the group id unless set), TTL and the gate attempt timeout.
+    fn gate_settings(
+        &self,
+        kafka: Option<&KafkaSettings>,
+        f: &mut Findings,
+    ) -> Option<GateSettings> {
+        let id = f.ok(IdSpec::parse(&self.id_from, self.max_id_bytes).map_err(|problem| {
+            ConfigError::new(
+                "id_from",
+                problem,
+                "write a comma-separated list of header:<name>, key, json:<pointer>, cloudevents (e.g. header:event-id,json:/id)",
+            )
+        }));
+        f.rule(self.max_id_bytes == 0 || self.max_id_bytes > 2048, || {
+            ConfigError::new(
+                "max_id_bytes",
+                format!("{} is out of range", self.max_id_bytes),
+                "choose a value between 1 and 2048 (ids are part of a btree key)",
+            )
+        });
+        let scope = match self.scope.clone().filter(|s| !s.trim().is_empty()) {
+            None => kafka.map(|k| ScopeSpec::Literal(k.group_id.clone())),
+            Some(s) => f.ok(ScopeSpec::parse(&s).map_err(|problem| {
+                ConfigError::new(
+                    "scope",
+                    problem,
+                    "write a literal scope (e.g. orders) or header:<name> (e.g. header:tenant-id)",
+                )
+            })),
+        };
+        let ttl = f.ok(parse_duration("ttl", &self.ttl, "7d or 36h"));
+        if let Some(ttl) = ttl {
+            f.rule(ttl > MAX_TTL, || {
+                ConfigError::new(
+                    "ttl",
+                    format!("{} is longer than the 100 years kdedup can store", self.ttl),
+                    "choose at most 100y (the expiry must fit Postgres' timestamps)",
+                )
+            });
+            f.rule(ttl < Duration::from_secs(60), || {
+                ConfigError::new(
+                    "ttl",
+                    format!("{} is too short to deduplicate anything", self.ttl),
+                    "set it longer than the input topic's retention plus the longest expected lag (default 7d)",
+                )
+            });
+        }
+        // A third of max.poll.interval.ms (see GateSettings::attempt_timeout).
+        let max_poll_ms = kafka
+            .and_then(|k| k.properties.number("max.poll.interval.ms"))
+            .unwrap_or(300_000);
+        Some(GateSettings {
+            id: id?,
+            scope: scope?,
+            ttl: ttl?,
+            max_message_bytes: (self.max_message_bytes > 0).then_some(self.max_message_bytes),
+            on_payload_mismatch: match self.on_payload_mismatch {
+                super::PayloadMismatch::Skip => PayloadMismatch::Skip,
+                super::PayloadMismatch::Dlq => PayloadMismatch::Dlq,
+            },
+            attempt_timeout: Duration::from_millis(max_poll_ms / 3)
+                .clamp(Duration::from_secs(5), Duration::from_secs(60)),
+        })
+    }
+
+    /// Batching and lanes; every lane needs a connection of the pool.
+    fn consume_settings(
+        &self,
+        db: Option<&DbSettings>,
+        f: &mut Findings,
+    ) -> Option<ConsumeSettings> {
+        f.within("batch_size", self.batch_size, 1..=50_000, 1000);
+        f.within("gate_lanes", self.gate_lanes, 1..=16, 2);
+        if let Some(db) = db {
+            f.rule(self.gate_lanes as u32 > db.max_connections, || {
+                ConfigError::new(
+                    "gate_lanes",
+                    format!(
+                        "{} lanes need a connection each, but the pool holds {}",
+                        self.gate_lanes, db.max_connections
+                    ),
+                    "raise --db-max-connections (KDEDUP_DB_MAX_CONNECTIONS) or lower --gate-lanes",
+                )
+            });
+        }
+        f.kib("read_ahead_bytes", self.read_ahead_bytes, 8 << 20);
+        let batch_linger = f.ok(parse_duration("batch_linger", &self.batch_linger, "20ms"));
+        if let Some(linger) = batch_linger {
+            f.rule(linger > Duration::from_secs(10), || {
+                ConfigError::new(
+                    "batch_linger",
+                    format!("{} would hold events for too long", self.batch_linger),
+                    "choose at most 10s (default 20ms)",
+                )
+            });
+        }
+        f.kib("batch_max_bytes", self.batch_max_bytes, 16 << 20);
+        Some(ConsumeSettings {
+            batch_size: self.batch_size,
+            batch_max_bytes: self.batch_max_bytes,
+            batch_linger: batch_linger?,
+            gate_lanes: self.gate_lanes,
+            read_ahead_bytes: self.read_ahead_bytes,
+        })
+    }
+
+    /// The drain deadline, which must end before the group session does: a drain that
+    /// outlives the session would be cut short by the broker evicting the consumer, which
+    /// turns a clean stop into a rebalance.
+    fn shutdown_timeout(
+        &self,
+        kafka: Option<&KafkaSettings>,
+        f: &mut Findings,
+    ) -> Option<Duration> {
+        let timeout = f.ok(parse_duration(
+            "shutdown_timeout",
+            &self.shutdown_timeout,
+            "25s",
+        ))?;
+        f.rule(timeout.is_zero(), || {
+            ConfigError::new(
+                "shutdown_timeout",
+                "must be more than zero",
+                "set it a few seconds below the pod's terminationGracePeriodSeconds (default 25s)",
+            )
+        });
+        let session = kafka.and_then(|k| k.properties.0.get("session.timeout.ms"));
+        if let Some(session) = session {
+            match session.parse::<u64>() {
+                Err(_) => f.0.push(ConfigError::new(
+                    "KDEDUP_KAFKA_SESSION_TIMEOUT_MS",
+                    format!("{session:?} is not a number of milliseconds"),
+                    "write milliseconds, e.g. 45000",
+                )),
+                Ok(session_ms) => f.rule(timeout >= Duration::from_millis(session_ms), || {
+                    ConfigError::new(
+                        "shutdown_timeout",
+                        format!(
+                            "{} is not below session.timeout.ms ({session_ms} ms)",
+                            self.shutdown_timeout
+                        ),
+                        "lower --shutdown-timeout or raise KDEDUP_KAFKA_SESSION_TIMEOUT_MS",
+                    )
+                }),
+            }
+        }
+        Some(timeout)
     }
 }
 
@@ -1008,5 +1107,26 @@ mod tests {
             let err = demo_schema(real).unwrap_err().to_string();
             assert!(err.contains("kdedup_demo"), "{err}");
         }
+    }
+
+    #[test]
+    fn every_bad_setting_is_reported_at_once() {
+        let e = args(&["--ttl", "soon", "--batch-size", "0", "--metrics-addr", "nowhere"])
+            .validate(&env(&[("KDEDUP_KAFKA_GROUP_ID", "x")]))
+            .unwrap_err();
+        let settings: Vec<&str> = std::iter::once(&e)
+            .chain(&e.more)
+            .map(|e| e.setting.as_str())
+            .collect();
+        assert_eq!(
+            settings,
+            [
+                "KDEDUP_KAFKA_GROUP_ID",
+                "--ttl / KDEDUP_TTL",
+                "--batch-size / KDEDUP_BATCH_SIZE",
+                "--metrics-addr / KDEDUP_METRICS_ADDR"
+            ]
+        );
+        assert_eq!(e.to_string().lines().count(), 4, "one line per setting: {e}");
     }
 }

@@ -23,7 +23,7 @@ use tracing::{debug, error, warn};
 
 use super::hold::Keepalive;
 use crate::kafka::dlq;
-use crate::metrics::Metrics;
+use crate::metrics::{Cause, Metrics};
 use crate::model::headers;
 use crate::model::identity::Rejection;
 use crate::model::{InputMessage, Position};
@@ -56,13 +56,13 @@ pub enum Origin {
 }
 
 impl Origin {
-    /// The `cause` label of a duplicate; `same_position`: seen before at this very
+    /// Why a duplicate came; `same_position`: seen before at this very
     /// topic/partition/offset (Kafka redelivered it).
-    fn cause(self, same_position: bool) -> &'static str {
+    fn cause(self, same_position: bool) -> Cause {
         match (self, same_position) {
-            (Origin::Replay, _) => "replay",
-            (Origin::Live, true) => "redelivery",
-            (Origin::Live, false) => "upstream",
+            (Origin::Replay, _) => Cause::Replay,
+            (Origin::Live, true) => Cause::Redelivery,
+            (Origin::Live, false) => Cause::Upstream,
         }
     }
 }
@@ -206,7 +206,7 @@ impl Gate {
                 Pushed::Duplicate(row) => {
                     // `push` kept the first copy; this one is only counted and logged.
                     summary.duplicates += 1;
-                    let cause = self.origin.cause(false);
+                    let cause = self.origin.cause(false).label();
                     debug!(
                         event_id = row.event_id,
                         scope = row.scope,
@@ -290,7 +290,7 @@ impl Gate {
                 GateOutcome::Duplicate { first } => {
                     summary.duplicates += 1;
                     let same_position = first.as_ref().is_some_and(|f| *f == row.position());
-                    let cause = self.origin.cause(same_position);
+                    let cause = self.origin.cause(same_position).label();
                     self.metrics.duplicates.with_label_values(&[cause]).inc();
                     debug!(
                         event_id = row.event_id,
