@@ -88,10 +88,52 @@ where
     ));
     let running = rx.await.context("the pipeline did not start")?;
 
-    // Wait until everything is consumed, settled and acknowledged on the output topic.
+    let expected_dups = (sent.messages - sent.distinct - sent.without_id) as u64;
+    let elapsed = match wait_until_settled(&metrics, &sent, &app).await {
+        Ok(elapsed) => elapsed,
+        Err(_) if app.is_finished() => bail!("the pipeline stopped early: {:?}", app.await),
+        Err(e) => {
+            stop.cancel();
+            return Err(e);
+        }
+    };
+
+    let expect = metrics.events_forwarded.get() as usize;
+    let verified = tokio::task::block_in_place(|| read_output(&brokers, expect))?;
+    let ok = report(&metrics, &sent, &verified, elapsed, expected_dups);
+    println!();
+    if args.hold {
+        println!(
+            "  metrics: http://{}/metrics  (Ctrl-C to stop)",
+            running.admin_addr
+        );
+        let _ = tokio::signal::ctrl_c().await;
+    } else {
+        println!(
+            "  metrics were served at http://{}/metrics during the run (add --hold to keep them up)",
+            running.admin_addr
+        );
+    }
+    stop.cancel();
+    app.await??;
+    // Clients first, then the cluster they talk to.
+    drop(producer);
+    drop(cluster);
+    if !ok {
+        bail!("output verification failed");
+    }
+    Ok(())
+}
+
+/// Waits until everything is consumed, settled and acknowledged on the output topic;
+/// returns the time from the first consume.
+async fn wait_until_settled(
+    metrics: &Metrics,
+    sent: &Sent,
+    app: &tokio::task::JoinHandle<anyhow::Result<()>>,
+) -> anyhow::Result<Duration> {
     let deadline = Instant::now() + Duration::from_secs(180);
     let mut first_consumed: Option<Instant> = None;
-    let expected_dups = (sent.messages - sent.distinct - sent.without_id) as u64;
     loop {
         let consumed = metrics.consumed_total();
         if consumed > 0 && first_consumed.is_none() {
@@ -106,7 +148,6 @@ where
             break;
         }
         if Instant::now() > deadline {
-            stop.cancel();
             bail!(
                 "timed out: consumed {consumed}/{}, forwarded {}",
                 sent.messages,
@@ -114,14 +155,21 @@ where
             );
         }
         if app.is_finished() {
-            bail!("the pipeline stopped early: {:?}", app.await);
+            bail!("the pipeline stopped early");
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let elapsed = first_consumed.map_or(Duration::ZERO, |t| t.elapsed());
+    Ok(first_consumed.map_or(Duration::ZERO, |t| t.elapsed()))
+}
 
-    let expect = metrics.events_forwarded.get() as usize;
-    let verified = tokio::task::block_in_place(|| read_output(&brokers, expect))?;
+/// Prints the counts; true when the output holds every distinct id once, in order.
+fn report(
+    metrics: &Metrics,
+    sent: &Sent,
+    verified: &Verified,
+    elapsed: Duration,
+    expected_dups: u64,
+) -> bool {
     let duplicates = metrics.duplicates_total();
     let forwarded = metrics.events_forwarded.get();
     let rate = sent.messages as f64 / elapsed.as_secs_f64().max(1e-6);
@@ -169,28 +217,7 @@ where
     } else {
         println!("  NOT VERIFIED: the output does not match the input (see the counts above).");
     }
-    println!();
-    if args.hold {
-        println!(
-            "  metrics: http://{}/metrics  (Ctrl-C to stop)",
-            running.admin_addr
-        );
-        let _ = tokio::signal::ctrl_c().await;
-    } else {
-        println!(
-            "  metrics were served at http://{}/metrics during the run (add --hold to keep them up)",
-            running.admin_addr
-        );
-    }
-    stop.cancel();
-    app.await??;
-    // Clients first, then the cluster they talk to.
-    drop(producer);
-    drop(cluster);
-    if !ok {
-        bail!("output verification failed");
-    }
-    Ok(())
+    ok
 }
 
 async fn free_or_ephemeral(addr: &str) -> String {

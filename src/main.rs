@@ -5,7 +5,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kdedup::cli::env::ProcessEnv;
-use kdedup::cli::{Cli, Command, ConfigError, EX_CONFIG, EX_USAGE};
+use kdedup::cli::{
+    Cli, Command, ConfigError, DbArgs, DemoArgs, PruneArgs, ReplayArgs, RunArgs, EX_CONFIG,
+    EX_USAGE,
+};
 use kdedup::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -28,105 +31,9 @@ fn main() -> ExitCode {
 
 async fn async_main(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Run(args) => {
-            let cfg = match args.validate(&ProcessEnv) {
-                Ok(cfg) => cfg,
-                Err(e) => return usage_error(e),
-            };
-            kdedup::telemetry::init();
-            info!(config = ?cfg, version = env!("CARGO_PKG_VERSION"), "starting kdedup");
-            let shutdown_timeout = cfg.shutdown_timeout;
-            let stop = CancellationToken::new();
-            let mut app = tokio::spawn(kdedup::app::run(cfg, stop.clone(), Metrics::new(), None));
-            let result = tokio::select! {
-                r = &mut app => r,
-                signal = shutdown_signal() => {
-                    info!(signal, deadline_s = shutdown_timeout.as_secs_f64(), "stopping: draining");
-                    stop.cancel();
-                    match tokio::time::timeout(shutdown_timeout, &mut app).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            warn!("drain deadline reached; exiting with work left (it will be redelivered and absorbed by the gate)");
-                            return ExitCode::SUCCESS;
-                        }
-                    }
-                }
-            };
-            match result {
-                Ok(Ok(())) => {
-                    info!("stopped cleanly");
-                    ExitCode::SUCCESS
-                }
-                Ok(Err(e)) => {
-                    error!(error = format!("{e:#}"), "kdedup failed");
-                    failure_code(&e)
-                }
-                Err(join) => {
-                    error!(error = %join, "kdedup crashed");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Migrate(args) => {
-            let db = match args.validate(&ProcessEnv) {
-                Ok(db) => db,
-                Err(e) => return usage_error(e),
-            };
-            kdedup::telemetry::init();
-            let result = async {
-                connect_once(&db).await?;
-                let pool = kdedup::store::pool(&db)?;
-                kdedup::store::migrate(&pool, &db.schema).await?;
-                anyhow::Ok(())
-            }
-            .await;
-            match result {
-                Ok(()) => {
-                    info!(schema = db.schema, "migrations applied");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    error!(error = format!("{e:#}"), "migration failed");
-                    failure_code(&e)
-                }
-            }
-        }
-        Command::Prune(args) => {
-            let (db, settings) = match args
-                .db
-                .validate(&ProcessEnv)
-                .and_then(|db| Ok((db, args.prune.validate()?)))
-            {
-                Ok(x) => x,
-                Err(e) => return usage_error(e),
-            };
-            kdedup::telemetry::init();
-            let result = async {
-                connect_once(&db).await?;
-                let mut conn = kdedup::store::dedicated_connection(&db).await?;
-                let metrics = Metrics::new();
-                let n = kdedup::pruner::prune_round(
-                    &mut conn,
-                    chrono::Utc::now(),
-                    &settings,
-                    &metrics,
-                    &CancellationToken::new(),
-                )
-                .await?;
-                anyhow::Ok(n)
-            }
-            .await;
-            match result {
-                Ok(n) => {
-                    info!(rows = n, schema = db.schema, "pruned expired rows");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    error!(error = format!("{e:#}"), "prune failed");
-                    failure_code(&e)
-                }
-            }
-        }
+        Command::Run(args) => run(*args).await,
+        Command::Migrate(args) => migrate(args).await,
+        Command::Prune(args) => prune(args).await,
         Command::Inspect(args) => match args.validate(&ProcessEnv) {
             Ok(inspect) => kdedup::ops::inspect_command(&inspect).await,
             Err(e) => usage_error(e),
@@ -135,41 +42,148 @@ async fn async_main(cli: Cli) -> ExitCode {
             Ok(db) => kdedup::ops::stats_command(&db, args.json).await,
             Err(e) => usage_error(e),
         },
-        Command::Replay(args) => {
-            kdedup::telemetry::init();
-            let replay = match args.validate(&ProcessEnv) {
-                Ok(replay) => replay,
-                Err(e) => return usage_error(e),
-            };
-            match kdedup::replay::run(replay).await {
-                Ok(_) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("kdedup replay: {e:#}");
-                    failure_code(&e)
+        Command::Replay(args) => replay(*args).await,
+        Command::Demo(args) => demo(args).await,
+    }
+}
+
+/// `kdedup run`: the sidecar, until a signal; then a drain within `--shutdown-timeout`.
+async fn run(args: RunArgs) -> ExitCode {
+    let cfg = match args.validate(&ProcessEnv) {
+        Ok(cfg) => cfg,
+        Err(e) => return usage_error(e),
+    };
+    kdedup::telemetry::init();
+    info!(config = ?cfg, version = env!("CARGO_PKG_VERSION"), "starting kdedup");
+    let shutdown_timeout = cfg.shutdown_timeout;
+    let stop = CancellationToken::new();
+    let mut app = tokio::spawn(kdedup::app::run(cfg, stop.clone(), Metrics::new(), None));
+    let result = tokio::select! {
+        r = &mut app => r,
+        signal = shutdown_signal() => {
+            info!(signal, deadline_s = shutdown_timeout.as_secs_f64(), "stopping: draining");
+            stop.cancel();
+            match tokio::time::timeout(shutdown_timeout, &mut app).await {
+                Ok(r) => r,
+                Err(_) => {
+                    warn!("drain deadline reached; exiting with work left (it will be redelivered and absorbed by the gate)");
+                    return ExitCode::SUCCESS;
                 }
             }
         }
-        Command::Demo(args) => {
-            kdedup::telemetry::init_for_demo();
-            let demo = match args.validate(&ProcessEnv) {
-                Ok(demo) => demo,
-                Err(e) => return usage_error(e),
-            };
-            let run_settings = |brokers: &str, metrics_addr: &str, topics: (&str, &str)| {
-                Ok(kdedup::cli::validate::demo_run_settings(
-                    &demo,
-                    brokers,
-                    metrics_addr,
-                    topics,
-                )?)
-            };
-            match kdedup::demo::run(demo.clone(), run_settings).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("demo failed: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+    };
+    match result {
+        Ok(Ok(())) => {
+            info!("stopped cleanly");
+            ExitCode::SUCCESS
+        }
+        Ok(Err(e)) => {
+            error!(error = format!("{e:#}"), "kdedup failed");
+            failure_code(&e)
+        }
+        Err(join) => {
+            error!(error = %join, "kdedup crashed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn migrate(args: DbArgs) -> ExitCode {
+    let db = match args.validate(&ProcessEnv) {
+        Ok(db) => db,
+        Err(e) => return usage_error(e),
+    };
+    kdedup::telemetry::init();
+    let result = async {
+        connect_once(&db).await?;
+        let pool = kdedup::store::pool(&db)?;
+        kdedup::store::migrate(&pool, &db.schema).await?;
+        anyhow::Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => {
+            info!(schema = db.schema, "migrations applied");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            error!(error = format!("{e:#}"), "migration failed");
+            failure_code(&e)
+        }
+    }
+}
+
+async fn prune(args: PruneArgs) -> ExitCode {
+    let (db, settings) = match args
+        .db
+        .validate(&ProcessEnv)
+        .and_then(|db| Ok((db, args.prune.validate()?)))
+    {
+        Ok(x) => x,
+        Err(e) => return usage_error(e),
+    };
+    kdedup::telemetry::init();
+    let result = async {
+        connect_once(&db).await?;
+        let mut conn = kdedup::store::dedicated_connection(&db).await?;
+        let metrics = Metrics::new();
+        let n = kdedup::pruner::prune_round(
+            &mut conn,
+            chrono::Utc::now(),
+            &settings,
+            &metrics,
+            &CancellationToken::new(),
+        )
+        .await?;
+        anyhow::Ok(n)
+    }
+    .await;
+    match result {
+        Ok(n) => {
+            info!(rows = n, schema = db.schema, "pruned expired rows");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            error!(error = format!("{e:#}"), "prune failed");
+            failure_code(&e)
+        }
+    }
+}
+
+async fn replay(args: ReplayArgs) -> ExitCode {
+    kdedup::telemetry::init();
+    let replay = match args.validate(&ProcessEnv) {
+        Ok(replay) => replay,
+        Err(e) => return usage_error(e),
+    };
+    match kdedup::replay::run(replay).await {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kdedup replay: {e:#}");
+            failure_code(&e)
+        }
+    }
+}
+
+async fn demo(args: DemoArgs) -> ExitCode {
+    kdedup::telemetry::init_for_demo();
+    let demo = match args.validate(&ProcessEnv) {
+        Ok(demo) => demo,
+        Err(e) => return usage_error(e),
+    };
+    let run_settings = |brokers: &str, metrics_addr: &str, topics: (&str, &str)| {
+        Ok(kdedup::cli::validate::demo_run_settings(
+            &demo,
+            brokers,
+            metrics_addr,
+            topics,
+        )?)
+    };
+    match kdedup::demo::run(demo.clone(), run_settings).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("demo failed: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -28,7 +28,7 @@ use crate::retry::Backoff;
 use crate::settings::RunSettings;
 use crate::sink::kafka::relay::Relay;
 use crate::sink::kafka::KafkaSink;
-use crate::store::{self, gate::GateStatement};
+use crate::store;
 use health::{health_checks, Fatal};
 
 /// Handles a caller needs while the sidecar runs (tests read metrics through them).
@@ -69,40 +69,11 @@ pub async fn run(
         });
     }
 
-    // One connection first: settings the server refuses (TLS, login, database) end the
-    // start here with the fix named; an unreachable server is waited for.
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-    loop {
-        match store::check_connection(&cfg.db).await? {
-            Ok(security) => {
-                security.log(&cfg.db);
-                break;
-            }
-            Err(e) => {
-                let delay = backoff.next_delay();
-                warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
-                      database_url = %cfg.db.url,
-                      "connecting to Postgres failed; retrying");
-                tokio::select! {
-                    _ = stop.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-        }
-    }
-    let pool = store::pool(&cfg.db)?;
-    if cfg.migrate_on_start {
-        if !retry_until(&stop, "applying migrations", || {
-            store::migrate(&pool, &cfg.db.schema)
-        })
-        .await
-        {
-            return Ok(());
-        }
-        info!(schema = cfg.db.schema, "migrations applied");
-    }
+    let Some(pool) = connect_postgres(&cfg, &stop).await? else {
+        return Ok(());
+    };
+    // Ready as far as Postgres goes; the health loop keeps this and the gauge current.
     health.postgres_up.store(true, Ordering::Release);
-    metrics.postgres_up.set(1);
 
     let producer = kafka::producer(&cfg.kafka.brokers, &cfg.kafka.properties)?;
     if cfg.kafka.create_topics {
@@ -155,34 +126,28 @@ pub async fn run(
 
     let relay_stop = CancellationToken::new();
     let relay = cfg.relay.enabled.then(|| {
-        tokio::spawn(
-            Relay {
-                settings: cfg.relay.clone(),
-                db: cfg.db.clone(),
-                brokers: cfg.kafka.brokers.clone(),
-                output_topic: cfg.kafka.output_topic.clone(),
-                dlq_topic: cfg.kafka.dlq_topic.clone(),
-                producer: producer.clone(),
-                metrics: metrics.clone(),
-                wakeup: relay_wakeup.clone(),
-            }
-            .run(relay_stop.clone()),
-        )
+        let relay = Relay::new(
+            &cfg,
+            producer.clone(),
+            metrics.clone(),
+            relay_wakeup.clone(),
+        );
+        tokio::spawn(relay.run(relay_stop.clone()))
     });
 
     let sink = Arc::new(KafkaSink { relay_wakeup });
     let pipeline = Pipeline {
         gate: Gate {
-            settings: Arc::new(cfg.gate.clone()),
-            dlq_topic: cfg.kafka.dlq_topic.clone(),
-            pool: pool.clone(),
-            dlq: producer.clone(),
-            metrics: metrics.clone(),
-            statement: Arc::new(GateStatement::new(crate::sink::Sink::gate_write(&*sink))),
-            sink,
-            origin: Origin::Live,
             keepalive: Some(Arc::new(Keepalive::new(consumer.clone()))),
-            max_message_bytes,
+            ..Gate::new(
+                &cfg,
+                pool.clone(),
+                producer.clone(),
+                metrics.clone(),
+                sink,
+                Origin::Live,
+                max_message_bytes,
+            )
         },
         settings: cfg.consume.clone(),
         input_topics: cfg.kafka.input_topics.clone(),
@@ -214,6 +179,47 @@ pub async fn run(
         );
     }
     result
+}
+
+/// Connects to Postgres and applies the migrations (when `--migrate-on-start`). `None`
+/// when `stop` fired first.
+async fn connect_postgres(
+    cfg: &RunSettings,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<sqlx::PgPool>> {
+    // One connection first: settings the server refuses (TLS, login, database) end the
+    // start here with the fix named; an unreachable server is waited for.
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        match store::check_connection(&cfg.db).await? {
+            Ok(security) => {
+                security.log(&cfg.db);
+                break;
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
+                      database_url = %cfg.db.url,
+                      "connecting to Postgres failed; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+    let pool = store::pool(&cfg.db)?;
+    if cfg.migrate_on_start {
+        if !retry_until(stop, "applying migrations", || {
+            store::migrate(&pool, &cfg.db.schema)
+        })
+        .await
+        {
+            return Ok(None);
+        }
+        info!(schema = cfg.db.schema, "migrations applied");
+    }
+    Ok(Some(pool))
 }
 
 /// Retries `op` with backoff until it succeeds (true) or `stop` fires (false).

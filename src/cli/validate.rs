@@ -1111,9 +1111,16 @@ mod tests {
 
     #[test]
     fn every_bad_setting_is_reported_at_once() {
-        let e = args(&["--ttl", "soon", "--batch-size", "0", "--metrics-addr", "nowhere"])
-            .validate(&env(&[("KDEDUP_KAFKA_GROUP_ID", "x")]))
-            .unwrap_err();
+        let e = args(&[
+            "--ttl",
+            "soon",
+            "--batch-size",
+            "0",
+            "--metrics-addr",
+            "nowhere",
+        ])
+        .validate(&env(&[("KDEDUP_KAFKA_GROUP_ID", "x")]))
+        .unwrap_err();
         let settings: Vec<&str> = std::iter::once(&e)
             .chain(&e.more)
             .map(|e| e.setting.as_str())
@@ -1127,6 +1134,10 @@ mod tests {
                 "--metrics-addr / KDEDUP_METRICS_ADDR"
             ]
         );
-        assert_eq!(e.to_string().lines().count(), 4, "one line per setting: {e}");
+        assert_eq!(
+            e.to_string().lines().count(),
+            4,
+            "one line per setting: {e}"
+        );
     }
 }

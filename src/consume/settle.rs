@@ -28,7 +28,7 @@ use crate::model::headers;
 use crate::model::identity::Rejection;
 use crate::model::{InputMessage, Position};
 use crate::retry::Backoff;
-use crate::settings::{GateSettings, PayloadMismatch};
+use crate::settings::{GateSettings, PayloadMismatch, RunSettings};
 use crate::sink::Sink;
 use crate::store::gate::{self, GateBatch, GateOutcome, GateRow, GateStatement, Pushed};
 use crate::store::DbError;
@@ -102,6 +102,31 @@ fn payload_hash(value: Option<&[u8]>) -> Vec<u8> {
 }
 
 impl Gate {
+    /// The gate of `cfg`'s sidecar (or replay), forwarding through `sink`, with no
+    /// keep-alive (set `keepalive` for the reader of a group member).
+    pub fn new(
+        cfg: &RunSettings,
+        pool: PgPool,
+        dlq: FutureProducer,
+        metrics: Metrics,
+        sink: Arc<dyn Sink>,
+        origin: Origin,
+        max_message_bytes: Option<usize>,
+    ) -> Self {
+        Gate {
+            settings: Arc::new(cfg.gate.clone()),
+            dlq_topic: cfg.kafka.dlq_topic.clone(),
+            pool,
+            dlq,
+            metrics,
+            statement: Arc::new(GateStatement::new(sink.gate_write())),
+            sink,
+            origin,
+            keepalive: None,
+            max_message_bytes,
+        }
+    }
+
     /// Settles every message of `batch` durably (see the module contract), retrying on
     /// failure until it succeeds or `stop` fires.
     pub async fn settle(

@@ -36,7 +36,6 @@ use crate::model::{header, is_valid_topic_name, InputMessage};
 use crate::settings::{ConsumeSettings, ReplaySettings, RunSettings};
 use crate::sink::kafka::relay::Relay;
 use crate::sink::kafka::KafkaSink;
-use crate::store::gate::GateStatement;
 use crate::store::{self as db, outbox};
 
 /// How many stripped DLQ records the summary lists by source position (all are logged).
@@ -689,18 +688,16 @@ async fn replay(
     let sink = Arc::new(KafkaSink {
         relay_wakeup: wakeup.clone(),
     });
-    let gate = Gate {
-        settings: Arc::new(cfg.gate.clone()),
-        dlq_topic: cfg.kafka.dlq_topic.clone(),
-        pool: pool.clone(),
-        dlq: producer.clone(),
-        metrics: metrics.clone(),
-        statement: Arc::new(GateStatement::new(crate::sink::Sink::gate_write(&*sink))),
+    let max_message_bytes = crate::app::checks::input_size_limit(&cfg).await;
+    let gate = Gate::new(
+        &cfg,
+        pool.clone(),
+        producer.clone(),
+        metrics.clone(),
         sink,
-        origin: Origin::Replay,
-        keepalive: None,
-        max_message_bytes: crate::app::checks::input_size_limit(&cfg).await,
-    };
+        Origin::Replay,
+        max_message_bytes,
+    );
     let mut ended_short = Vec::new();
     if !args.force {
         let oldest_allowed = chrono::Utc::now()
@@ -742,17 +739,8 @@ async fn replay(
     let relay_stop = CancellationToken::new();
     let relay = (!args.dry_run).then(|| {
         tokio::spawn(
-            Relay {
-                settings: cfg.relay.clone(),
-                db: cfg.db.clone(),
-                brokers: cfg.kafka.brokers.clone(),
-                output_topic: cfg.kafka.output_topic.clone(),
-                dlq_topic: cfg.kafka.dlq_topic.clone(),
-                producer: producer.clone(),
-                metrics: metrics.clone(),
-                wakeup: wakeup.clone(),
-            }
-            .run(relay_stop.clone()),
+            Relay::new(&cfg, producer.clone(), metrics.clone(), wakeup.clone())
+                .run(relay_stop.clone()),
         )
     });
 
@@ -773,25 +761,7 @@ async fn replay(
             break;
         }
         summary.read += raw.len();
-        let mut batch = Vec::with_capacity(raw.len());
-        for m in raw {
-            if let Some(source) = stripped_source(&m) {
-                tracing::warn!(
-                    dlq_topic = m.topic,
-                    dlq_partition = m.partition,
-                    dlq_offset = m.offset,
-                    source_position = source,
-                    "skipped: stripped in the DLQ (its value and headers were dropped when the DLQ topic refused it); \
-                     re-read it from its source position {source}"
-                );
-                summary.stripped += 1;
-                if summary.stripped_sources.len() < STRIPPED_LISTED {
-                    summary.stripped_sources.push(source);
-                }
-                continue;
-            }
-            batch.push(restore_original(m));
-        }
+        let batch = replayable(raw, &mut summary);
         if batch.is_empty() {
             progress.show(summary.read, false);
             continue;
@@ -820,23 +790,53 @@ async fn replay(
     if let Some(relay) = relay {
         // The outbox rows are published by whichever relay holds the lock: this one, or a
         // running sidecar's.
-        let deadline = Instant::now() + publish_timeout;
-        loop {
-            let backlog = outbox::backlog(&pool).await.unwrap_or(i64::MAX);
-            if backlog == 0 {
-                break;
-            }
-            if Instant::now() > deadline {
-                eprintln!("{backlog} outbox rows are not published yet; a running kdedup relay will publish them");
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_for_outbox(&pool, publish_timeout).await;
         relay_stop.cancel();
         let _ = relay.await;
     }
     pool.close().await;
     Ok(summary)
+}
+
+/// The DLQ records of `raw` that can be replayed, moved back to their source positions;
+/// stripped records (no value, no headers) are skipped, logged and counted.
+fn replayable(raw: Vec<InputMessage>, summary: &mut ReplaySummary) -> Vec<InputMessage> {
+    let mut batch = Vec::with_capacity(raw.len());
+    for m in raw {
+        if let Some(source) = stripped_source(&m) {
+            tracing::warn!(
+                dlq_topic = m.topic,
+                dlq_partition = m.partition,
+                dlq_offset = m.offset,
+                source_position = source,
+                "skipped: stripped in the DLQ (its value and headers were dropped when the DLQ topic refused it); \
+                 re-read it from its source position {source}"
+            );
+            summary.stripped += 1;
+            if summary.stripped_sources.len() < STRIPPED_LISTED {
+                summary.stripped_sources.push(source);
+            }
+            continue;
+        }
+        batch.push(restore_original(m));
+    }
+    batch
+}
+
+/// Waits until the outbox is empty, at most `timeout`.
+async fn wait_for_outbox(pool: &sqlx::PgPool, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let backlog = outbox::backlog(pool).await.unwrap_or(i64::MAX);
+        if backlog == 0 {
+            return;
+        }
+        if Instant::now() > deadline {
+            eprintln!("{backlog} outbox rows are not published yet; a running kdedup relay will publish them");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn print_summary(topic: &str, dry_run: bool, summary: &ReplaySummary) {

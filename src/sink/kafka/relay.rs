@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
 use sqlx::PgConnection;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -30,7 +29,7 @@ use crate::model::headers;
 use crate::model::identity::Rejection;
 use crate::model::{header, InputMessage, Position};
 use crate::retry::Backoff;
-use crate::settings::{DbSettings, RelaySettings};
+use crate::settings::{DbSettings, RelaySettings, RunSettings};
 use crate::store::lock::{sleep_or_stop, SingletonLock};
 use crate::store::outbox::{self, OutboxRow};
 
@@ -68,6 +67,25 @@ enum Exit {
 }
 
 impl Relay {
+    /// The relay of `cfg`'s sidecar (or replay), publishing through `producer`.
+    pub fn new(
+        cfg: &RunSettings,
+        producer: FutureProducer,
+        metrics: Metrics,
+        wakeup: Arc<Notify>,
+    ) -> Self {
+        Relay {
+            settings: cfg.relay.clone(),
+            db: cfg.db.clone(),
+            brokers: cfg.kafka.brokers.clone(),
+            output_topic: cfg.kafka.output_topic.clone(),
+            dlq_topic: cfg.kafka.dlq_topic.clone(),
+            producer,
+            metrics,
+            wakeup,
+        }
+    }
+
     /// Runs until `stop` fires; then publishes what is left in the outbox and returns.
     pub async fn run(self, stop: CancellationToken) {
         let lock = SingletonLock {
@@ -316,8 +334,8 @@ impl Relay {
                         if e.rdkafka_error_code()
                             == Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
                         {
-                            self.producer
-                                .poll(Timeout::After(Duration::from_millis(10)));
+                            // The producer's own thread serves delivery reports, which
+                            // make room; waiting here never blocks the runtime.
                             tokio::time::sleep(Duration::from_millis(5)).await;
                         } else {
                             row_event!(Level::ERROR, row, error = %e,
