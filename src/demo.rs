@@ -44,8 +44,7 @@ where
 
     // A fresh schema, so every demo run starts from an empty gate.
     let pool = crate::store::pool(&db)?;
-    sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-        .execute(&pool)
+    crate::store::drop_schema(&pool, &schema)
         .await
         .with_context(|| {
             format!("cannot reach Postgres at {url} (start it, or set DATABASE_URL)")

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use rdkafka::producer::FutureProducer;
 use sqlx::PgPool;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -30,12 +31,18 @@ pub(super) async fn health_checks(
     metrics: Metrics,
     stop: CancellationToken,
     fatal: Fatal,
+    tables_changed: Arc<Notify>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
+            // The relay emptied the outbox: refresh the table gauges now, not in 2 s.
+            _ = tables_changed.notified() => {
+                refresh_table_gauges(&pool, &metrics).await;
+                continue;
+            }
         }
         let pg = tokio::time::timeout(Duration::from_secs(3), store::ping(&pool))
             .await
@@ -49,12 +56,7 @@ pub(super) async fn health_checks(
         }
         metrics.postgres_up.set(pg as i64);
         if pg {
-            if let Ok(t) = stats::table_stats(&pool).await {
-                metrics.processed_events_rows.set(t.processed_events_rows);
-                metrics.outbox_backlog.set(t.outbox_backlog);
-                metrics.outbox_oldest_age.set(t.outbox_oldest_age_s);
-                metrics.oldest_row_age.set(t.oldest_row_age_s);
-            }
+            refresh_table_gauges(&pool, &metrics).await;
         }
 
         let (p, t) = (producer.clone(), probe_topic.clone());
@@ -87,5 +89,16 @@ pub(super) async fn health_checks(
             fatal.stop.cancel();
             return;
         }
+    }
+}
+
+/// The one writer of the table gauges (on every replica, so a standby relay or pruner
+/// still reports them). A refresh that fails (a slow database) is skipped.
+async fn refresh_table_gauges(pool: &PgPool, metrics: &Metrics) {
+    if let Ok(t) = stats::table_stats(pool).await {
+        metrics.processed_events_rows.set(t.processed_events_rows);
+        metrics.outbox_backlog.set(t.outbox_backlog);
+        metrics.outbox_oldest_age.set(t.outbox_oldest_age_s);
+        metrics.oldest_row_age.set(t.oldest_row_age_s);
     }
 }

@@ -102,6 +102,7 @@ pub async fn run(
     let consume_stop = stop.child_token();
     let fatal: Arc<std::sync::Mutex<Option<String>>> = Default::default();
     let checks_stop = CancellationToken::new();
+    let outbox_emptied = Arc::new(Notify::new());
     let checks = tokio::spawn(health_checks(
         pool.clone(),
         producer.clone(),
@@ -113,6 +114,7 @@ pub async fn run(
             reason: fatal.clone(),
             stop: consume_stop.clone(),
         },
+        outbox_emptied.clone(),
     ));
 
     let pruner = cfg.prune.clone().map(|settings| {

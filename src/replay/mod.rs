@@ -746,8 +746,7 @@ async fn replay(
 
     // A dry run against a schema no sidecar has migrated yet: nothing is recorded.
     let gate_table_exists = !args.dry_run
-        || sqlx::query_scalar::<_, bool>("SELECT to_regclass('processed_events') IS NOT NULL")
-            .fetch_one(&pool)
+        || db::gate_table_exists(&pool)
             .await
             .context("cannot reach Postgres")?;
     let mut reader = Reader::start(&consumer, &range, idle_timeout)?;

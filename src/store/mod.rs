@@ -3,10 +3,11 @@
 //! All kdedup tables live in one schema (`--db-schema`), reached through the connection's
 //! `search_path`, so the SQL never names the schema and the application's tables are never
 //! touched. Statements live in the submodule of the table they serve: [`gate`] (the gate
-//! statement), [`outbox`] (the Kafka sink's outbox), [`prune`], [`stats`] (gauges and
-//! `kdedup inspect` / `kdedup stats`), and [`lock`] (one active relay or pruner per schema).
+//! statement), [`outbox`] (the Kafka sink's outbox), [`prune`], [`stats`] (gauges),
+//! [`inspect`] (`kdedup inspect` / `kdedup stats`), and [`lock`] (one active relay or pruner per schema).
 
 pub mod gate;
+pub mod inspect;
 pub mod lock;
 pub mod outbox;
 pub mod prune;
@@ -251,6 +252,24 @@ pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), DbError> {
         .await?;
     tx.commit().await?;
     MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// Whether kdedup's tables exist in the schema (a dry-run replay against a schema no
+/// sidecar has migrated yet finds none).
+pub async fn gate_table_exists(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT to_regclass('processed_events') IS NOT NULL")
+        .fetch_one(pool)
+        .await
+}
+
+/// Drops `schema` with everything in it: only `kdedup demo` does this, to its own schema
+/// (the command line refuses a name that does not start with `kdedup_demo`).
+pub async fn drop_schema(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error> {
+    debug_assert!(schema.starts_with("kdedup_demo"));
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        .execute(pool)
+        .await?;
     Ok(())
 }
 

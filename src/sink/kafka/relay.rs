@@ -58,6 +58,9 @@ pub struct Relay {
     pub producer: FutureProducer,
     pub metrics: Metrics,
     pub wakeup: Arc<Notify>,
+    /// Told when the outbox became empty, so the backlog gauge (written by the health
+    /// loop) drops at once.
+    pub emptied: Option<Arc<Notify>>,
 }
 
 /// Why the relay left its active state.
@@ -83,6 +86,7 @@ impl Relay {
             producer,
             metrics,
             wakeup,
+            emptied: None,
         }
     }
 
@@ -155,6 +159,8 @@ impl Relay {
         // its "outbox rows deleted"; a round that never got there is republished by the
         // next relay, and whatever the broker had written of it appears twice.
         let mut round: u64 = 0;
+        // The outbox is known here to be empty before any refresh of the health loop.
+        let mut was_empty = false;
         loop {
             let stopping = stop.is_cancelled();
             let rows = match outbox::next_round(
@@ -168,9 +174,12 @@ impl Relay {
                 Err(e) => return Exit::ConnectionLost(e),
             };
             if rows.is_empty() {
-                // The health checks count the backlog on every replica; an empty outbox is
-                // known here first, so the gauge drops at once.
-                self.metrics.outbox_backlog.set(0);
+                if !was_empty {
+                    if let Some(emptied) = &self.emptied {
+                        emptied.notify_one();
+                    }
+                }
+                was_empty = true;
                 if stopping {
                     return Exit::Stopped;
                 }
@@ -182,6 +191,7 @@ impl Relay {
                 }
                 continue;
             }
+            was_empty = false;
             let started = Instant::now();
             round += 1;
             let (mut acked, refused, mut failed) = self.publish(&rows, partitions, round).await;

@@ -1,0 +1,308 @@
+//! The read-only queries of `kdedup inspect` and `kdedup stats`: one connection of their
+//! own, one `REPEATABLE READ READ ONLY` transaction (a consistent snapshot; `now()` is the
+//! same in every query) under a statement timeout; nothing is written.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{Connection, PgConnection, Postgres, Transaction};
+
+use crate::settings::DbSettings;
+use crate::store as db;
+
+/// Above this many rows (Postgres' `reltuples` estimate) `stats` reports the estimate
+/// instead of `count(*)`, and takes the oldest/newest first sighting from the ends of the
+/// `expires_at` index instead of scanning the table (exact as long as the TTL never
+/// changed).
+pub const EXACT_COUNT_LIMIT: i64 = 1_000_000;
+
+/// Longest any single query of `inspect` or `stats` may run.
+const STATEMENT_TIMEOUT: &str = "60s";
+
+/// One `processed_events` row of the inspected id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sighting {
+    pub scope: String,
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+    pub payload_hash: Option<Vec<u8>>,
+    pub first_seen_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// When its outbox row was written, while the relay has not published it yet.
+    pub queued_since: Option<DateTime<Utc>>,
+}
+
+impl Sighting {
+    pub fn expired(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at <= now
+    }
+
+    pub fn status(&self) -> &'static str {
+        if self.queued_since.is_some() {
+            "queued for output"
+        } else {
+            "forwarded"
+        }
+    }
+}
+
+/// What `kdedup inspect` found.
+#[derive(Debug, Clone)]
+pub struct Inspection {
+    pub event_id: String,
+    pub scope: Option<String>,
+    pub schema: String,
+    pub now: DateTime<Utc>,
+    pub sightings: Vec<Sighting>,
+}
+
+/// Totals of one scope in `gate_counters`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScopeCounters {
+    pub scope: String,
+    pub duplicates: i64,
+    pub forwarded: i64,
+    pub since: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What `kdedup stats` read.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    pub schema: String,
+    pub now: DateTime<Utc>,
+    pub rows: i64,
+    /// `count(*)`, or else Postgres' estimate (above [`EXACT_COUNT_LIMIT`]).
+    pub rows_exact: bool,
+    /// Oldest and newest `first_seen_at`.
+    pub first_seen: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    /// Earliest and latest `expires_at`: the expiry horizon.
+    pub expires: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    /// Rows past `expires_at` the pruner has not deleted yet.
+    pub expired_rows: i64,
+    pub outbox_rows: i64,
+    pub outbox_oldest: Option<DateTime<Utc>>,
+    /// `None` when the schema predates the `gate_counters` migration.
+    pub counters: Option<Vec<ScopeCounters>>,
+}
+
+impl Stats {
+    pub fn duplicates(&self) -> Option<i64> {
+        self.counters
+            .as_ref()
+            .map(|c| c.iter().map(|s| s.duplicates).sum())
+    }
+
+    pub fn forwarded(&self) -> Option<i64> {
+        self.counters
+            .as_ref()
+            .map(|c| c.iter().map(|s| s.forwarded).sum())
+    }
+}
+
+async fn connect(cfg: &DbSettings) -> anyhow::Result<PgConnection> {
+    let mut conn = tokio::time::timeout(Duration::from_secs(10), db::dedicated_connection(cfg))
+        .await
+        .map_err(|_| anyhow::anyhow!("cannot connect to Postgres within 10s"))?
+        .map_err(|e| db::ConnectConfigError::or_context(cfg, e))?;
+    sqlx::query(&format!("SET statement_timeout = '{STATEMENT_TIMEOUT}'"))
+        .execute(&mut conn)
+        .await?;
+    Ok(conn)
+}
+
+async fn snapshot(conn: &mut PgConnection) -> anyhow::Result<Transaction<'_, Postgres>> {
+    let mut tx = conn.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
+/// `(processed_events, outbox, gate_counters)` exist in the schema.
+async fn tables(
+    tx: &mut Transaction<'_, Postgres>,
+    schema: &str,
+) -> anyhow::Result<(bool, bool, bool)> {
+    let found: (bool, bool, bool) = sqlx::query_as(
+        "SELECT to_regclass('processed_events') IS NOT NULL,
+                to_regclass('outbox') IS NOT NULL,
+                to_regclass('gate_counters') IS NOT NULL",
+    )
+    .fetch_one(&mut **tx)
+    .await?;
+    if !found.0 || !found.1 {
+        anyhow::bail!(
+            "schema {schema:?} holds no kdedup tables: check --db-schema / KDEDUP_DB_SCHEMA, \
+             or apply the migrations (kdedup migrate)"
+        );
+    }
+    Ok(found)
+}
+
+type SightingRow = (
+    String,
+    String,
+    i32,
+    i64,
+    Option<Vec<u8>>,
+    DateTime<Utc>,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+);
+
+// The outbox has no index on the id: its rows live only until the relay publishes them,
+// so scanning it for one id is cheap unless the relay has been down for a long time.
+const SIGHTING_COLUMNS: &str = "pe.scope, pe.source_topic, pe.source_partition, \
+    pe.source_offset, pe.payload_hash, pe.first_seen_at, pe.expires_at, \
+    (SELECT min(o.created_at) FROM outbox o \
+     WHERE o.scope = pe.scope AND o.event_id = pe.event_id) AS queued_since";
+
+/// Looks `event_id` up in one scope, or in every scope. Either way each lookup is a probe
+/// of the primary key, `event_key(scope, event_id)`; without a scope, the scopes are the
+/// ones `gate_counters` has seen (one probe per scope).
+pub async fn inspect(
+    cfg: &DbSettings,
+    event_id: &str,
+    scope: Option<&str>,
+) -> anyhow::Result<Inspection> {
+    let mut conn = connect(cfg).await?;
+    let mut tx = snapshot(&mut conn).await?;
+    tables(&mut tx, &cfg.schema).await?;
+    let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&mut *tx)
+        .await?;
+    let rows: Vec<SightingRow> = match scope {
+        Some(scope) => {
+            sqlx::query_as(&format!(
+                "SELECT {SIGHTING_COLUMNS} FROM processed_events pe
+                 WHERE pe.event_key = event_key($1, $2)"
+            ))
+            .bind(scope)
+            .bind(event_id)
+            .fetch_all(&mut *tx)
+            .await?
+        }
+        None => {
+            sqlx::query_as(&format!(
+                // Every scope that ever gated an event has its row in gate_counters
+                // (written by the same statement as its processed_events rows).
+                "SELECT {SIGHTING_COLUMNS}
+                 FROM gate_counters s
+                 JOIN processed_events pe ON pe.event_key = event_key(s.scope, $1)
+                 ORDER BY pe.scope"
+            ))
+            .bind(event_id)
+            .fetch_all(&mut *tx)
+            .await?
+        }
+    };
+    tx.rollback().await?;
+    Ok(Inspection {
+        event_id: event_id.to_string(),
+        scope: scope.map(str::to_string),
+        schema: cfg.schema.clone(),
+        now,
+        sightings: rows
+            .into_iter()
+            .map(
+                |(scope, topic, partition, offset, hash, first_seen, expires, queued)| Sighting {
+                    scope,
+                    source_topic: topic,
+                    source_partition: partition,
+                    source_offset: offset,
+                    payload_hash: hash,
+                    first_seen_at: first_seen,
+                    expires_at: expires,
+                    queued_since: queued,
+                },
+            )
+            .collect(),
+    })
+}
+
+/// `(scope, duplicates, forwarded, created_at, updated_at)` of `gate_counters`.
+type CounterRow = (String, i64, i64, DateTime<Utc>, DateTime<Utc>);
+
+/// Reads the numbers `kdedup stats` prints.
+pub async fn stats(cfg: &DbSettings) -> anyhow::Result<Stats> {
+    let mut conn = connect(cfg).await?;
+    let mut tx = snapshot(&mut conn).await?;
+    let (_, _, has_counters) = tables(&mut tx, &cfg.schema).await?;
+    let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&mut *tx)
+        .await?;
+    // -1 until the table was first analysed.
+    let estimate: i64 = sqlx::query_scalar(
+        "SELECT reltuples::int8 FROM pg_class WHERE oid = 'processed_events'::regclass",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let (rows, rows_exact, oldest, newest) = if estimate > EXACT_COUNT_LIMIT {
+        // Both ends of the expires_at index: no table scan.
+        let (oldest, newest): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) = sqlx::query_as(
+            "SELECT (SELECT first_seen_at FROM processed_events ORDER BY expires_at LIMIT 1),
+                    (SELECT first_seen_at FROM processed_events ORDER BY expires_at DESC LIMIT 1)",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        (estimate, false, oldest, newest)
+    } else {
+        let (n, oldest, newest): (i64, Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
+            sqlx::query_as(
+                "SELECT count(*), min(first_seen_at), max(first_seen_at) FROM processed_events",
+            )
+            .fetch_one(&mut *tx)
+            .await?;
+        (n, true, oldest, newest)
+    };
+    let (earliest, latest): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
+        sqlx::query_as("SELECT min(expires_at), max(expires_at) FROM processed_events")
+            .fetch_one(&mut *tx)
+            .await?;
+    let expired_rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM processed_events WHERE expires_at <= now()")
+            .fetch_one(&mut *tx)
+            .await?;
+    let (outbox_rows, outbox_oldest): (i64, Option<DateTime<Utc>>) =
+        sqlx::query_as("SELECT count(*), min(created_at) FROM outbox")
+            .fetch_one(&mut *tx)
+            .await?;
+    let counters = if has_counters {
+        let rows: Vec<CounterRow> = sqlx::query_as(
+            "SELECT scope, duplicates, forwarded, created_at, updated_at FROM gate_counters
+             ORDER BY duplicates DESC, scope",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        Some(
+            rows.into_iter()
+                .map(
+                    |(scope, duplicates, forwarded, since, updated_at)| ScopeCounters {
+                        scope,
+                        duplicates,
+                        forwarded,
+                        since,
+                        updated_at,
+                    },
+                )
+                .collect(),
+        )
+    } else {
+        None
+    };
+    tx.rollback().await?;
+    Ok(Stats {
+        schema: cfg.schema.clone(),
+        now,
+        rows,
+        rows_exact,
+        first_seen: oldest.zip(newest),
+        expires: earliest.zip(latest),
+        expired_rows,
+        outbox_rows,
+        outbox_oldest,
+        counters,
+    })
+}
