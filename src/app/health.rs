@@ -23,16 +23,28 @@ pub(super) struct Fatal {
 }
 
 /// Refreshes the Postgres and broker readiness inputs every few seconds.
-pub(super) async fn health_checks(
-    pool: PgPool,
-    producer: FutureProducer,
-    probe_topic: String,
-    health: Arc<Health>,
-    metrics: Metrics,
-    stop: CancellationToken,
-    fatal: Fatal,
-    tables_changed: Arc<Notify>,
-) {
+pub(super) struct HealthChecks {
+    pub(super) pool: PgPool,
+    pub(super) producer: FutureProducer,
+    /// One of kdedup's own topics, whose metadata says the cluster answers.
+    pub(super) probe_topic: String,
+    pub(super) health: Arc<Health>,
+    pub(super) metrics: Metrics,
+    pub(super) fatal: Fatal,
+    /// Notified when the outbox emptied: the table gauges are refreshed at once.
+    pub(super) tables_changed: Arc<Notify>,
+}
+
+pub(super) async fn health_checks(checks: HealthChecks, stop: CancellationToken) {
+    let HealthChecks {
+        pool,
+        producer,
+        probe_topic,
+        health,
+        metrics,
+        fatal,
+        tables_changed,
+    } = checks;
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {

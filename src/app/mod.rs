@@ -29,7 +29,7 @@ use crate::settings::RunSettings;
 use crate::sink::kafka::relay::Relay;
 use crate::sink::kafka::KafkaSink;
 use crate::store;
-use health::{health_checks, Fatal};
+use health::{health_checks, Fatal, HealthChecks};
 
 /// Handles a caller needs while the sidecar runs (tests read metrics through them).
 pub struct Running {
@@ -104,17 +104,19 @@ pub async fn run(
     let checks_stop = CancellationToken::new();
     let outbox_emptied = Arc::new(Notify::new());
     let checks = tokio::spawn(health_checks(
-        pool.clone(),
-        producer.clone(),
-        cfg.kafka.input_topics[0].clone(),
-        health.clone(),
-        metrics.clone(),
-        checks_stop.clone(),
-        Fatal {
-            reason: fatal.clone(),
-            stop: consume_stop.clone(),
+        HealthChecks {
+            pool: pool.clone(),
+            producer: producer.clone(),
+            probe_topic: cfg.kafka.input_topics[0].clone(),
+            health: health.clone(),
+            metrics: metrics.clone(),
+            fatal: Fatal {
+                reason: fatal.clone(),
+                stop: consume_stop.clone(),
+            },
+            tables_changed: outbox_emptied.clone(),
         },
-        outbox_emptied.clone(),
+        checks_stop.clone(),
     ));
 
     let pruner = cfg.prune.clone().map(|settings| {
