@@ -6,13 +6,11 @@
 //! Podman here needs `scripts/podman-containers.conf` (runc, cgroupfs, no default
 //! ulimits); `--network host` reaches the loopback services.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::helpers::*;
 
 const IMAGE: &str = "localhost/kdedup:test";
 

@@ -1,11 +1,9 @@
 //! End-to-end tests of `kdedup run` against the real broker and real Postgres.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::*;
+use crate::helpers::*;
 use rand::{Rng, SeedableRng};
 
 /// `n` distinct events over `partitions` partitions, about 30% extra duplicates: half

@@ -1,12 +1,10 @@
 //! Faults and bad input, against the real broker and real Postgres: nothing lost,
 //! nothing forwarded twice, no partition stopped, no process restarted.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::helpers::*;
 use rand::{Rng, SeedableRng};
 
 fn ids_on(out: &[Out]) -> HashMap<String, usize> {

@@ -4,15 +4,12 @@
 //! before the outbox delete) must show up as repeats that carry the same `kdedup-event-id`.
 //!
 //! Needs the `crash-points` feature (`make test` enables it).
-#![cfg(feature = "crash-points")]
-
-mod common;
 
 use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::helpers::*;
 
 /// `n` distinct events over 2 partitions, every 5th sent again later (another batch).
 fn traffic(n: usize) -> Vec<In> {

@@ -6,12 +6,10 @@
 //! a plaintext connection and a URL parameter the client would ignore are refused at
 //! once, naming the setting and the fix, never retried for ever.
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::helpers::*;
 
 fn tls_dir() -> PathBuf {
     std::env::var("KDEDUP_TEST_TLS_DIR")

@@ -4,13 +4,11 @@
 //! Needs `prometheus` and `promtool` (Debian's `prometheus` package, installed by
 //! `scripts/services.sh prometheus`, which `make test` runs).
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::helpers::*;
 
 /// `/usr/bin/<name>` from the Debian package, else `<name>` on PATH, else the copy
 /// scripts/check-deploy.sh unpacks into .tmp/prometheus-deb.

@@ -2,12 +2,10 @@
 //! Postgres database (so it keeps its topics, records, committed offsets and idempotent
 //! producer state across a SIGKILL): no loss, no duplicate forward, the relay resumes.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::helpers::*;
 
 fn ev(i: u64) -> In {
     In::event((i % 2) as i32, &format!("r-{i}"), i)

@@ -1,12 +1,10 @@
 //! The TTL pruner against real Postgres, with injected time: rows past expiry go, rows
 //! before it stay, deletes come in bounded batches, and an expired id is accepted again.
 
-mod common;
-
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
-use common::*;
+use crate::helpers::*;
 use kdedup::config::DbConfig;
 use kdedup::db::{self, GateOutcome, GateRow};
 use kdedup::metrics::Metrics;

@@ -25,14 +25,12 @@
 //! and restarts the shared Postgres); run it with `make chaos`. `KDEDUP_CHAOS_SEED` picks
 //! the seed of the random moments and load (printed at the start).
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::helpers::*;
 use rand::{Rng, SeedableRng};
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::ClientConfig;

@@ -1,15 +1,13 @@
 //! `kdedup replay` against the real broker and Postgres: the same gate, so a replay
 //! forwards only what was never forwarded.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::io::Read;
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::helpers::*;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use sqlx::Connection;

@@ -1,12 +1,10 @@
 //! `kdedup inspect` and `kdedup stats` against tables a real sidecar filled, and the
 //! per-scope `gate_counters` totals the gate statement keeps.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::helpers::*;
 use serde_json::Value;
 
 /// Runs `kdedup <args>` with the database settings of `cfg`: (exit code, stdout).

@@ -3,12 +3,10 @@
 //! cannot store, records the output refuses, and payloads near the size limit. Each ends
 //! forwarded once or in the dead-letter topic with a reason, and the partition goes on.
 
-mod common;
-
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::helpers::*;
 use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 
