@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use chrono::{TimeZone, Utc};
 use crate::helpers::*;
+use chrono::{TimeZone, Utc};
 use kdedup::config::DbConfig;
 use kdedup::db::{self, GateOutcome, GateRow};
 use kdedup::metrics::Metrics;

@@ -2,8 +2,6 @@
 //! Postgres, and the `kdedup` binary run as a child process the way Kubernetes runs it.
 //! Every test gets its own topics, group and schema, so tests run in parallel.
 
-#![allow(dead_code)]
-
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -135,17 +133,6 @@ impl Out {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(self.value.as_deref().unwrap_or_default()).expect("json value")
     }
-}
-
-pub fn partition_count(topic: &str) -> i32 {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .expect("consumer");
-    let md = c
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .expect("metadata");
-    md.topics()[0].partitions().len() as i32
 }
 
 /// Reads `topic` from the beginning until at least `expect` messages arrived and no more
