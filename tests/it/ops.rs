@@ -40,8 +40,9 @@ fn event(tenant: &str, partition: i32, id: &str, seq: u64) -> In {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn inspect_and_stats_report_what_the_gate_recorded() {
+    let kafka = Cluster::shared();
     let t = names("ops");
-    create_topic(&t.input, 2).await;
+    kafka.create_topic(&t.input, 2).await;
     // Two tenants (scope from a header) with the same 40 ids each. Tenant a sends every
     // 5th id twice in a row (8 duplicates), tenant b re-sends every 4th id at the end, in
     // later batches (10 duplicates).
@@ -61,7 +62,7 @@ async fn inspect_and_stats_report_what_the_gate_recorded() {
     }
     msgs.extend(later);
     let total = msgs.len();
-    produce(&t.input, &msgs).await;
+    kafka.produce(&t.input, &msgs).await;
 
     // First life without a relay: every first sighting stays queued in the outbox.
     let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)

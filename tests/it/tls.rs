@@ -50,8 +50,9 @@ fn with_url(cfg: &SidecarConfig, url: &str) -> SidecarConfig {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_command_works_over_verify_full_and_the_sidecars_connections_are_encrypted() {
+    let kafka = Cluster::shared();
     let t = names("tls");
-    create_topic(&t.input, 2).await;
+    kafka.create_topic(&t.input, 2).await;
     let cfg = with_url(
         &SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema),
         &verify_full(),
@@ -65,8 +66,8 @@ async fn every_command_works_over_verify_full_and_the_sidecars_connections_are_e
     let msgs: Vec<In> = (0..200)
         .map(|i| In::event(i % 2, &format!("t-{}", i % 150), i as u64))
         .collect();
-    produce(&t.input, &msgs).await;
-    let out = read_topic(&t.output, 150, Duration::from_secs(60));
+    kafka.produce(&t.input, &msgs).await;
+    let out = kafka.read_topic(&t.output, 150, Duration::from_secs(60));
     assert_eq!(out.len(), 150, "each distinct id forwarded once");
 
     // Postgres' own view: every connection of the sidecar (application_name kdedup) is
@@ -127,8 +128,9 @@ async fn every_command_works_over_verify_full_and_the_sidecars_connections_are_e
 /// once with `EX_CONFIG` (78), naming the setting and a fix, and never retries.
 #[tokio::test(flavor = "multi_thread")]
 async fn refused_tls_settings_exit_at_once_naming_the_setting() {
+    let kafka = Cluster::shared();
     let t = names("tlsbad");
-    create_topic(&t.input, 1).await;
+    kafka.create_topic(&t.input, 1).await;
     let base = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema);
     let dir = tls_dir();
     // (what, URL, what the fix mentions, exit code of run/migrate, of stats)
@@ -209,8 +211,9 @@ async fn refused_tls_settings_exit_at_once_naming_the_setting() {
 /// password parameter, a Kafka property librdkafka refuses, and the start-up config line.
 #[tokio::test(flavor = "multi_thread")]
 async fn secrets_with_slash_at_and_colon_never_reach_the_logs() {
+    let kafka = Cluster::shared();
     let t = names("secrets");
-    create_topic(&t.input, 1).await;
+    kafka.create_topic(&t.input, 1).await;
     let secret = "s3/cr@t:pw";
     let base = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema);
     let runs: Vec<(&str, SidecarConfig)> = vec![
