@@ -9,20 +9,19 @@ use serde_json::Value;
 
 /// Runs `kdedup <args>` with the database settings of `cfg`: (exit code, stdout).
 fn kdedup(cfg: &SidecarConfig, args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kdedup"))
-        .args(args)
-        .env_clear()
-        .env("KDEDUP_DATABASE_URL", &cfg.env["KDEDUP_DATABASE_URL"])
-        .env("KDEDUP_DB_SCHEMA", &cfg.env["KDEDUP_DB_SCHEMA"])
-        .output()
-        .expect("run kdedup");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.code() == Some(2) || stderr.is_empty(),
-        "kdedup {args:?} wrote to stderr: {stderr}"
+    let out = capture(
+        Command::new(env!("CARGO_BIN_EXE_kdedup"))
+            .args(args)
+            .env_clear()
+            .env("KDEDUP_DATABASE_URL", &cfg.env["KDEDUP_DATABASE_URL"])
+            .env("KDEDUP_DB_SCHEMA", &cfg.env["KDEDUP_DB_SCHEMA"]),
     );
-    (out.status.code(), stdout)
+    assert!(
+        out.code == Some(2) || out.stderr.is_empty(),
+        "kdedup {args:?} wrote to stderr: {}",
+        out.stderr
+    );
+    (out.code, out.stdout)
 }
 
 fn json(cfg: &SidecarConfig, args: &[&str]) -> (Option<i32>, Value) {

@@ -2,9 +2,6 @@
 //! forwards only what was never forwarded.
 
 use std::collections::BTreeSet;
-use std::io::Read;
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::helpers::*;
@@ -80,90 +77,6 @@ fn dlq_headers(input: &str, offset: i64, timestamp_ms: i64) -> Vec<(String, Vec<
             timestamp_ms.to_string().into_bytes(),
         ),
     ]
-}
-
-/// A `kdedup replay` child process whose output is collected while it runs.
-struct ReplayProcess {
-    child: Child,
-    stdout: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl ReplayProcess {
-    fn spawn(cfg: &SidecarConfig, args: &[&str], env: &[(&str, &str)]) -> ReplayProcess {
-        let mut child = kdedup(cfg, args)
-            .env("KDEDUP_METRICS_ADDR", "127.0.0.1:0")
-            .env("KDEDUP_LOG", "warn")
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn kdedup replay");
-        let collect = |mut from: Box<dyn Read + Send>| {
-            let text = Arc::new(Mutex::new(String::new()));
-            let sink = text.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = from.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    sink.lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            });
-            text
-        };
-        let stdout = collect(Box::new(child.stdout.take().unwrap()));
-        let stderr = collect(Box::new(child.stderr.take().unwrap()));
-        ReplayProcess {
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// Waits for the exit: (exit code, stdout, stderr). Kills it and fails after `timeout`.
-    async fn finish(mut self, timeout: Duration) -> (Option<i32>, String, String) {
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("wait for kdedup replay") {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "kdedup replay still running after {timeout:?}; stdout:\n{}\nstderr:\n{}",
-                    self.stdout.lock().unwrap(),
-                    self.stderr()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        // Let the reader threads drain the closed pipes.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let out = self.stdout.lock().unwrap().clone();
-        (status.code(), out, self.stderr())
-    }
-}
-
-impl Drop for ReplayProcess {
-    fn drop(&mut self) {
-        if self.running() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -434,7 +347,7 @@ async fn replay_without_an_end_stops_at_the_end_listed_at_start_while_the_topic_
         )
         .await;
     let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema);
-    let mut replay = ReplayProcess::spawn(
+    let mut replay = kdedup_spawn(
         &cfg,
         &["replay", "--from-topic", &t.input],
         &[("KDEDUP_LOG", "warn,kdedup::replay=info")],
@@ -473,7 +386,7 @@ async fn replay_without_an_end_stops_at_the_end_listed_at_start_while_the_topic_
         live += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (code, out, err) = replay.finish(Duration::from_secs(5)).await;
+    let (code, out, err) = replay.finish(Duration::from_secs(5)).await.parts();
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(live > 0, "the topic grew while the replay ran");
     assert_eq!(summary_value(&out, "read"), 50, "{out}");
@@ -523,7 +436,7 @@ async fn replay_serves_its_duplicate_counts_on_metrics_while_it_runs() {
         .expect("take the relay lock");
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let mut replay = ReplayProcess::spawn(
+    let mut replay = kdedup_spawn(
         &cfg,
         &[
             "replay",
@@ -549,7 +462,7 @@ async fn replay_serves_its_duplicate_counts_on_metrics_while_it_runs() {
     assert!(replay.running(), "scraped while the replay runs");
     lock.close().await.expect("release the relay lock");
 
-    let (code, out, err) = replay.finish(Duration::from_secs(60)).await;
+    let (code, out, err) = replay.finish(Duration::from_secs(60)).await.parts();
     assert_eq!(code, Some(0), "{out}{err}");
     assert_eq!(summary_value(&out, "read"), 8, "{out}");
     assert_eq!(summary_value(&out, "forwarded"), 3, "{out}");

@@ -171,21 +171,10 @@ async fn refused_tls_settings_exit_at_once_naming_the_setting() {
         let cfg = with_url(&base, &url);
         for command in ["run", "migrate", "stats"] {
             let started = Instant::now();
-            let out = kdedup(&cfg, &[command])
-                .env("KDEDUP_METRICS_ADDR", "127.0.0.1:0")
-                .output()
-                .expect("run kdedup");
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let out = capture(kdedup(&cfg, &[command]).env("KDEDUP_METRICS_ADDR", "127.0.0.1:0"));
+            let text = out.text();
             let expected = if command == "stats" { stats_code } else { code };
-            assert_eq!(
-                out.status.code(),
-                Some(expected),
-                "{what}, kdedup {command}: {text}"
-            );
+            assert_eq!(out.code, Some(expected), "{what}, kdedup {command}: {text}");
             assert!(
                 started.elapsed() < Duration::from_secs(15),
                 "{what}, kdedup {command} took {:?}: retried instead of failing",
@@ -257,27 +246,18 @@ async fn secrets_with_slash_at_and_colon_never_reach_the_logs() {
         ),
     ];
     for (what, cfg) in runs {
-        let mut child = kdedup(&cfg, &["run"])
-            .env("KDEDUP_METRICS_ADDR", "127.0.0.1:0")
-            .env("KDEDUP_LOG", "debug")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut run = Capturing::spawn(
+            kdedup(&cfg, &["run"])
+                .env("KDEDUP_METRICS_ADDR", "127.0.0.1:0")
+                .env("KDEDUP_LOG", "debug"),
+        );
         // Long enough to start (or fail), connect, and try the broker.
         let deadline = Instant::now() + Duration::from_secs(8);
-        while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+        while Instant::now() < deadline && run.running() {
             std::thread::sleep(Duration::from_millis(100));
         }
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let out = child.wait_with_output().unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run.sigterm();
+        let text = run.finish(Duration::from_secs(60)).await.text();
         assert!(!text.is_empty(), "{what}: no output at all");
         for piece in [secret, "s3/cr", "cr@t", "s3%2Fcr"] {
             assert!(

@@ -2,8 +2,10 @@
 //! and one-shot commands whose output the tests read.
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{database_url, free_port, http_get, log_dir, metric_value, Cluster};
@@ -54,18 +56,24 @@ pub fn kdedup(cfg: &SidecarConfig, args: &[&str]) -> Command {
     c
 }
 
+/// A one-shot `kdedup <args>` with the sidecar's environment, quieter and with its admin
+/// server (if any) on a free port.
+fn one_shot(cfg: &SidecarConfig, args: &[&str]) -> Command {
+    let mut c = kdedup(cfg, args);
+    c.env("KDEDUP_METRICS_ADDR", "127.0.0.1:0")
+        .env("KDEDUP_LOG", "warn");
+    c
+}
+
 /// Runs a one-shot `kdedup <args>` with the sidecar's environment; (exit code, stdout, stderr).
 pub fn kdedup_command(cfg: &SidecarConfig, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = kdedup(cfg, args)
-        .env("KDEDUP_METRICS_ADDR", "127.0.0.1:0")
-        .env("KDEDUP_LOG", "warn")
-        .output()
-        .expect("run kdedup");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    capture(&mut one_shot(cfg, args)).parts()
+}
+
+/// A one-shot `kdedup <args>` started with the sidecar's environment and `env` on top,
+/// its output collected while it runs.
+pub fn kdedup_spawn(cfg: &SidecarConfig, args: &[&str], env: &[(&str, &str)]) -> Capturing {
+    Capturing::spawn(one_shot(cfg, args).envs(env.iter().copied()))
 }
 
 /// The number on a summary line such as `  forwarded     12`.
@@ -74,6 +82,128 @@ pub fn summary_value(text: &str, label: &str) -> usize {
         .find(|l| l.trim_start().starts_with(label))
         .and_then(|l| l.split_whitespace().find_map(|w| w.parse().ok()))
         .unwrap_or_else(|| panic!("no {label:?} line in:\n{text}"))
+}
+
+/// How a process ended and what it printed.
+pub struct Captured {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Captured {
+    /// stdout followed by stderr.
+    pub fn text(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+
+    /// (exit code, stdout, stderr).
+    pub fn parts(self) -> (Option<i32>, String, String) {
+        (self.code, self.stdout, self.stderr)
+    }
+}
+
+/// Runs `cmd` to its end with its output captured.
+pub fn capture(cmd: &mut Command) -> Captured {
+    let out = cmd.output().expect("run kdedup");
+    Captured {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A child process whose stdout and stderr are collected while it runs (so that a test
+/// can read them before it exits, and a chatty process never blocks on a full pipe).
+/// Killed on drop if still running.
+pub struct Capturing {
+    child: Child,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Capturing {
+    pub fn spawn(cmd: &mut Command) -> Capturing {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kdedup");
+        let collect = |mut from: Box<dyn Read + Send>| {
+            let text = Arc::new(Mutex::new(String::new()));
+            let sink = text.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = from.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+            text
+        };
+        let stdout = collect(Box::new(child.stdout.take().unwrap()));
+        let stderr = collect(Box::new(child.stderr.take().unwrap()));
+        Capturing {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// What it wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Sends SIGTERM.
+    pub fn sigterm(&self) {
+        sigterm(&self.child);
+    }
+
+    /// Waits for the exit and returns what it printed. Kills it and fails after `timeout`.
+    pub async fn finish(mut self, timeout: Duration) -> Captured {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait for kdedup") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "kdedup still running after {timeout:?}; stdout:\n{}\nstderr:\n{}",
+                    self.stdout.lock().unwrap(),
+                    self.stderr()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        // Let the reader threads drain the closed pipes.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let stdout = self.stdout.lock().unwrap().clone();
+        Captured {
+            code: status.code(),
+            stdout,
+            stderr: self.stderr(),
+        }
+    }
+}
+
+impl Drop for Capturing {
+    fn drop(&mut self) {
+        if self.running() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// Sends SIGTERM to `child` (what the kubelet sends to stop a container).
