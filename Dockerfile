@@ -10,7 +10,7 @@
 # (glibc, libgcc, OpenSSL 3, zlib) and the dynamic loader, the CA bundle, /etc/passwd and
 # /etc/group with the `nonroot` user (uid 65532), /tmp. No shell, no package manager.
 # `make image` builds the same image offline with buildah from the same script, and
-# `make test` runs it with podman (tests/image.rs), so the image tested is the image built.
+# `make test` runs it with podman (tests/it/image.rs), so the image tested is the image built.
 #
 # Shared libraries: rdkafka's features are `ssl`, `zstd` and (by default) `libz`. librdkafka
 # is built from source and linked statically, with its built-in lz4 and snappy and a static

@@ -10,7 +10,7 @@ demo:
 	cargo run --release --locked -- demo
 
 ## Everything CI checks: formatting, lints, dependency licences, unit and integration tests
-## (tests/image.rs builds the container image and runs it with podman; needs root) and the
+## (tests/it/image.rs builds the container image and runs it with podman; needs root) and the
 ## deploy manifests.
 test: lint services deny
 	cargo test --locked --all-targets --features crash-points
@@ -55,4 +55,4 @@ bench-quick: services
 ## Under 10 minutes. Restarts the shared Postgres.
 .PHONY: chaos
 chaos: services
-	cargo test --locked --test chaos -- --ignored --nocapture
+	cargo test --locked --test it chaos:: -- --ignored --nocapture

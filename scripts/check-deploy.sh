@@ -144,7 +144,7 @@ import yaml
 
 # Every KDEDUP_* variable the binary reads, collected from src/ by check-deploy.sh
 # (clap's `env = "KDEDUP_..."` attributes and telemetry's own reads); KDEDUP_KAFKA_* pass
-# through to librdkafka. tests/deploy.rs asks the compiled binary the same question.
+# through to librdkafka. tests/it/deploy.rs asks the compiled binary the same question.
 ALLOWED_ENV = set(os.environ.get("KDEDUP_KNOWN_ENV", "").split())
 SECRET_ENV = {"KDEDUP_DATABASE_URL", "KDEDUP_KAFKA_SASL_USERNAME", "KDEDUP_KAFKA_SASL_PASSWORD"}
 SUBCOMMANDS = {"run", "migrate", "replay", "prune", "inspect", "stats", "demo"}

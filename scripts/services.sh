@@ -4,7 +4,7 @@
 #   pg-tls    - a second PostgreSQL cluster that requires TLS, on 127.0.0.1:$KDEDUP_TEST_TLS_PG_PORT
 #               (default 5433), with its certificates in .tmp/pg-tls/ (scripts/pg-tls.sh)
 #   broker    - tansu 0.6.0, a Kafka-protocol broker, in memory, on 127.0.0.1:$KDEDUP_TEST_BROKER_PORT
-#   prometheus - Debian's `prometheus` package, for its binaries only: tests/prometheus.rs
+#   prometheus - Debian's `prometheus` package, for its binaries only: tests/it/prometheus.rs
 #               starts its own server on a free port and runs promtool; no service is kept
 # Usage: scripts/services.sh postgres|pg-tls|broker|prometheus|all|stop-broker
 set -euo pipefail
@@ -99,7 +99,7 @@ ensure_prometheus() {
   if [ -x /usr/bin/prometheus ] && [ -x /usr/bin/promtool ]; then
     return 0
   fi
-  log "installing Debian's prometheus package (prometheus + promtool for tests/prometheus.rs)"
+  log "installing Debian's prometheus package (prometheus + promtool for tests/it/prometheus.rs)"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
   # The package enables a system service on :9090. The tests run their own server on a

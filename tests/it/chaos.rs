@@ -1,6 +1,6 @@
 //! `make chaos`: steady load while the sidecar is SIGKILLed at random moments (12 times,
 //! each a random 0.5-5 s after it became ready), Postgres is restarted once and the broker
-//! once while a sidecar runs, then the invariants of DESIGN.md are checked on sets:
+//! once while a sidecar runs, then the invariants in the README ("How it works") are checked on sets:
 //!
 //! - the set of `kdedup-event-id` on the output == the set of distinct input ids, and no
 //!   id is on the output twice, except where the relay's own logs place the repeat in its
@@ -25,17 +25,14 @@
 //! and restarts the shared Postgres); run it with `make chaos`. `KDEDUP_CHAOS_SEED` picks
 //! the seed of the random moments and load (printed at the start).
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::helpers::*;
 use rand::{Rng, SeedableRng};
 use rdkafka::producer::{FutureProducer, Producer};
-use rdkafka::ClientConfig;
 
 const KILLS: usize = 12;
 /// The life during which Postgres is restarted, and the one during which the broker is.
@@ -272,16 +269,17 @@ async fn chaos_kills_and_restarts_keep_every_invariant() {
         .unwrap_or_else(|| rand::rng().random());
     println!("chaos: seed {seed} (KDEDUP_CHAOS_SEED={seed} repeats this run)");
     let mut broker = Tansu::start("chaos").await;
-    let b = broker.brokers();
+    let b = broker.cluster();
     let t = names("chaos");
-    create_topic_on(&b, &t.input, 3).await;
+    b.create_topic(&t.input, 3).await;
     let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
-        .set("KDEDUP_BROKERS", &b)
+        .set("KDEDUP_BROKERS", &b.brokers)
         .set("KDEDUP_BATCH_SIZE", "200")
         .set("KDEDUP_LOG", "info,kdedup::sink::kafka::relay=debug");
     let pool = pg().await;
     println!(
-        "chaos: broker {b} (tansu, storage database {}), schema {}, logs in {}",
+        "chaos: broker {} (tansu, storage database {}), schema {}, logs in {}",
+        b.brokers,
         broker.db,
         t.schema,
         log_dir().display()
@@ -293,13 +291,7 @@ async fn chaos_kills_and_restarts_keep_every_invariant() {
     let load = {
         let (stop, b, input) = (stop_load.clone(), b.clone(), t.input.clone());
         tokio::spawn(async move {
-            let p: FutureProducer = ClientConfig::new()
-                .set("bootstrap.servers", &b)
-                .set("linger.ms", "0")
-                .set("batch.num.messages", "1")
-                .set("message.timeout.ms", "30000")
-                .create()
-                .expect("producer");
+            let p = b.producer_with(&[("message.timeout.ms", "30000")]);
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
             let (mut sent, mut repeated, mut next) = (0usize, 0usize, 0u64);
             while !stop.load(Ordering::Acquire) {
@@ -443,8 +435,8 @@ async fn chaos_kills_and_restarts_keep_every_invariant() {
     let progressed = lives.iter().filter(|l| l.gated + l.relayed > 0.0).count();
 
     // Inputs as the broker holds them (a repeated send may have landed twice).
-    let input = read_topic_on(&b, &t.input, sent, Duration::from_secs(180));
-    let ends = high_watermarks_on(&b, &t.input, 3);
+    let input = b.read_topic(&t.input, sent, Duration::from_secs(180));
+    let ends = b.high_watermarks(&t.input, 3);
     if input.len() < sent {
         violations.push(format!(
             "the input topic holds {} messages, the load generator had {sent} acknowledged",
@@ -458,7 +450,7 @@ async fn chaos_kills_and_restarts_keep_every_invariant() {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let pending = count(&pool, &t.schema, "outbox").await;
-        let committed = committed_offsets_on(&b, &t.group, &t.input, 3);
+        let committed = b.committed_offsets(&t.group, &t.input, 3);
         if pending == 0 && committed == ends {
             break;
         }
@@ -471,7 +463,7 @@ async fn chaos_kills_and_restarts_keep_every_invariant() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
-    let out = read_topic_on(&b, &t.output, distinct.len(), Duration::from_secs(180));
+    let out = b.read_topic(&t.output, distinct.len(), Duration::from_secs(180));
     let mut on_output: HashMap<String, usize> = HashMap::new();
     let mut output_sources: HashSet<(i32, i64)> = HashSet::new();
     for m in &out {
@@ -486,7 +478,7 @@ async fn chaos_kills_and_restarts_keep_every_invariant() {
     let repeats: usize = on_output.values().map(|n| n - 1).sum();
     let repeated_ids = on_output.values().filter(|n| **n > 1).count();
     let output_ids: HashSet<String> = on_output.keys().cloned().collect();
-    let dlq = read_topic_on(&b, &t.dlq, 0, Duration::from_secs(60));
+    let dlq = b.read_topic(&t.dlq, 0, Duration::from_secs(60));
     let dlq_sources: HashSet<(i32, i64)> = dlq
         .iter()
         .filter_map(|m| {
@@ -535,7 +527,8 @@ async fn chaos_kills_and_restarts_keep_every_invariant() {
         ));
     }
     // Repeats on the output: those the relay logs place in the send-before-delete window
-    // (DESIGN.md: "a relay crash after the ack and before the delete republishes") are
+    // (README, "How it works": the relay's one window, a crash after the send and before
+    // the delete) are
     // reported; any other repeat is a violation, and so is every repeat under
     // KDEDUP_CHAOS_STRICT=1.
     sidecar.sigterm(Duration::from_secs(10));

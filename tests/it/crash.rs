@@ -4,15 +4,12 @@
 //! before the outbox delete) must show up as repeats that carry the same `kdedup-event-id`.
 //!
 //! Needs the `crash-points` feature (`make test` enables it).
-#![cfg(feature = "crash-points")]
-
-mod common;
 
 use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::helpers::*;
 
 /// `n` distinct events over 2 partitions, every 5th sent again later (another batch).
 fn traffic(n: usize) -> Vec<In> {
@@ -35,10 +32,11 @@ struct Outcome {
 /// First life crashes at `point` (its `arrival`-th time there), second life finishes the
 /// work. Returns what reached the output topic, after checking the tables.
 async fn crash_then_restart(point: &str, arrival: u32, n: usize) -> Outcome {
+    let kafka = Cluster::shared();
     let t = names(&format!("crash_{}", point.replace('-', "_")));
-    create_topic(&t.input, 2).await;
+    kafka.create_topic(&t.input, 2).await;
     let msgs = traffic(n);
-    produce(&t.input, &msgs).await;
+    kafka.produce(&t.input, &msgs).await;
     let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
         .set("KDEDUP_BATCH_SIZE", "50")
         .set("KDEDUP_RELAY_BATCH_SIZE", "50");
@@ -104,7 +102,7 @@ async fn crash_then_restart(point: &str, arrival: u32, n: usize) -> Outcome {
     .unwrap();
     assert_eq!(forwarded as usize, n, "forwarding writes by the gate");
 
-    let out = read_topic(&t.output, n, Duration::from_secs(30));
+    let out = kafka.read_topic(&t.output, n, Duration::from_secs(30));
     let mut copies: HashMap<String, usize> = HashMap::new();
     let mut first_seq: HashMap<i32, Vec<u64>> = HashMap::new();
     let mut sorted = out.clone();
@@ -185,8 +183,9 @@ async fn relay_crash_between_ack_and_delete_republishes_only_recognisable_repeat
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rebalance_mid_batch_never_commits_past_unfinished_work() {
+    let kafka = Cluster::shared();
     let t = names("rebalance_mid_batch");
-    create_topic(&t.input, 4).await;
+    kafka.create_topic(&t.input, 4).await;
     // Slow gate transactions keep batches in flight while the partitions move.
     let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
         .set("KDEDUP_BATCH_SIZE", "40")
@@ -195,13 +194,13 @@ async fn rebalance_mid_batch_never_commits_past_unfinished_work() {
     a.wait_ready(Duration::from_secs(60)).await;
 
     let total = 2400usize;
-    let input = t.input.clone();
+    let (kafka_in_task, input) = (kafka.clone(), t.input.clone());
     let producer = tokio::spawn(async move {
         for chunk in 0..24 {
             let msgs: Vec<In> = (chunk * 100..chunk * 100 + 100)
                 .map(|i: i32| In::event(i % 4, &format!("rb-{i}"), i as u64))
                 .collect();
-            produce(&input, &msgs).await;
+            kafka_in_task.produce(&input, &msgs).await;
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     });
@@ -218,7 +217,7 @@ async fn rebalance_mid_batch_never_commits_past_unfinished_work() {
         while !watch_stop.is_cancelled() {
             let (g, i) = (group.clone(), input.clone());
             let offsets =
-                tokio::task::spawn_blocking(move || committed_offsets_on(&brokers(), &g, &i, 4))
+                tokio::task::spawn_blocking(move || Cluster::shared().committed_offsets(&g, &i, 4))
                     .await
                     .unwrap();
             // Rows below each committed offset: all of them must be there.
@@ -279,7 +278,7 @@ async fn rebalance_mid_batch_never_commits_past_unfinished_work() {
         "a went through the join and the leave of b:\n{}",
         a.log_tail()
     );
-    let out = read_topic(&t.output, total, Duration::from_secs(30));
+    let out = kafka.read_topic(&t.output, total, Duration::from_secs(30));
     let mut ids = std::collections::HashSet::new();
     for m in &out {
         assert!(

@@ -1,12 +1,10 @@
 //! Faults and bad input, against the real broker and real Postgres: nothing lost,
 //! nothing forwarded twice, no partition stopped, no process restarted.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::helpers::*;
 use rand::{Rng, SeedableRng};
 
 fn ids_on(out: &[Out]) -> HashMap<String, usize> {
@@ -28,8 +26,9 @@ fn assert_once(out: &[Out], expected: usize) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_outage_pauses_input_keeps_the_group_and_loses_nothing() {
+    let kafka = Cluster::shared();
     let t = names("pgdown");
-    create_topic(&t.input, 2).await;
+    kafka.create_topic(&t.input, 2).await;
     let proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
     let url = format!("postgres://postgres@127.0.0.1:{}/test", proxy.port);
     // A short max.poll.interval.ms: a consumer that stopped polling during the outage
@@ -47,7 +46,7 @@ async fn postgres_outage_pauses_input_keeps_the_group_and_loses_nothing() {
     let first: Vec<In> = (0..300)
         .map(|i| In::event(i % 2, &format!("a-{i}"), i as u64))
         .collect();
-    produce(&t.input, &first).await;
+    kafka.produce(&t.input, &first).await;
     wait_until(Duration::from_secs(60), "first wave forwarded", || {
         s.metric("kdedup_events_forwarded_total") >= 300.0
     })
@@ -59,7 +58,7 @@ async fn postgres_outage_pauses_input_keeps_the_group_and_loses_nothing() {
         .map(|i| In::event(i % 2, &format!("a-{i}"), i as u64))
         .collect();
     second.extend((0..200).map(|i| In::event(i % 2, &format!("a-{i}"), i as u64)));
-    produce(&t.input, &second).await;
+    kafka.produce(&t.input, &second).await;
     wait_until(Duration::from_secs(20), "readiness to drop", || !s.ready()).await;
     let mut peak_rss = 0;
     while outage.elapsed() < Duration::from_secs(60) {
@@ -94,7 +93,7 @@ async fn postgres_outage_pauses_input_keeps_the_group_and_loses_nothing() {
         peak_rss < 200 * 1024,
         "RSS grew to {peak_rss} KiB during the outage"
     );
-    let out = read_topic(&t.output, 1300, Duration::from_secs(30));
+    let out = kafka.read_topic(&t.output, 1300, Duration::from_secs(30));
     assert_once(&out, 1300);
     assert_eq!(out.len(), 1300);
     assert_eq!(s.metric("kdedup_duplicates_total"), 200.0);
@@ -104,21 +103,22 @@ async fn postgres_outage_pauses_input_keeps_the_group_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rebalance_mid_stream_loses_nothing_and_forwards_nothing_twice() {
+    let kafka = Cluster::shared();
     let t = names("rebalance");
-    create_topic(&t.input, 4).await;
+    kafka.create_topic(&t.input, 4).await;
     let cfg =
         SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema).set("KDEDUP_BATCH_SIZE", "50");
     let a = Sidecar::start(&cfg, "rebalance_a");
     a.wait_ready(Duration::from_secs(60)).await;
 
     let total = 4000usize;
-    let input = t.input.clone();
+    let (kafka_in_task, input) = (kafka.clone(), t.input.clone());
     let producer = tokio::spawn(async move {
         for chunk in 0..40 {
             let msgs: Vec<In> = (chunk * 100..chunk * 100 + 100)
                 .map(|i| In::event(i % 4, &format!("rb-{i}"), i as u64))
                 .collect();
-            produce(&input, &msgs).await;
+            kafka_in_task.produce(&input, &msgs).await;
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
@@ -131,11 +131,11 @@ async fn a_rebalance_mid_stream_loses_nothing_and_forwards_nothing_twice() {
     assert_eq!(b.sigterm(Duration::from_secs(15)), Some(0));
     producer.await.unwrap();
     wait_until(Duration::from_secs(120), "every id forwarded", || {
-        let out = read_topic(&t.output, total, Duration::from_secs(3));
+        let out = kafka.read_topic(&t.output, total, Duration::from_secs(3));
         ids_on(&out).len() >= total
     })
     .await;
-    let out = read_topic(&t.output, total, Duration::from_secs(20));
+    let out = kafka.read_topic(&t.output, total, Duration::from_secs(20));
     assert_once(&out, total);
     drop(a);
     drop_schema(&pg().await, &t.schema).await;
@@ -143,8 +143,9 @@ async fn a_rebalance_mid_stream_loses_nothing_and_forwards_nothing_twice() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn fuzzed_input_never_stops_a_partition_and_nothing_is_lost() {
+    let kafka = Cluster::shared();
     let t = names("fuzz");
-    create_topic(&t.input, 3).await;
+    kafka.create_topic(&t.input, 3).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let mut msgs = Vec::new();
     let mut good = 0usize;
@@ -219,7 +220,7 @@ async fn fuzzed_input_never_stops_a_partition_and_nothing_is_lost() {
         };
         msgs.push(m);
     }
-    produce(&t.input, &msgs).await;
+    kafka.produce(&t.input, &msgs).await;
     let mut s = Sidecar::start(
         &SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
             .set("KDEDUP_ID_FROM", "header:event-id,json:/id")
@@ -247,10 +248,10 @@ async fn fuzzed_input_never_stops_a_partition_and_nothing_is_lost() {
         s.get("/livez").is_some_and(|(c, _)| c == 200),
         "the process is alive"
     );
-    let out = read_topic(&t.output, good, Duration::from_secs(30));
+    let out = kafka.read_topic(&t.output, good, Duration::from_secs(30));
     assert_eq!(out.len(), good);
     assert_once(&out, good);
-    let dlq = read_topic(&t.dlq, bad, Duration::from_secs(30));
+    let dlq = kafka.read_topic(&t.dlq, bad, Duration::from_secs(30));
     assert_eq!(dlq.len(), bad, "every bad message is in the DLQ");
     assert!(dlq
         .iter()
@@ -285,8 +286,9 @@ async fn fuzzed_input_never_stops_a_partition_and_nothing_is_lost() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn same_id_with_a_different_payload_is_counted_and_dead_lettered_on_request() {
+    let kafka = Cluster::shared();
     let t = names("mismatch");
-    create_topic(&t.input, 1).await;
+    kafka.create_topic(&t.input, 1).await;
     let mut changed = In::event(0, "m-1", 99);
     changed.value = Some(br#"{"id":"m-1","seq":99,"amount":"changed"}"#.to_vec());
     let msgs = vec![
@@ -295,7 +297,7 @@ async fn same_id_with_a_different_payload_is_counted_and_dead_lettered_on_reques
         In::event(0, "m-1", 1),
         changed,
     ];
-    produce(&t.input, &msgs).await;
+    kafka.produce(&t.input, &msgs).await;
     let s = Sidecar::start(
         &SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
             .set("KDEDUP_ON_PAYLOAD_MISMATCH", "dlq"),
@@ -318,21 +320,27 @@ async fn same_id_with_a_different_payload_is_counted_and_dead_lettered_on_reques
         1.0,
         "the identical repeat is a duplicate"
     );
-    let dlq = read_topic(&t.dlq, 1, Duration::from_secs(20));
+    let dlq = kafka.read_topic(&t.dlq, 1, Duration::from_secs(20));
     assert_eq!(dlq.len(), 1);
     assert!(dlq[0]
         .header("kdedup-dlq-error")
         .unwrap()
         .contains(&format!("{}/0/0", t.input)));
-    assert_eq!(read_topic(&t.output, 2, Duration::from_secs(20)).len(), 2);
+    assert_eq!(
+        kafka
+            .read_topic(&t.output, 2, Duration::from_secs(20))
+            .len(),
+        2
+    );
     drop(s);
     drop_schema(&pg().await, &t.schema).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_blackholed_postgres_keeps_the_group_and_sigterm_still_exits_cleanly() {
+    let kafka = Cluster::shared();
     let t = names("pghang");
-    create_topic(&t.input, 2).await;
+    kafka.create_topic(&t.input, 2).await;
     let hole = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
     let url = format!("postgres://postgres@127.0.0.1:{}/test", hole.port);
     // max.poll.interval.ms 12 s: a gate attempt that waited on the dead connection for
@@ -346,7 +354,7 @@ async fn a_blackholed_postgres_keeps_the_group_and_sigterm_still_exits_cleanly()
     let first: Vec<In> = (0..200)
         .map(|i| In::event(i % 2, &format!("h-{i}"), i as u64))
         .collect();
-    produce(&t.input, &first).await;
+    kafka.produce(&t.input, &first).await;
     wait_until(Duration::from_secs(60), "first wave forwarded", || {
         s.metric("kdedup_events_forwarded_total") >= 200.0
     })
@@ -356,7 +364,7 @@ async fn a_blackholed_postgres_keeps_the_group_and_sigterm_still_exits_cleanly()
     let second: Vec<In> = (200..500)
         .map(|i| In::event(i % 2, &format!("h-{i}"), i as u64))
         .collect();
-    produce(&t.input, &second).await;
+    kafka.produce(&t.input, &second).await;
     wait_until(Duration::from_secs(30), "readiness to drop", || !s.ready()).await;
     // Longer than max.poll.interval.ms with Postgres silent.
     tokio::time::sleep(Duration::from_secs(20)).await;
@@ -398,11 +406,14 @@ async fn a_blackholed_postgres_keeps_the_group_and_sigterm_still_exits_cleanly()
         || {
             s2.metric("kdedup_events_forwarded_total") + s.metric("kdedup_events_forwarded_total")
                 >= 500.0
-                || read_topic(&t.output, 500, Duration::from_secs(2)).len() >= 500
+                || kafka
+                    .read_topic(&t.output, 500, Duration::from_secs(2))
+                    .len()
+                    >= 500
         },
     )
     .await;
-    let out = read_topic(&t.output, 500, Duration::from_secs(30));
+    let out = kafka.read_topic(&t.output, 500, Duration::from_secs(30));
     assert_once(&out, 500);
     assert_eq!(out.len(), 500);
     drop(s2);

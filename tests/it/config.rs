@@ -4,29 +4,29 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::helpers::capture;
+
 fn run(env: &[(&str, &str)]) -> (Option<i32>, String, Duration) {
     let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_kdedup"))
-        .arg("run")
-        .env_clear()
-        // Unreachable endpoints: if validation let a bad config through, the process
-        // would hang retrying instead of exiting at once.
-        .envs([
-            ("KDEDUP_BROKERS", "127.0.0.1:1"),
-            ("KDEDUP_GROUP_ID", "g"),
-            ("KDEDUP_INPUT_TOPICS", "orders"),
-            ("KDEDUP_OUTPUT_TOPIC", "orders.dedup"),
-            (
-                "KDEDUP_DATABASE_URL",
-                "postgres://kd:s3cret-pw@127.0.0.1:1/app",
-            ),
-        ])
-        .envs(env.iter().copied())
-        .output()
-        .expect("run kdedup");
-    let text =
-        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    (out.status.code(), text, started.elapsed())
+    let out = capture(
+        Command::new(env!("CARGO_BIN_EXE_kdedup"))
+            .arg("run")
+            .env_clear()
+            // Unreachable endpoints: if validation let a bad config through, the process
+            // would hang retrying instead of exiting at once.
+            .envs([
+                ("KDEDUP_BROKERS", "127.0.0.1:1"),
+                ("KDEDUP_GROUP_ID", "g"),
+                ("KDEDUP_INPUT_TOPICS", "orders"),
+                ("KDEDUP_OUTPUT_TOPIC", "orders.dedup"),
+                (
+                    "KDEDUP_DATABASE_URL",
+                    "postgres://kd:s3cret-pw@127.0.0.1:1/app",
+                ),
+            ])
+            .envs(env.iter().copied()),
+    );
+    (out.code, out.text(), started.elapsed())
 }
 
 #[test]
@@ -75,23 +75,23 @@ fn bad_settings_exit_64_naming_the_setting_and_the_fix() {
 
 #[test]
 fn missing_database_url_names_both_variables() {
-    let out = Command::new(env!("CARGO_BIN_EXE_kdedup"))
-        .args([
-            "run",
-            "--brokers",
-            "b:1",
-            "--group-id",
-            "g",
-            "--input-topics",
-            "a",
-            "--output-topic",
-            "b",
-        ])
-        .env_clear()
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{text}");
+    let out = capture(
+        Command::new(env!("CARGO_BIN_EXE_kdedup"))
+            .args([
+                "run",
+                "--brokers",
+                "b:1",
+                "--group-id",
+                "g",
+                "--input-topics",
+                "a",
+                "--output-topic",
+                "b",
+            ])
+            .env_clear(),
+    );
+    let text = out.stderr;
+    assert_eq!(out.code, Some(64), "{text}");
     assert!(
         text.contains("KDEDUP_DATABASE_URL") && text.contains("DATABASE_URL"),
         "{text}"
@@ -100,12 +100,9 @@ fn missing_database_url_names_both_variables() {
 
 #[test]
 fn help_lists_every_setting_with_its_environment_variable() {
-    let out = Command::new(env!("CARGO_BIN_EXE_kdedup"))
-        .args(["run", "--help"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0));
-    let text = String::from_utf8_lossy(&out.stdout);
+    let out = capture(Command::new(env!("CARGO_BIN_EXE_kdedup")).args(["run", "--help"]));
+    assert_eq!(out.code, Some(0));
+    let text = out.stdout;
     for var in [
         "KDEDUP_BROKERS",
         "KDEDUP_TTL",

@@ -6,13 +6,11 @@
 //! Podman here needs `scripts/podman-containers.conf` (runc, cgroupfs, no default
 //! ulimits); `--network host` reaches the loopback services.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::helpers::*;
 
 const IMAGE: &str = "localhost/kdedup:test";
 
@@ -64,6 +62,7 @@ fn proc_status(pid: &str, field: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_image_runs_as_a_hardened_sidecar_forwards_once_over_tls_and_stops_cleanly() {
+    let kafka = Cluster::shared();
     // Build: the release binary and the image, as `make image` does.
     let built = Command::new(root().join("scripts/image.sh"))
         .arg(IMAGE)
@@ -113,7 +112,7 @@ async fn the_image_runs_as_a_hardened_sidecar_forwards_once_over_tls_and_stops_c
     }
 
     let t = names("image");
-    create_topic(&t.input, 2).await;
+    kafka.create_topic(&t.input, 2).await;
     let tls_dir = std::env::var("KDEDUP_TEST_TLS_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| root().join(".tmp/pg-tls"));
@@ -125,7 +124,7 @@ async fn the_image_runs_as_a_hardened_sidecar_forwards_once_over_tls_and_stops_c
         tls_dir.join("ca.crt").display()
     );
     let envs = [
-        format!("KDEDUP_BROKERS={}", brokers()),
+        format!("KDEDUP_BROKERS={}", kafka.brokers),
         format!("KDEDUP_GROUP_ID={}", t.group),
         format!("KDEDUP_INPUT_TOPICS={}", t.input),
         format!("KDEDUP_OUTPUT_TOPIC={}", t.output),
@@ -210,8 +209,8 @@ async fn the_image_runs_as_a_hardened_sidecar_forwards_once_over_tls_and_stops_c
     let msgs: Vec<In> = (0..300)
         .map(|i| In::event(i % 2, &format!("img-{}", i % 200), i as u64))
         .collect();
-    produce(&t.input, &msgs).await;
-    let out = read_topic(&t.output, 200, Duration::from_secs(60));
+    kafka.produce(&t.input, &msgs).await;
+    let out = kafka.read_topic(&t.output, 200, Duration::from_secs(60));
     let ids: std::collections::HashSet<&str> = out
         .iter()
         .filter_map(|m| m.header("kdedup-event-id"))

@@ -93,7 +93,7 @@ fn probes_and_scrape_port_match_the_admin_server() {
         default.rsplit_once(':').unwrap().1.to_string()
     };
     // The routes the admin server really serves.
-    let admin = include_str!("../src/admin.rs");
+    let admin = include_str!("../../src/admin.rs");
     for path in ["/livez", "/readyz", "/metrics"] {
         assert!(
             admin.contains(&format!(".route(\"{path}\"")),

@@ -3,14 +3,10 @@
 //! cannot store, records the output refuses, and payloads near the size limit. Each ends
 //! forwarded once or in the dead-letter topic with a reason, and the partition goes on.
 
-mod common;
-
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::*;
-use rdkafka::producer::FutureProducer;
-use rdkafka::ClientConfig;
+use crate::helpers::*;
 
 fn ids(out: &[Out]) -> Vec<String> {
     out.iter()
@@ -38,18 +34,13 @@ fn assert_ordered(out: &[Out]) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn input_compressed_with_every_codec_is_forwarded() {
+    let kafka = Cluster::shared();
     let t = names("codecs");
-    create_topic(&t.input, 4).await;
+    kafka.create_topic(&t.input, 4).await;
     let codecs = ["gzip", "snappy", "lz4", "zstd"];
     let mut expected = HashSet::new();
     for (p, codec) in codecs.iter().enumerate() {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
-            .set("compression.type", *codec)
-            .set("linger.ms", "0")
-            .set("batch.num.messages", "1")
-            .create()
-            .expect("producer");
+        let producer = kafka.producer_with(&[("compression.type", *codec)]);
         let msgs: Vec<In> = (0..50)
             .map(|i| In::event(p as i32, &format!("{codec}-{i}"), i))
             .collect();
@@ -69,7 +60,7 @@ async fn input_compressed_with_every_codec_is_forwarded() {
         "codecs",
     );
     s.wait_ready(Duration::from_secs(60)).await;
-    let out = read_topic(&t.output, expected.len(), Duration::from_secs(90));
+    let out = kafka.read_topic(&t.output, expected.len(), Duration::from_secs(90));
     assert_each_once(&out, &expected);
     assert_eq!(s.metric("kdedup_input_undecodable_total"), 0.0);
     assert!(s.ready(), "ready after reading every codec");
@@ -109,33 +100,34 @@ fn headers_with_raw_name(name: &[u8], value: &[u8]) -> rdkafka::message::OwnedHe
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_header_name_that_is_not_utf8_is_dead_lettered_and_the_partition_goes_on() {
+    let kafka = Cluster::shared();
     let t = names("hdrutf8");
-    create_topic(&t.input, 1).await;
+    kafka.create_topic(&t.input, 1).await;
     let before: Vec<In> = (0..20)
         .map(|i| In::event(0, &format!("h-{i}"), i))
         .collect();
     let after: Vec<In> = (20..40)
         .map(|i| In::event(0, &format!("h-{i}"), i))
         .collect();
-    produce(&t.input, &before).await;
-    let p = producer();
+    kafka.produce(&t.input, &before).await;
+    let p = kafka.producer();
     let poison = rdkafka::producer::FutureRecord::<Vec<u8>, Vec<u8>>::to(&t.input)
         .partition(0)
         .headers(headers_with_raw_name(&[0xff, 0xfe, b'x'], b"v"));
     p.send(poison, Duration::from_secs(10))
         .await
         .expect("raw header name produced");
-    produce(&t.input, &after).await;
+    kafka.produce(&t.input, &after).await;
 
     let mut s = Sidecar::start(
         &SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema),
         "hdrutf8",
     );
     s.wait_ready(Duration::from_secs(60)).await;
-    let out = read_topic(&t.output, 40, Duration::from_secs(60));
+    let out = kafka.read_topic(&t.output, 40, Duration::from_secs(60));
     let expected: HashSet<String> = (0..40).map(|i| format!("h-{i}")).collect();
     assert_each_once(&out, &expected);
-    let dlq = read_topic(&t.dlq, 1, Duration::from_secs(30));
+    let dlq = kafka.read_topic(&t.dlq, 1, Duration::from_secs(30));
     assert_eq!(dlq.len(), 1);
     assert_eq!(dlq[0].header("kdedup-dlq-reason"), Some("header_not_utf8"));
     assert_eq!(dlq[0].header("kdedup-source-offset"), Some("20"));
@@ -153,8 +145,9 @@ async fn a_header_name_that_is_not_utf8_is_dead_lettered_and_the_partition_goes_
 /// other event of the batch is forwarded.
 #[tokio::test(flavor = "multi_thread")]
 async fn events_the_database_cannot_store_are_dead_lettered_and_the_rest_forwarded() {
+    let kafka = Cluster::shared();
     let t = names("dataerr");
-    create_topic(&t.input, 2).await;
+    kafka.create_topic(&t.input, 2).await;
     let admin = pg().await;
     let created = sqlx::query(
         "CREATE DATABASE kdedup_test_latin1 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
@@ -183,17 +176,17 @@ async fn events_the_database_cannot_store_are_dead_lettered_and_the_rest_forward
         }
         msgs.push(In::event((i % 2) as i32, &id, i));
     }
-    produce(&t.input, &msgs).await;
+    kafka.produce(&t.input, &msgs).await;
     let mut s = Sidecar::start(
         &SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
             .set("KDEDUP_DATABASE_URL", &url),
         "dataerr",
     );
     s.wait_ready(Duration::from_secs(60)).await;
-    let out = read_topic(&t.output, expected.len(), Duration::from_secs(60));
+    let out = kafka.read_topic(&t.output, expected.len(), Duration::from_secs(60));
     assert_each_once(&out, &expected);
     assert_ordered(&out);
-    let dlq = read_topic(&t.dlq, refused.len(), Duration::from_secs(30));
+    let dlq = kafka.read_topic(&t.dlq, refused.len(), Duration::from_secs(30));
     let dead: HashSet<String> = dlq
         .iter()
         .map(|m| m.header("event-id").unwrap_or("").to_string())
@@ -225,8 +218,9 @@ async fn events_the_database_cannot_store_are_dead_lettered_and_the_rest_forward
 /// dead-lettered at the gate instead, before it reaches the outbox.
 #[tokio::test(flavor = "multi_thread")]
 async fn records_the_output_refuses_are_dead_lettered_and_the_rest_keep_their_order() {
+    let kafka = Cluster::shared();
     let t = names("refused");
-    create_topic(&t.input, 2).await;
+    kafka.create_topic(&t.input, 2).await;
     let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema);
     // First, with the relay off, everything is gated into the outbox.
     let mut msgs = Vec::new();
@@ -246,7 +240,7 @@ async fn records_the_output_refuses_are_dead_lettered_and_the_rest_keep_their_or
         }
         msgs.push(m);
     }
-    produce(&t.input, &msgs).await;
+    kafka.produce(&t.input, &msgs).await;
     let mut gating = Sidecar::start(&cfg.clone().set("KDEDUP_RELAY", "false"), "refused-gate");
     let pool = pg().await;
     wait_until(Duration::from_secs(60), "all 30 in the outbox", || {
@@ -260,10 +254,10 @@ async fn records_the_output_refuses_are_dead_lettered_and_the_rest_keep_their_or
     let limited = cfg.set("KDEDUP_KAFKA_MESSAGE_MAX_BYTES", "20000");
     let mut relay = Sidecar::start(&limited, "refused-relay");
     relay.wait_ready(Duration::from_secs(60)).await;
-    let out = read_topic(&t.output, small.len(), Duration::from_secs(60));
+    let out = kafka.read_topic(&t.output, small.len(), Duration::from_secs(60));
     assert_each_once(&out, &small);
     assert_ordered(&out);
-    let dlq = read_topic(&t.dlq, big.len(), Duration::from_secs(30));
+    let dlq = kafka.read_topic(&t.dlq, big.len(), Duration::from_secs(30));
     assert_eq!(dlq.len(), big.len(), "each refused row in the DLQ once");
     for m in &dlq {
         assert_eq!(m.header("kdedup-dlq-reason"), Some("output_refused"));
@@ -279,8 +273,8 @@ async fn records_the_output_refuses_are_dead_lettered_and_the_rest_keep_their_or
     // New input over the limit never reaches the outbox: dead-lettered at the gate.
     let mut late = In::event(0, "r-late", 100);
     late.value = Some(vec![b'y'; 30_000]);
-    produce(&t.input, &[late]).await;
-    let dlq = read_topic(&t.dlq, big.len() + 1, Duration::from_secs(30));
+    kafka.produce(&t.input, &[late]).await;
+    let dlq = kafka.read_topic(&t.dlq, big.len() + 1, Duration::from_secs(30));
     assert!(
         dlq.iter()
             .any(|m| m.header("kdedup-dlq-reason") == Some("message_too_large")),
@@ -301,9 +295,10 @@ async fn records_the_output_refuses_are_dead_lettered_and_the_rest_keep_their_or
 /// queue are bounded by bytes, not only by rows. Unbounded, the relay took 690 MiB here.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backlog_of_large_payloads_is_relayed_under_the_memory_limit() {
+    let kafka = Cluster::shared();
     const LIMIT_KIB: u64 = 160 * 1024;
     let t = names("bigvalues");
-    create_topic(&t.input, 2).await;
+    kafka.create_topic(&t.input, 2).await;
     let msgs: Vec<In> = (0..500u64)
         .map(|i| {
             let mut m = In::event((i % 2) as i32, &format!("b-{i}"), i);
@@ -312,7 +307,7 @@ async fn a_backlog_of_large_payloads_is_relayed_under_the_memory_limit() {
         })
         .collect();
     let expected: HashSet<String> = (0..500).map(|i| format!("b-{i}")).collect();
-    produce(&t.input, &msgs).await;
+    kafka.produce(&t.input, &msgs).await;
     drop(msgs);
     let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema);
 
@@ -350,7 +345,7 @@ async fn a_backlog_of_large_payloads_is_relayed_under_the_memory_limit() {
         gate_peak < LIMIT_KIB && relay_peak < LIMIT_KIB,
         "peak RSS {gate_peak} / {relay_peak} KiB is over the manifests' limit of {LIMIT_KIB} KiB"
     );
-    let out = read_topic(&t.output, 500, Duration::from_secs(60));
+    let out = kafka.read_topic(&t.output, 500, Duration::from_secs(60));
     assert_each_once(&out, &expected);
     assert!(out
         .iter()

@@ -1,12 +1,10 @@
 //! The TTL pruner against real Postgres, with injected time: rows past expiry go, rows
 //! before it stay, deletes come in bounded batches, and an expired id is accepted again.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::helpers::*;
 use chrono::{TimeZone, Utc};
-use common::*;
 use kdedup::metrics::Metrics;
 use kdedup::pruner::{prune_batch, prune_round, PruneSettings};
 use kdedup::settings::{DatabaseUrl, DbSettings};

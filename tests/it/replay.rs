@@ -1,15 +1,10 @@
 //! `kdedup replay` against the real broker and Postgres: the same gate, so a replay
 //! forwards only what was never forwarded.
 
-mod common;
-
 use std::collections::BTreeSet;
-use std::io::Read;
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::helpers::*;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use sqlx::Connection;
@@ -84,98 +79,15 @@ fn dlq_headers(input: &str, offset: i64, timestamp_ms: i64) -> Vec<(String, Vec<
     ]
 }
 
-/// A `kdedup replay` child process whose output is collected while it runs.
-struct ReplayProcess {
-    child: Child,
-    stdout: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl ReplayProcess {
-    fn spawn(cfg: &SidecarConfig, args: &[&str], env: &[(&str, &str)]) -> ReplayProcess {
-        let mut child = kdedup(cfg, args)
-            .env("KDEDUP_METRICS_ADDR", "127.0.0.1:0")
-            .env("KDEDUP_LOG", "warn")
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn kdedup replay");
-        let collect = |mut from: Box<dyn Read + Send>| {
-            let text = Arc::new(Mutex::new(String::new()));
-            let sink = text.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = from.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    sink.lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            });
-            text
-        };
-        let stdout = collect(Box::new(child.stdout.take().unwrap()));
-        let stderr = collect(Box::new(child.stderr.take().unwrap()));
-        ReplayProcess {
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// Waits for the exit: (exit code, stdout, stderr). Kills it and fails after `timeout`.
-    async fn finish(mut self, timeout: Duration) -> (Option<i32>, String, String) {
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("wait for kdedup replay") {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "kdedup replay still running after {timeout:?}; stdout:\n{}\nstderr:\n{}",
-                    self.stdout.lock().unwrap(),
-                    self.stderr()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        // Let the reader threads drain the closed pipes.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let out = self.stdout.lock().unwrap().clone();
-        (status.code(), out, self.stderr())
-    }
-}
-
-impl Drop for ReplayProcess {
-    fn drop(&mut self) {
-        if self.running() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn replaying_the_whole_input_again_forwards_nothing() {
+    let kafka = Cluster::shared();
     let t = names("replay_all");
-    create_topic(&t.input, 2).await;
+    kafka.create_topic(&t.input, 2).await;
     let msgs: Vec<In> = (0..400)
         .map(|i| In::event(i % 2, &format!("r-{i}"), i as u64))
         .collect();
-    produce(&t.input, &msgs).await;
+    kafka.produce(&t.input, &msgs).await;
     let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema);
     let s = Sidecar::start(&cfg, "replay_all");
     wait_until(Duration::from_secs(60), "forwarded", || {
@@ -192,7 +104,7 @@ async fn replaying_the_whole_input_again_forwards_nothing() {
     assert_eq!(summary_value(&out, "read"), 400, "{out}");
     assert_eq!(summary_value(&out, "forwarded"), 0, "{out}");
     assert_eq!(summary_value(&out, "duplicates"), 400, "{out}");
-    let output = read_topic(&t.output, 400, Duration::from_secs(20));
+    let output = kafka.read_topic(&t.output, 400, Duration::from_secs(20));
     assert_exactly_once(&output, &id_set("r", 400));
     drop(s);
     drop_schema(&pg().await, &t.schema).await;
@@ -200,8 +112,9 @@ async fn replaying_the_whole_input_again_forwards_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn replaying_the_dlq_after_a_fix_forwards_exactly_the_dead_lettered_events_once() {
+    let kafka = Cluster::shared();
     let t = names("replay_dlq");
-    create_topic(&t.input, 1).await;
+    kafka.create_topic(&t.input, 1).await;
     // 30 events carry their id only in the JSON body, which the first configuration does
     // not read: they are dead-lettered.
     let mut msgs = Vec::new();
@@ -212,7 +125,7 @@ async fn replaying_the_dlq_after_a_fix_forwards_exactly_the_dead_lettered_events
         }
         msgs.push(m);
     }
-    produce(&t.input, &msgs).await;
+    kafka.produce(&t.input, &msgs).await;
     let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema);
     let s = Sidecar::start(&cfg, "replay_dlq");
     wait_until(Duration::from_secs(60), "settled", || {
@@ -237,7 +150,7 @@ async fn replaying_the_dlq_after_a_fix_forwards_exactly_the_dead_lettered_events
     assert_eq!(summary_value(&again, "forwarded"), 0, "{again}");
     assert_eq!(summary_value(&again, "duplicates"), 30, "{again}");
 
-    let output = read_topic(&t.output, 100, Duration::from_secs(20));
+    let output = kafka.read_topic(&t.output, 100, Duration::from_secs(20));
     assert_exactly_once(&output, &id_set("d", 100));
     let replayed = output
         .iter()
@@ -265,11 +178,14 @@ fn event_from_1970(input: &str, id: &str, source_offset: i64) -> In {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn events_older_than_the_ttl_are_refused_without_force() {
+    let kafka = Cluster::shared();
     let t = names("replay_old");
-    create_topic(&t.input, 1).await;
-    create_topic(&t.output, 1).await;
-    produce(&t.input, &[event_from_1970(&t.input, "old-0", 99)]).await;
-    produce(&t.input, &[In::event(0, "new-1", 1)]).await;
+    kafka.create_topic(&t.input, 1).await;
+    kafka.create_topic(&t.output, 1).await;
+    kafka
+        .produce(&t.input, &[event_from_1970(&t.input, "old-0", 99)])
+        .await;
+    kafka.produce(&t.input, &[In::event(0, "new-1", 1)]).await;
     let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema).set("KDEDUP_TTL", "1h");
 
     let (code, out, err) = kdedup_command(&cfg, &["replay", "--from-topic", &t.input]);
@@ -289,7 +205,9 @@ async fn events_older_than_the_ttl_are_refused_without_force() {
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(summary_value(&dry, "would be forwarded"), 2, "{dry}");
     assert!(
-        read_topic(&t.output, 0, Duration::from_secs(3)).is_empty(),
+        kafka
+            .read_topic(&t.output, 0, Duration::from_secs(3))
+            .is_empty(),
         "a refused replay forwards nothing"
     );
     assert!(
@@ -300,21 +218,22 @@ async fn events_older_than_the_ttl_are_refused_without_force() {
     let (code, out, err) = kdedup_command(&cfg, &["replay", "--from-topic", &t.input, "--force"]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(summary_value(&out, "forwarded"), 2, "{out}");
-    let output = read_topic(&t.output, 2, Duration::from_secs(20));
+    let output = kafka.read_topic(&t.output, 2, Duration::from_secs(20));
     assert_exactly_once(&output, &["old-0", "new-1"].map(String::from).into());
     drop_schema(&pg().await, &t.schema).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_old_event_late_in_the_range_is_refused_before_earlier_ones_are_written() {
+    let kafka = Cluster::shared();
     let t = names("replay_old_late");
-    create_topic(&t.input, 1).await;
-    create_topic(&t.output, 1).await;
+    kafka.create_topic(&t.input, 1).await;
+    kafka.create_topic(&t.output, 1).await;
     let mut msgs: Vec<In> = (0..5)
         .map(|i| In::event(0, &format!("new-{i}"), i))
         .collect();
     msgs.push(event_from_1970(&t.input, "old-5", 5));
-    produce(&t.input, &msgs).await;
+    kafka.produce(&t.input, &msgs).await;
     // One event per gate transaction: a check made batch by batch would have forwarded
     // the five new events before meeting the old one.
     let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
@@ -328,7 +247,9 @@ async fn an_old_event_late_in_the_range_is_refused_before_earlier_ones_are_writt
         "{err}"
     );
     assert!(
-        read_topic(&t.output, 0, Duration::from_secs(3)).is_empty(),
+        kafka
+            .read_topic(&t.output, 0, Duration::from_secs(3))
+            .is_empty(),
         "a refused replay forwards nothing"
     );
     assert!(
@@ -340,9 +261,10 @@ async fn an_old_event_late_in_the_range_is_refused_before_earlier_ones_are_writt
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stripped_dlq_record_is_skipped_and_reported_with_its_source_position() {
+    let kafka = Cluster::shared();
     let t = names("replay_stripped");
-    create_topic(&t.input, 1).await;
-    create_topic(&t.dlq, 1).await;
+    kafka.create_topic(&t.input, 1).await;
+    kafka.create_topic(&t.dlq, 1).await;
     let now = chrono::Utc::now().timestamp_millis();
     // A whole dead letter: the original value and headers, plus the DLQ headers.
     let mut whole = In::event(0, "w-1", 1);
@@ -358,7 +280,7 @@ async fn a_stripped_dlq_record_is_skipped_and_reported_with_its_source_position(
     stripped
         .headers
         .push(("kdedup-dlq-stripped".into(), b"true".to_vec()));
-    produce(&t.dlq, &[whole, stripped]).await;
+    kafka.produce(&t.dlq, &[whole, stripped]).await;
     let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
         .set("KDEDUP_ID_FROM", "header:event-id,key");
     let source = format!("{}/0/7", t.input);
@@ -391,7 +313,7 @@ async fn a_stripped_dlq_record_is_skipped_and_reported_with_its_source_position(
         "{dry}"
     );
 
-    let output = read_topic(&t.output, 1, Duration::from_secs(20));
+    let output = kafka.read_topic(&t.output, 1, Duration::from_secs(20));
     assert_exactly_once(&output, &["w-1".to_string()].into());
     assert_eq!(
         output[0].json()["id"],
@@ -404,7 +326,7 @@ async fn a_stripped_dlq_record_is_skipped_and_reported_with_its_source_position(
         "the stripped record's id is not recorded"
     );
     assert_eq!(
-        read_topic(&t.dlq, 2, Duration::from_secs(10)).len(),
+        kafka.read_topic(&t.dlq, 2, Duration::from_secs(10)).len(),
         2,
         "replay writes nothing to the DLQ"
     );
@@ -413,17 +335,19 @@ async fn a_stripped_dlq_record_is_skipped_and_reported_with_its_source_position(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn replay_without_an_end_stops_at_the_end_listed_at_start_while_the_topic_grows() {
+    let kafka = Cluster::shared();
     let t = names("replay_live");
-    create_topic(&t.input, 1).await;
-    produce(
-        &t.input,
-        &(0..50)
-            .map(|i| In::event(0, &format!("pre-{i}"), i))
-            .collect::<Vec<_>>(),
-    )
-    .await;
+    kafka.create_topic(&t.input, 1).await;
+    kafka
+        .produce(
+            &t.input,
+            &(0..50)
+                .map(|i| In::event(0, &format!("pre-{i}"), i))
+                .collect::<Vec<_>>(),
+        )
+        .await;
     let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema);
-    let mut replay = ReplayProcess::spawn(
+    let mut replay = kdedup_spawn(
         &cfg,
         &["replay", "--from-topic", &t.input],
         &[("KDEDUP_LOG", "warn,kdedup::replay=info")],
@@ -434,7 +358,7 @@ async fn replay_without_an_end_stops_at_the_end_listed_at_start_while_the_topic_
     .await;
 
     // The topic keeps growing until the replay exits.
-    let producer = producer();
+    let producer = kafka.producer();
     let mut live = 0u64;
     let deadline = Instant::now() + Duration::from_secs(90);
     while replay.running() {
@@ -462,39 +386,42 @@ async fn replay_without_an_end_stops_at_the_end_listed_at_start_while_the_topic_
         live += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (code, out, err) = replay.finish(Duration::from_secs(5)).await;
+    let (code, out, err) = replay.finish(Duration::from_secs(5)).await.parts();
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(live > 0, "the topic grew while the replay ran");
     assert_eq!(summary_value(&out, "read"), 50, "{out}");
     assert_eq!(summary_value(&out, "forwarded"), 50, "{out}");
-    let output = read_topic(&t.output, 50, Duration::from_secs(20));
+    let output = kafka.read_topic(&t.output, 50, Duration::from_secs(20));
     assert_exactly_once(&output, &id_set("pre", 50));
     drop_schema(&pg().await, &t.schema).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn replay_serves_its_duplicate_counts_on_metrics_while_it_runs() {
+    let kafka = Cluster::shared();
     let t = names("replay_metrics");
-    create_topic(&t.input, 1).await;
-    produce(
-        &t.input,
-        &(0..5)
-            .map(|i| In::event(0, &format!("m-{i}"), i))
-            .collect::<Vec<_>>(),
-    )
-    .await;
+    kafka.create_topic(&t.input, 1).await;
+    kafka
+        .produce(
+            &t.input,
+            &(0..5)
+                .map(|i| In::event(0, &format!("m-{i}"), i))
+                .collect::<Vec<_>>(),
+        )
+        .await;
     let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema);
     // A first replay forwards the five events (no sidecar needed).
     let (code, out, err) = kdedup_command(&cfg, &["replay", "--from-topic", &t.input]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(summary_value(&out, "forwarded"), 5, "{out}");
-    produce(
-        &t.input,
-        &(5..8)
-            .map(|i| In::event(0, &format!("m-{i}"), i))
-            .collect::<Vec<_>>(),
-    )
-    .await;
+    kafka
+        .produce(
+            &t.input,
+            &(5..8)
+                .map(|i| In::event(0, &format!("m-{i}"), i))
+                .collect::<Vec<_>>(),
+        )
+        .await;
 
     // Hold the schema's relay lock, so the replay waits for its outbox to be published
     // and can be scraped at that point.
@@ -509,7 +436,7 @@ async fn replay_serves_its_duplicate_counts_on_metrics_while_it_runs() {
         .expect("take the relay lock");
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let mut replay = ReplayProcess::spawn(
+    let mut replay = kdedup_spawn(
         &cfg,
         &[
             "replay",
@@ -535,12 +462,12 @@ async fn replay_serves_its_duplicate_counts_on_metrics_while_it_runs() {
     assert!(replay.running(), "scraped while the replay runs");
     lock.close().await.expect("release the relay lock");
 
-    let (code, out, err) = replay.finish(Duration::from_secs(60)).await;
+    let (code, out, err) = replay.finish(Duration::from_secs(60)).await.parts();
     assert_eq!(code, Some(0), "{out}{err}");
     assert_eq!(summary_value(&out, "read"), 8, "{out}");
     assert_eq!(summary_value(&out, "forwarded"), 3, "{out}");
     assert_eq!(summary_value(&out, "duplicates (cause=replay)"), 5, "{out}");
-    let output = read_topic(&t.output, 8, Duration::from_secs(20));
+    let output = kafka.read_topic(&t.output, 8, Duration::from_secs(20));
     assert_exactly_once(&output, &id_set("m", 8));
     drop_schema(&pg().await, &t.schema).await;
 }

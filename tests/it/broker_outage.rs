@@ -3,12 +3,10 @@
 //! nothing is lost, nothing is forwarded twice. `tests/broker_restart.rs` is the real
 //! thing: a tansu of its own, with Postgres storage, SIGKILLed and started again.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{database_url, drop_schema, pg, unique, wait_until};
+use crate::helpers::{database_url, drop_schema, pg, unique, wait_until};
 use kdedup::cli::{DbArgs, PayloadMismatch, PruneFlags, RunArgs};
 use kdedup::metrics::Metrics;
 use rdkafka::consumer::{BaseConsumer, Consumer};

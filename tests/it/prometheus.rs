@@ -4,13 +4,11 @@
 //! Needs `prometheus` and `promtool` (Debian's `prometheus` package, installed by
 //! `scripts/services.sh prometheus`, which `make test` runs).
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::helpers::*;
 
 /// `/usr/bin/<name>` from the Debian package, else `<name>` on PATH, else the copy
 /// scripts/check-deploy.sh unpacks into .tmp/prometheus-deb.
@@ -185,11 +183,12 @@ fn traffic(distinct: usize) -> (Vec<In>, usize) {
 /// Starts a sidecar on fresh topics, runs [`traffic`] through it and waits until it has
 /// consumed everything and the relay has forwarded every distinct event.
 async fn sidecar_with_traffic(test: &str, distinct: usize) -> (Sidecar, Names, usize) {
+    let kafka = Cluster::shared();
     let t = names(test);
-    create_topic(&t.input, 2).await;
+    kafka.create_topic(&t.input, 2).await;
     let (msgs, duplicates) = traffic(distinct);
     let total = msgs.len();
-    produce(&t.input, &msgs).await;
+    kafka.produce(&t.input, &msgs).await;
     let sidecar = Sidecar::start(
         &SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
             .set("KDEDUP_BATCH_SIZE", "50"),
@@ -329,9 +328,12 @@ async fn promtool_finds_nothing_to_lint_in_metrics() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_ttl_shorter_than_the_input_retention_is_exported_and_warned_about() {
+    let kafka = Cluster::shared();
     let t = names("ttl_retention");
     // Seven days of retention, one hour of TTL: a redelivery after an hour slips through.
-    create_topic_with(&brokers(), &t.input, 1, &[("retention.ms", "604800000")]).await;
+    kafka
+        .create_topic_with(&t.input, 1, &[("retention.ms", "604800000")])
+        .await;
     let sidecar = Sidecar::start(
         &SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema).set("KDEDUP_TTL", "1h"),
         "ttl_retention",

@@ -1,30 +1,27 @@
 //! `kdedup inspect` and `kdedup stats` against tables a real sidecar filled, and the
 //! per-scope `gate_counters` totals the gate statement keeps.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::helpers::*;
 use serde_json::Value;
 
 /// Runs `kdedup <args>` with the database settings of `cfg`: (exit code, stdout).
 fn kdedup(cfg: &SidecarConfig, args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kdedup"))
-        .args(args)
-        .env_clear()
-        .env("KDEDUP_DATABASE_URL", &cfg.env["KDEDUP_DATABASE_URL"])
-        .env("KDEDUP_DB_SCHEMA", &cfg.env["KDEDUP_DB_SCHEMA"])
-        .output()
-        .expect("run kdedup");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.code() == Some(2) || stderr.is_empty(),
-        "kdedup {args:?} wrote to stderr: {stderr}"
+    let out = capture(
+        Command::new(env!("CARGO_BIN_EXE_kdedup"))
+            .args(args)
+            .env_clear()
+            .env("KDEDUP_DATABASE_URL", &cfg.env["KDEDUP_DATABASE_URL"])
+            .env("KDEDUP_DB_SCHEMA", &cfg.env["KDEDUP_DB_SCHEMA"]),
     );
-    (out.status.code(), stdout)
+    assert!(
+        out.code == Some(2) || out.stderr.is_empty(),
+        "kdedup {args:?} wrote to stderr: {}",
+        out.stderr
+    );
+    (out.code, out.stdout)
 }
 
 fn json(cfg: &SidecarConfig, args: &[&str]) -> (Option<i32>, Value) {
@@ -42,8 +39,9 @@ fn event(tenant: &str, partition: i32, id: &str, seq: u64) -> In {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn inspect_and_stats_report_what_the_gate_recorded() {
+    let kafka = Cluster::shared();
     let t = names("ops");
-    create_topic(&t.input, 2).await;
+    kafka.create_topic(&t.input, 2).await;
     // Two tenants (scope from a header) with the same 40 ids each. Tenant a sends every
     // 5th id twice in a row (8 duplicates), tenant b re-sends every 4th id at the end, in
     // later batches (10 duplicates).
@@ -63,7 +61,7 @@ async fn inspect_and_stats_report_what_the_gate_recorded() {
     }
     msgs.extend(later);
     let total = msgs.len();
-    produce(&t.input, &msgs).await;
+    kafka.produce(&t.input, &msgs).await;
 
     // First life without a relay: every first sighting stays queued in the outbox.
     let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)

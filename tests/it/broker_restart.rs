@@ -2,12 +2,10 @@
 //! Postgres database (so it keeps its topics, records, committed offsets and idempotent
 //! producer state across a SIGKILL): no loss, no duplicate forward, the relay resumes.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::helpers::*;
 
 fn ev(i: u64) -> In {
     In::event((i % 2) as i32, &format!("r-{i}"), i)
@@ -16,11 +14,11 @@ fn ev(i: u64) -> In {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_restart_loses_nothing_forwards_nothing_twice_and_the_relay_resumes() {
     let mut broker = Tansu::start("restart").await;
-    let b = broker.brokers();
+    let b = broker.cluster();
     let t = names("brokerrestart");
-    create_topic_on(&b, &t.input, 2).await;
+    b.create_topic(&t.input, 2).await;
     let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
-        .set("KDEDUP_BROKERS", &b)
+        .set("KDEDUP_BROKERS", &b.brokers)
         .set("KDEDUP_BATCH_SIZE", "100")
         .set("KDEDUP_RELAY_BATCH_SIZE", "100");
     let mut s = Sidecar::start(&cfg, &t.schema);
@@ -28,7 +26,8 @@ async fn a_broker_restart_loses_nothing_forwards_nothing_twice_and_the_relay_res
     let pool = pg().await;
 
     // Wave 1, and part of it forwarded.
-    produce_on(&b, &t.input, &(0..400).map(ev).collect::<Vec<_>>()).await;
+    b.produce(&t.input, &(0..400).map(ev).collect::<Vec<_>>())
+        .await;
     wait_until(Duration::from_secs(60), "part of wave 1 forwarded", || {
         s.metric("kdedup_events_forwarded_total") >= 100.0
     })
@@ -37,7 +36,8 @@ async fn a_broker_restart_loses_nothing_forwards_nothing_twice_and_the_relay_res
     // Wave 2 in the background; the broker dies while it is consumed, gated and relayed.
     let (b2, in2) = (b.clone(), t.input.clone());
     let wave2 = tokio::spawn(async move {
-        produce_on(&b2, &in2, &(400..3000).map(ev).collect::<Vec<_>>()).await;
+        b2.produce(&in2, &(400..3000).map(ev).collect::<Vec<_>>())
+            .await;
     });
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -63,7 +63,7 @@ async fn a_broker_restart_loses_nothing_forwards_nothing_twice_and_the_relay_res
     let wave3 = tokio::spawn(async move {
         let mut msgs: Vec<In> = (3000..3400).map(ev).collect();
         msgs.extend((0..200).map(ev));
-        produce_on(&b3, &in3, &msgs).await;
+        b3.produce(&in3, &msgs).await;
     });
     tokio::time::sleep(Duration::from_secs(1)).await;
     let pending_while_down = count(&pool, &t.schema, "outbox").await;
@@ -80,12 +80,12 @@ async fn a_broker_restart_loses_nothing_forwards_nothing_twice_and_the_relay_res
 
     // Everything settles: the relay empties the outbox, the group commits to the end.
     let distinct: HashSet<String> = (0..3400).map(|i| format!("r-{i}")).collect();
-    let ends = high_watermarks_on(&b, &t.input, 2);
+    let ends = b.high_watermarks(&t.input, 2);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let pending = count(&pool, &t.schema, "outbox").await;
         let gated = count(&pool, &t.schema, "processed_events").await;
-        let committed = committed_offsets_on(&b, &t.group, &t.input, 2);
+        let committed = b.committed_offsets(&t.group, &t.input, 2);
         if pending == 0 && gated == distinct.len() as i64 && committed == ends {
             break;
         }
@@ -102,7 +102,7 @@ async fn a_broker_restart_loses_nothing_forwards_nothing_twice_and_the_relay_res
         s.log_tail()
     );
 
-    let out = read_topic_on(&b, &t.output, distinct.len(), Duration::from_secs(60));
+    let out = b.read_topic(&t.output, distinct.len(), Duration::from_secs(60));
     let mut seen: HashMap<String, usize> = HashMap::new();
     for m in &out {
         *seen

@@ -6,12 +6,10 @@
 //! a plaintext connection and a URL parameter the client would ignore are refused at
 //! once, naming the setting and the fix, never retried for ever.
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::helpers::*;
 
 fn tls_dir() -> PathBuf {
     std::env::var("KDEDUP_TEST_TLS_DIR")
@@ -52,8 +50,9 @@ fn with_url(cfg: &SidecarConfig, url: &str) -> SidecarConfig {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_command_works_over_verify_full_and_the_sidecars_connections_are_encrypted() {
+    let kafka = Cluster::shared();
     let t = names("tls");
-    create_topic(&t.input, 2).await;
+    kafka.create_topic(&t.input, 2).await;
     let cfg = with_url(
         &SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema),
         &verify_full(),
@@ -67,8 +66,8 @@ async fn every_command_works_over_verify_full_and_the_sidecars_connections_are_e
     let msgs: Vec<In> = (0..200)
         .map(|i| In::event(i % 2, &format!("t-{}", i % 150), i as u64))
         .collect();
-    produce(&t.input, &msgs).await;
-    let out = read_topic(&t.output, 150, Duration::from_secs(60));
+    kafka.produce(&t.input, &msgs).await;
+    let out = kafka.read_topic(&t.output, 150, Duration::from_secs(60));
     assert_eq!(out.len(), 150, "each distinct id forwarded once");
 
     // Postgres' own view: every connection of the sidecar (application_name kdedup) is
@@ -129,8 +128,9 @@ async fn every_command_works_over_verify_full_and_the_sidecars_connections_are_e
 /// once with `EX_CONFIG` (78), naming the setting and a fix, and never retries.
 #[tokio::test(flavor = "multi_thread")]
 async fn refused_tls_settings_exit_at_once_naming_the_setting() {
+    let kafka = Cluster::shared();
     let t = names("tlsbad");
-    create_topic(&t.input, 1).await;
+    kafka.create_topic(&t.input, 1).await;
     let base = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema);
     let dir = tls_dir();
     // (what, URL, what the fix mentions, exit code of run/migrate, of stats)
@@ -171,21 +171,10 @@ async fn refused_tls_settings_exit_at_once_naming_the_setting() {
         let cfg = with_url(&base, &url);
         for command in ["run", "migrate", "stats"] {
             let started = Instant::now();
-            let out = kdedup(&cfg, &[command])
-                .env("KDEDUP_METRICS_ADDR", "127.0.0.1:0")
-                .output()
-                .expect("run kdedup");
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let out = capture(kdedup(&cfg, &[command]).env("KDEDUP_METRICS_ADDR", "127.0.0.1:0"));
+            let text = out.text();
             let expected = if command == "stats" { stats_code } else { code };
-            assert_eq!(
-                out.status.code(),
-                Some(expected),
-                "{what}, kdedup {command}: {text}"
-            );
+            assert_eq!(out.code, Some(expected), "{what}, kdedup {command}: {text}");
             assert!(
                 started.elapsed() < Duration::from_secs(15),
                 "{what}, kdedup {command} took {:?}: retried instead of failing",
@@ -211,8 +200,9 @@ async fn refused_tls_settings_exit_at_once_naming_the_setting() {
 /// password parameter, a Kafka property librdkafka refuses, and the start-up config line.
 #[tokio::test(flavor = "multi_thread")]
 async fn secrets_with_slash_at_and_colon_never_reach_the_logs() {
+    let kafka = Cluster::shared();
     let t = names("secrets");
-    create_topic(&t.input, 1).await;
+    kafka.create_topic(&t.input, 1).await;
     let secret = "s3/cr@t:pw";
     let base = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema);
     let runs: Vec<(&str, SidecarConfig)> = vec![
@@ -256,27 +246,18 @@ async fn secrets_with_slash_at_and_colon_never_reach_the_logs() {
         ),
     ];
     for (what, cfg) in runs {
-        let mut child = kdedup(&cfg, &["run"])
-            .env("KDEDUP_METRICS_ADDR", "127.0.0.1:0")
-            .env("KDEDUP_LOG", "debug")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut run = Capturing::spawn(
+            kdedup(&cfg, &["run"])
+                .env("KDEDUP_METRICS_ADDR", "127.0.0.1:0")
+                .env("KDEDUP_LOG", "debug"),
+        );
         // Long enough to start (or fail), connect, and try the broker.
         let deadline = Instant::now() + Duration::from_secs(8);
-        while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+        while Instant::now() < deadline && run.running() {
             std::thread::sleep(Duration::from_millis(100));
         }
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let out = child.wait_with_output().unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run.sigterm();
+        let text = run.finish(Duration::from_secs(60)).await.text();
         assert!(!text.is_empty(), "{what}: no output at all");
         for piece in [secret, "s3/cr", "cr@t", "s3%2Fcr"] {
             assert!(

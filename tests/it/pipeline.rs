@@ -1,11 +1,9 @@
 //! End-to-end tests of `kdedup run` against the real broker and real Postgres.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::*;
+use crate::helpers::*;
 use rand::{Rng, SeedableRng};
 
 /// `n` distinct events over `partitions` partitions, about 30% extra duplicates: half
@@ -65,11 +63,12 @@ fn assert_exactly_once_in_order(out: &[Out], n: usize) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn forwards_each_distinct_id_once_in_input_order() {
+    let kafka = Cluster::shared();
     let t = names("dedup");
-    create_topic(&t.input, 3).await;
+    kafka.create_topic(&t.input, 3).await;
     let (msgs, n) = stream_with_duplicates(3000, 3, 1);
     let total = msgs.len();
-    produce(&t.input, &msgs).await;
+    kafka.produce(&t.input, &msgs).await;
 
     let sidecar = Sidecar::start(
         &SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
@@ -84,7 +83,7 @@ async fn forwards_each_distinct_id_once_in_input_order() {
     .await;
     sidecar.wait_ready(Duration::from_secs(10)).await;
 
-    let out = read_topic(&t.output, n, Duration::from_secs(30));
+    let out = kafka.read_topic(&t.output, n, Duration::from_secs(30));
     assert_eq!(out.len(), n, "messages on the output topic");
     assert_exactly_once_in_order(&out, n);
     // Output keeps key and value and says where the event was first seen.
@@ -145,11 +144,12 @@ fn assert_event_lines_carry_their_position(sidecar: &Sidecar) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn crash_after_db_commit_before_offset_commit_forwards_nothing_twice() {
+    let kafka = Cluster::shared();
     let t = names("crash");
-    create_topic(&t.input, 2).await;
+    kafka.create_topic(&t.input, 2).await;
     let (msgs, n) = stream_with_duplicates(1000, 2, 2);
     let total = msgs.len();
-    produce(&t.input, &msgs).await;
+    kafka.produce(&t.input, &msgs).await;
 
     // First life: every gate transaction commits, but no offset ever reaches Kafka
     // (the auto-commit interval is a day; enable.auto.commit itself is kdedup's and
@@ -192,7 +192,7 @@ async fn crash_after_db_commit_before_offset_commit_forwards_nothing_twice() {
         n,
         "first sightings re-read at their own offsets are redeliveries"
     );
-    let out = read_topic(&t.output, n, Duration::from_secs(30));
+    let out = kafka.read_topic(&t.output, n, Duration::from_secs(30));
     assert_eq!(out.len(), n);
     assert_exactly_once_in_order(&out, n);
     drop(second);
@@ -201,8 +201,9 @@ async fn crash_after_db_commit_before_offset_commit_forwards_nothing_twice() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn replicas_and_groups_racing_on_the_same_ids_forward_once() {
+    let kafka = Cluster::shared();
     let t = names("race");
-    create_topic(&t.input, 4).await;
+    kafka.create_topic(&t.input, 4).await;
     let (msgs, n) = stream_with_duplicates(2000, 4, 3);
     let total = msgs.len();
 
@@ -221,7 +222,7 @@ async fn replicas_and_groups_racing_on_the_same_ids_forward_once() {
     for s in [&a1, &a2, &b1] {
         s.wait_ready(Duration::from_secs(60)).await;
     }
-    produce(&t.input, &msgs).await;
+    kafka.produce(&t.input, &msgs).await;
 
     let all = [&a1, &a2, &b1];
     let sum = |name: &str| all.iter().map(|s| s.metric(name)).sum::<f64>() as usize;
@@ -234,7 +235,7 @@ async fn replicas_and_groups_racing_on_the_same_ids_forward_once() {
         },
     )
     .await;
-    let out = read_topic(&t.output, n, Duration::from_secs(30));
+    let out = kafka.read_topic(&t.output, n, Duration::from_secs(30));
     assert_eq!(
         out.len(),
         n,
@@ -254,8 +255,9 @@ async fn replicas_and_groups_racing_on_the_same_ids_forward_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn events_without_a_usable_id_are_dead_lettered_and_the_partition_goes_on() {
+    let kafka = Cluster::shared();
     let t = names("dlq");
-    create_topic(&t.input, 1).await;
+    kafka.create_topic(&t.input, 1).await;
     let bad = |headers: Vec<(&str, Vec<u8>)>, value: &[u8]| In {
         partition: Some(0),
         key: Some(b"bad".to_vec()),
@@ -283,7 +285,7 @@ async fn events_without_a_usable_id_are_dead_lettered_and_the_partition_goes_on(
         msgs.push(m.clone());
         msgs.push(In::event(0, &format!("good-{}", i + 1), i as u64 + 1));
     }
-    produce(&t.input, &msgs).await;
+    kafka.produce(&t.input, &msgs).await;
 
     let sidecar = Sidecar::start(
         &SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
@@ -296,7 +298,7 @@ async fn events_without_a_usable_id_are_dead_lettered_and_the_partition_goes_on(
     })
     .await;
 
-    let dlq = read_topic(&t.dlq, cases.len(), Duration::from_secs(30));
+    let dlq = kafka.read_topic(&t.dlq, cases.len(), Duration::from_secs(30));
     assert_eq!(dlq.len(), cases.len());
     let reasons: HashSet<&str> = dlq
         .iter()
@@ -325,7 +327,7 @@ async fn events_without_a_usable_id_are_dead_lettered_and_the_partition_goes_on(
         assert!(!m.header("kdedup-dlq-error").unwrap().is_empty());
         assert_eq!(m.key.as_deref(), Some(&b"bad"[..]), "original message kept");
     }
-    let out = read_topic(&t.output, good, Duration::from_secs(30));
+    let out = kafka.read_topic(&t.output, good, Duration::from_secs(30));
     assert_eq!(
         out.len(),
         good,
@@ -337,10 +339,11 @@ async fn events_without_a_usable_id_are_dead_lettered_and_the_partition_goes_on(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_commits_offsets_and_exits_zero() {
+    let kafka = Cluster::shared();
     let t = names("term");
-    create_topic(&t.input, 2).await;
+    kafka.create_topic(&t.input, 2).await;
     let (msgs, n) = stream_with_duplicates(500, 2, 4);
-    produce(&t.input, &msgs).await;
+    kafka.produce(&t.input, &msgs).await;
     let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema);
     let mut s = Sidecar::start(&cfg, "sigterm_first");
     s.wait_ready(Duration::from_secs(60)).await;
@@ -359,7 +362,7 @@ async fn sigterm_drains_commits_offsets_and_exits_zero() {
     let more: Vec<In> = (0..10)
         .map(|i| In::event(i % 2, &format!("late-{i}"), 10_000 + i as u64))
         .collect();
-    produce(&t.input, &more).await;
+    kafka.produce(&t.input, &more).await;
     let s2 = Sidecar::start(&cfg, "sigterm_second");
     wait_until(Duration::from_secs(60), "late events forwarded", || {
         s2.metric("kdedup_events_forwarded_total") as usize >= 10
