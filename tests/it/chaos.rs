@@ -528,9 +528,8 @@ async fn chaos_kills_and_restarts_keep_every_invariant() {
     }
     // Repeats on the output: those the relay logs place in the send-before-delete window
     // (README, "How it works": the relay's one window, a crash after the send and before
-    // the delete) are
-    // reported; any other repeat is a violation, and so is every repeat under
-    // KDEDUP_CHAOS_STRICT=1.
+    // the delete) are reported; any other repeat is a violation, and so is every repeat
+    // under KDEDUP_CHAOS_STRICT=1.
     sidecar.sigterm(Duration::from_secs(10));
     logs.push((sidecar.log.clone(), false));
     let repeated: HashMap<String, usize> = on_output
