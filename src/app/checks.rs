@@ -1,92 +1,10 @@
-//! Start-up checks against the cluster: topics to create, the largest input accepted,
-//! and the TTL against the input topics' retention.
+//! Start-up checks against the cluster: the TTL against the input topics' retention.
 
-use std::time::Duration;
-
-use rdkafka::producer::FutureProducer;
 use tracing::warn;
 
-use crate::kafka::{topics, KafkaSetupError};
+use crate::kafka::topics;
 use crate::metrics::Metrics;
 use crate::settings::RunSettings;
-
-/// Creates the output and dead-letter topics with the first input topic's partition count.
-pub async fn create_topics(cfg: &RunSettings, producer: &FutureProducer) -> anyhow::Result<()> {
-    let first = cfg.kafka.input_topics[0].clone();
-    let (p, brokers) = (producer.clone(), cfg.kafka.brokers.clone());
-    let partitions = tokio::task::spawn_blocking(move || {
-        topics::partition_count(&p, &brokers, &first, Duration::from_secs(10))
-    })
-    .await??
-    .ok_or_else(|| KafkaSetupError::MissingInputTopic {
-        topic: cfg.kafka.input_topics[0].clone(),
-    })?;
-    topics::ensure_topics(
-        &cfg.kafka.brokers,
-        &cfg.kafka.properties,
-        &[
-            cfg.kafka.output_topic.as_str(),
-            cfg.kafka.dlq_topic.as_str(),
-        ],
-        partitions as i32,
-        cfg.kafka.topic_replication_factor,
-    )
-    .await?;
-    Ok(())
-}
-
-/// Room kept in an output record for kdedup's own headers (`kdedup-event-id`, at most
-/// `--max-id-bytes`, and `kdedup-source`, a topic name and two numbers) and the record's
-/// framing.
-fn own_header_room(cfg: &RunSettings) -> usize {
-    cfg.gate.id.max_id_bytes + 512
-}
-
-/// The largest input message kdedup accepts: `--max-message-bytes`, lowered to what the
-/// output topic (`max.message.bytes`) and the producer (`message.max.bytes`) take once
-/// kdedup's own headers are added. A larger message would pass the gate and then be
-/// refused by the broker at relay time; this way it is dead-lettered at once, with the
-/// reason. Always a limit: `--max-message-bytes 0` turns off only kdedup's own; the
-/// producer's (1,000,000 unless `message.max.bytes` says otherwise) always applies.
-pub async fn input_size_limit(cfg: &RunSettings) -> Option<usize> {
-    let mut limits: Vec<usize> = cfg.gate.max_message_bytes.into_iter().collect();
-    let room = own_header_room(cfg);
-    match topics::topic_config(
-        &cfg.kafka.brokers,
-        &cfg.kafka.properties,
-        std::slice::from_ref(&cfg.kafka.output_topic),
-        "max.message.bytes",
-    )
-    .await
-    {
-        Ok(found) => {
-            for topic_limit in found.iter().filter_map(|(_, v)| v.parse::<usize>().ok()) {
-                limits.push(topic_limit.saturating_sub(room));
-                // The broker checks the limit per record batch, not per record: a batch of
-                // several records over it is refused whole, and the relay would
-                // dead-letter every record in it.
-                let batch_size = cfg
-                    .kafka
-                    .properties
-                    .number("batch.size")
-                    .unwrap_or(1_000_000) as usize;
-                if batch_size > topic_limit {
-                    warn!(output_topic = cfg.kafka.output_topic, max_message_bytes = topic_limit, batch_size,
-                          "the output topic's max.message.bytes is below the producer's batch.size: a full batch would be refused whole and its records dead-lettered; set KDEDUP_KAFKA_BATCH_SIZE to at most the topic's limit");
-                }
-            }
-        }
-        Err(e) => warn!(error = %e, output_topic = cfg.kafka.output_topic,
-                        "cannot read the output topic's max.message.bytes; only --max-message-bytes limits input size"),
-    }
-    let producer_limit = cfg
-        .kafka
-        .properties
-        .number("message.max.bytes")
-        .unwrap_or(1_000_000) as usize;
-    limits.push(producer_limit.saturating_sub(room));
-    limits.into_iter().min()
-}
 
 /// Exports each input topic's retention and warns when the TTL is shorter: an event
 /// re-read (or replayed) after its gate row expired would be forwarded again.

@@ -77,10 +77,10 @@ pub async fn run(
 
     let producer = kafka::producer(&cfg.kafka.brokers, &cfg.kafka.properties)?;
     if cfg.kafka.create_topics {
-        checks::create_topics(&cfg, &producer).await?;
+        crate::sink::kafka::topics::create_topics(&cfg, &producer).await?;
     }
     checks::check_retention(&cfg, &metrics).await;
-    let max_message_bytes = checks::input_size_limit(&cfg).await;
+    let max_message_bytes = crate::sink::kafka::topics::input_size_limit(&cfg).await;
     info!(
         max_message_bytes,
         "largest input message accepted (larger ones are dead-lettered)"

@@ -84,7 +84,7 @@ pub struct Gate {
     pub keepalive: Option<Arc<Keepalive>>,
     /// Largest message accepted (key + value + headers): `--max-message-bytes`, lowered
     /// to what the output topic takes once kdedup's own headers are added (see
-    /// [`crate::app::checks::input_size_limit`]). `None`: no limit.
+    /// [`crate::sink::kafka::topics::input_size_limit`]). `None`: no limit.
     pub max_message_bytes: Option<usize>,
 }
 

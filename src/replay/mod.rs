@@ -688,7 +688,7 @@ async fn replay(
     let sink = Arc::new(KafkaSink {
         relay_wakeup: wakeup.clone(),
     });
-    let max_message_bytes = crate::app::checks::input_size_limit(&cfg).await;
+    let max_message_bytes = crate::sink::kafka::topics::input_size_limit(&cfg).await;
     let gate = Gate::new(
         &cfg,
         pool.clone(),
@@ -733,7 +733,7 @@ async fn replay(
         db::migrate(&pool, &cfg.db.schema).await?;
     }
     if !args.dry_run && cfg.kafka.create_topics {
-        crate::app::checks::create_topics(&cfg, &producer).await?;
+        crate::sink::kafka::topics::create_topics(&cfg, &producer).await?;
     }
     let stop = CancellationToken::new();
     let relay_stop = CancellationToken::new();

@@ -1,6 +1,6 @@
 //! The sink seam: what the forwarding write of a first-seen event is.
 //!
-//! The gate ([`crate::consume::settle`]) is the same for every sink: one transaction
+//! The gate (`consume::settle`, the stage above) is the same for every sink: one transaction
 //! inserts the batch's ids into `processed_events` and, for the rows it inserted and only
 //! those, does the sink's forwarding write, so a crash leaves both or neither. A sink
 //! decides two things:

@@ -22,6 +22,7 @@ mod crash;
 mod deploy;
 mod faults;
 mod image;
+mod layout;
 mod ops;
 mod pipeline;
 mod poison;

@@ -4,6 +4,7 @@
 //! the relay's one window, see [`relay`]); a consumer of it is at least once again.
 
 pub mod relay;
+pub mod topics;
 
 use std::sync::Arc;
 
