@@ -246,9 +246,9 @@ impl Gate {
                 Pushed::Mismatch { first, row } => {
                     summary.mismatched += 1;
                     let first = first.position();
-                    let msg = row_to_message(row.clone());
-                    if let Some(r) = self.payload_mismatch(&row.scope, &row.event_id, &msg, &first)
-                    {
+                    let (scope, event_id) = (row.scope.clone(), row.event_id.clone());
+                    let msg = row_to_message(row);
+                    if let Some(r) = self.payload_mismatch(&scope, &event_id, &msg, &first) {
                         rejected.push((msg, r));
                     }
                 }
