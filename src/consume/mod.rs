@@ -12,6 +12,7 @@
 //! - Batches are made by gate lanes, each owning whole partitions, so every rule above
 //!   holds per partition while several lanes commit at once.
 
+mod events;
 pub mod hold;
 pub mod lanes;
 pub mod settle;

@@ -21,6 +21,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
+use super::events;
 use super::hold::Keepalive;
 use crate::kafka::dlq;
 use crate::metrics::{Cause, Metrics};
@@ -28,7 +29,7 @@ use crate::model::headers;
 use crate::model::identity::Rejection;
 use crate::model::{InputMessage, Position};
 use crate::retry::Backoff;
-use crate::settings::{GateSettings, PayloadMismatch, RunSettings};
+use crate::settings::{GateSettings, RunSettings};
 use crate::sink::Sink;
 use crate::store::gate::{self, GateBatch, GateOutcome, GateRow, GateStatement, Pushed};
 use crate::store::DbError;
@@ -231,17 +232,12 @@ impl Gate {
                 Pushed::Duplicate(row) => {
                     // `push` kept the first copy; this one is only counted and logged.
                     summary.duplicates += 1;
-                    let cause = self.origin.cause(false).label();
-                    debug!(
-                        event_id = row.event_id,
-                        scope = row.scope,
-                        topic = row.topic,
-                        partition = row.partition,
-                        offset = row.offset,
-                        cause,
-                        "duplicate within batch, not forwarded"
-                    );
-                    self.metrics.duplicates.with_label_values(&[cause]).inc();
+                    events::Duplicate {
+                        row: &row,
+                        cause: self.origin.cause(false),
+                        within_batch: true,
+                    }
+                    .emit(&self.metrics);
                 }
                 Pushed::Mismatch { first, row } => {
                     summary.mismatched += 1;
@@ -288,21 +284,11 @@ impl Gate {
             match outcome {
                 GateOutcome::Forwarded => {
                     summary.first_seen += 1;
-                    debug!(
-                        event_id = row.event_id,
-                        scope = row.scope,
-                        topic = row.topic,
-                        partition = row.partition,
-                        offset = row.offset,
-                        "first sighting, queued for output"
-                    );
-                    if let Some(ts) = row.timestamp_ms {
-                        let secs = (committed_at - ts).max(0) as f64 / 1000.0;
-                        self.metrics
-                            .latency
-                            .with_label_values(&["input_to_commit"])
-                            .observe(secs);
+                    events::FirstSeen {
+                        row: &row,
+                        committed_at_ms: committed_at,
                     }
+                    .emit(&self.metrics);
                 }
                 GateOutcome::Mismatch { first } => {
                     summary.mismatched += 1;
@@ -315,17 +301,12 @@ impl Gate {
                 GateOutcome::Duplicate { first } => {
                     summary.duplicates += 1;
                     let same_position = first.as_ref().is_some_and(|f| *f == row.position());
-                    let cause = self.origin.cause(same_position).label();
-                    self.metrics.duplicates.with_label_values(&[cause]).inc();
-                    debug!(
-                        event_id = row.event_id,
-                        scope = row.scope,
-                        topic = row.topic,
-                        partition = row.partition,
-                        offset = row.offset,
-                        cause,
-                        "duplicate, not forwarded"
-                    );
+                    events::Duplicate {
+                        row: &row,
+                        cause: self.origin.cause(same_position),
+                        within_batch: false,
+                    }
+                    .emit(&self.metrics);
                 }
             }
         }
@@ -357,34 +338,14 @@ impl Gate {
         msg: &InputMessage,
         first: &Position,
     ) -> Option<Rejection> {
-        let action = match self.settings.on_payload_mismatch {
-            PayloadMismatch::Skip => "skipped",
-            PayloadMismatch::Dlq => "dead_lettered",
-        };
-        self.metrics
-            .payload_mismatches
-            .with_label_values(&[action])
-            .inc();
-        warn!(
-            event_id,
+        events::Mismatch {
             scope,
-            topic = msg.topic,
-            partition = msg.partition,
-            offset = msg.offset,
-            first_topic = first.topic,
-            first_partition = first.partition,
-            first_offset = first.offset,
-            action,
-            "same event id with a different payload: not a duplicate but a producer bug"
-        );
-        match self.settings.on_payload_mismatch {
-            PayloadMismatch::Skip => None,
-            PayloadMismatch::Dlq => Some(Rejection::PayloadMismatch {
-                first: first.to_string(),
-                scope: scope.to_string(),
-                event_id: event_id.to_string(),
-            }),
+            event_id,
+            msg,
+            first,
+            action: self.settings.on_payload_mismatch,
         }
+        .emit(&self.metrics)
     }
 
     /// Gates `batch`, retrying what can heal. Rows Postgres refuses as data (SQLSTATE class
@@ -525,17 +486,10 @@ impl Gate {
             let mut failed = Vec::new();
             for (&i, result) in pending.iter().zip(results) {
                 let (msg, why) = &rejected[i];
-                let (scope, event_id) = why.identity();
                 match result {
-                    Ok(_stripped) => {
-                        self.metrics
-                            .dead_lettered
-                            .with_label_values(&[why.reason()])
-                            .inc();
-                        warn!(event_id, scope, topic = msg.topic, partition = msg.partition, offset = msg.offset,
-                              reason = why.reason(), error = %why, "message dead-lettered");
-                    }
+                    Ok(_stripped) => events::DeadLettered { msg, why }.emit(&self.metrics),
                     Err(e) => {
+                        let (scope, event_id) = why.identity();
                         error!(event_id, scope, topic = msg.topic, partition = msg.partition, offset = msg.offset,
                                dlq_topic = self.dlq_topic, error = %e, "dead-letter produce failed; retrying");
                         failed.push(i);
