@@ -1,7 +1,8 @@
 //! The data path of `kdedup run`, in flow order: the reader ([`Pipeline`]) polls the
 //! consumer and hands each message to the gate lane that owns its partition
-//! ([`lanes`]); a lane batches and settles ([`settle`]: identify, gate, dead-letter) and
-//! then stores the batch's offsets; when the lanes make no room, the reader holds the
+//! ([`lanes`]); a lane batches and settles ([`settle`]: identify, gate, dead-letter; each
+//! decision logged and counted by one event in `events`) and then stores the batch's
+//! offsets; when the lanes make no room, the reader holds the
 //! input ([`hold`]).
 //!
 //! Contract:

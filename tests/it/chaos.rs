@@ -259,6 +259,67 @@ struct Life {
     event: String,
 }
 
+/// Steady load until `stop`: a wave of 60 every 200 ms, ~25% of them duplicates of
+/// earlier ids and ~2% without an id. Returns (messages sent, sends repeated).
+fn steady_load(
+    b: Cluster,
+    input: String,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(usize, usize)> {
+    tokio::spawn(async move {
+        let p = b.producer_with(&[("message.timeout.ms", "30000")]);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
+        let (mut sent, mut repeated, mut next) = (0usize, 0usize, 0u64);
+        while !stop.load(Ordering::Acquire) {
+            let mut wave = Vec::with_capacity(60);
+            for _ in 0..60 {
+                let part = rng.random_range(0..3);
+                let roll: f64 = rng.random();
+                if roll < 0.02 {
+                    wave.push(In {
+                        partition: Some(part),
+                        key: None,
+                        value: Some(b"{}".to_vec()),
+                        headers: vec![],
+                    });
+                } else if roll < 0.27 && next > 0 {
+                    let old = rng.random_range(0..next);
+                    wave.push(In::event((old % 3) as i32, &format!("c-{old}"), old));
+                } else {
+                    wave.push(In::event((next % 3) as i32, &format!("c-{next}"), next));
+                    next += 1;
+                }
+            }
+            repeated += produce_resilient(&p, &input, &wave).await;
+            sent += wave.len();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        p.flush(Duration::from_secs(30)).expect("flush");
+        (sent, repeated)
+    })
+}
+
+/// Forwarding progressed across lives: the durable total never went back, and every
+/// life that ran long enough gated or relayed something itself.
+fn check_progress(lives: &[Life], violations: &mut Vec<String>) {
+    let mut before = 0;
+    for (i, l) in lives.iter().enumerate() {
+        if l.gate_total_after < before {
+            violations.push(format!("life {i}: gate total went back"));
+        }
+        if l.ran >= PROGRESS_LIFE && l.gated + l.relayed == 0.0 {
+            violations.push(format!(
+                "life {i}: no progress in {} ms after readiness (ready after {} ms) {}",
+                l.ran.as_millis(),
+                l.ready_after.as_millis(),
+                l.event
+            ));
+        }
+        before = l.gate_total_after;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "long; restarts the shared Postgres: run with make chaos"]
 async fn chaos_kills_and_restarts_keep_every_invariant() {
@@ -285,43 +346,8 @@ async fn chaos_kills_and_restarts_keep_every_invariant() {
         log_dir().display()
     );
 
-    // Steady load until the chaos is over: a wave of 60 every 200 ms, ~25% of them
-    // duplicates of earlier ids and ~2% without an id.
     let stop_load = Arc::new(AtomicBool::new(false));
-    let load = {
-        let (stop, b, input) = (stop_load.clone(), b.clone(), t.input.clone());
-        tokio::spawn(async move {
-            let p = b.producer_with(&[("message.timeout.ms", "30000")]);
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
-            let (mut sent, mut repeated, mut next) = (0usize, 0usize, 0u64);
-            while !stop.load(Ordering::Acquire) {
-                let mut wave = Vec::with_capacity(60);
-                for _ in 0..60 {
-                    let part = rng.random_range(0..3);
-                    let roll: f64 = rng.random();
-                    if roll < 0.02 {
-                        wave.push(In {
-                            partition: Some(part),
-                            key: None,
-                            value: Some(b"{}".to_vec()),
-                            headers: vec![],
-                        });
-                    } else if roll < 0.27 && next > 0 {
-                        let old = rng.random_range(0..next);
-                        wave.push(In::event((old % 3) as i32, &format!("c-{old}"), old));
-                    } else {
-                        wave.push(In::event((next % 3) as i32, &format!("c-{next}"), next));
-                        next += 1;
-                    }
-                }
-                repeated += produce_resilient(&p, &input, &wave).await;
-                sent += wave.len();
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            p.flush(Duration::from_secs(30)).expect("flush");
-            (sent, repeated)
-        })
-    };
+    let load = steady_load(b.clone(), t.input.clone(), seed, stop_load.clone());
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut violations: Vec<String> = Vec::new();
@@ -415,23 +441,7 @@ async fn chaos_kills_and_restarts_keep_every_invariant() {
     let (sent, resent) = load.await.unwrap();
     sidecar.wait_ready(Duration::from_secs(90)).await;
 
-    // Forwarding progressed across lives: the durable total never went back, and every
-    // life that ran long enough gated or relayed something itself.
-    let mut before = 0;
-    for (i, l) in lives.iter().enumerate() {
-        if l.gate_total_after < before {
-            violations.push(format!("life {i}: gate total went back"));
-        }
-        if l.ran >= PROGRESS_LIFE && l.gated + l.relayed == 0.0 {
-            violations.push(format!(
-                "life {i}: no progress in {} ms after readiness (ready after {} ms) {}",
-                l.ran.as_millis(),
-                l.ready_after.as_millis(),
-                l.event
-            ));
-        }
-        before = l.gate_total_after;
-    }
+    check_progress(&lives, &mut violations);
     let progressed = lives.iter().filter(|l| l.gated + l.relayed > 0.0).count();
 
     // Inputs as the broker holds them (a repeated send may have landed twice).
