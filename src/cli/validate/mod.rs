@@ -1,0 +1,436 @@
+//! Validation: raw flags and environment into [`crate::settings`], or a [`ConfigError`]
+//! naming every bad setting and its fix, before anything connects to Kafka or Postgres.
+//!
+//! - this file: `kdedup run`'s settings, one function per component, errors collected by
+//!   [`Findings`];
+//! - [`db`]: the Postgres URL (parameters, TLS files) and schema name;
+//! - [`kafka`]: librdkafka properties from `KDEDUP_KAFKA_*` and `-X`, checked by librdkafka;
+//! - [`commands`]: what `replay`, `inspect` and `demo` add.
+
+mod commands;
+mod db;
+mod kafka;
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::env::Env;
+use super::{setting_name, ConfigError, PruneFlags, RunArgs};
+use crate::model::identity::{IdSpec, ScopeSpec};
+use crate::model::is_valid_topic_name;
+use crate::settings::{
+    ConsumeSettings, DbSettings, GateSettings, KafkaSettings, PayloadMismatch, PruneSettings,
+    RelaySettings, RunSettings,
+};
+pub use commands::demo_run_settings;
+use kafka::{check_kafka_properties, kafka_properties};
+
+/// Longest `--ttl`: the expiry (`now() + ttl`) must stay far inside Postgres' timestamp
+/// range and every conversion of it to seconds or milliseconds must fit an `i64`.
+/// 100 years of 365.25 days, which is what `--ttl 100y` means.
+pub const MAX_TTL: Duration = Duration::from_secs(100 * 31_557_600);
+
+pub fn parse_duration(setting: &str, value: &str, example: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(value.trim()).map_err(|e| {
+        ConfigError::new(
+            setting,
+            format!("cannot read {value:?} as a duration ({e})"),
+            format!("write a duration such as {example}"),
+        )
+    })
+}
+
+fn required(value: Option<String>, setting: &str, example: &str) -> Result<String, ConfigError> {
+    match value.map(|v| v.trim().to_string()) {
+        Some(v) if !v.is_empty() => Ok(v),
+        _ => Err(ConfigError::new(
+            setting,
+            "is required and not set",
+            format!("set {} (e.g. {example})", setting_name(setting)),
+        )),
+    }
+}
+
+fn validate_topic(setting: &str, topic: &str) -> Result<(), ConfigError> {
+    if is_valid_topic_name(topic) {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            setting,
+            format!("{topic:?} is not a valid Kafka topic name"),
+            "use 1-249 characters of a-z, A-Z, 0-9, '.', '_' and '-'",
+        ))
+    }
+}
+
+/// Every configuration error found, in the order the settings were checked.
+#[derive(Debug, Default)]
+pub struct Findings(pub Vec<ConfigError>);
+
+impl Findings {
+    /// The value, or `None` with the error kept.
+    fn ok<T>(&mut self, r: Result<T, ConfigError>) -> Option<T> {
+        r.map_err(|e| self.0.push(e)).ok()
+    }
+
+    /// Keeps `error()` when `broken`.
+    fn rule(&mut self, broken: bool, error: impl FnOnce() -> ConfigError) {
+        if broken {
+            self.0.push(error());
+        }
+    }
+
+    /// A number within `range`, named by `setting`, with the fix saying the default.
+    fn within<N>(&mut self, setting: &str, n: N, range: std::ops::RangeInclusive<N>, default: N)
+    where
+        N: PartialOrd + std::fmt::Display + Copy,
+    {
+        self.rule(!range.contains(&n), || {
+            ConfigError::new(
+                setting,
+                format!("{n} is out of range"),
+                format!(
+                    "choose between {} and {} (default {default})",
+                    range.start(),
+                    range.end()
+                ),
+            )
+        });
+    }
+
+    /// At least 1024 bytes.
+    fn kib(&mut self, setting: &str, n: usize, default: usize) {
+        self.rule(n < 1024, || {
+            ConfigError::new(
+                setting,
+                format!("{n} is too small"),
+                format!("choose at least 1024 (default {default})"),
+            )
+        });
+    }
+
+    fn into_result<T>(self, value: impl FnOnce() -> T) -> Result<T, ConfigError> {
+        let mut errors = self.0.into_iter();
+        match errors.next() {
+            None => Ok(value()),
+            Some(first) => Err(first.with_more(errors.collect())),
+        }
+    }
+}
+
+impl RunArgs {
+    /// Turns raw flags into [`RunSettings`], or names every bad setting and its fix (the
+    /// first in the error, the others in [`ConfigError::more`]).
+    pub fn validate(self, env: &dyn Env) -> Result<RunSettings, ConfigError> {
+        let mut f = Findings::default();
+        let kafka = self.kafka_settings(env, &mut f);
+        let db = f.ok(self.db.clone().validate(env));
+        let gate = self.gate_settings(kafka.as_ref(), &mut f);
+        let consume = self.consume_settings(db.as_ref(), &mut f);
+        f.within("relay_batch_size", self.relay_batch_size, 1..=100_000, 2000);
+        f.kib(
+            "relay_batch_max_bytes",
+            self.relay_batch_max_bytes,
+            16 << 20,
+        );
+        let metrics_addr = f.ok(self.metrics_addr.parse::<SocketAddr>().map_err(|_| {
+            ConfigError::new(
+                "metrics_addr",
+                format!("{:?} is not an address", self.metrics_addr),
+                "write ip:port, e.g. 0.0.0.0:9464",
+            )
+        }));
+        let shutdown_timeout = self.shutdown_timeout(kafka.as_ref(), &mut f);
+        let prune = match self.prune.pruner {
+            true => f.ok(self.prune.validate()).map(Some),
+            false => Some(None),
+        };
+        f.into_result(|| RunSettings {
+            kafka: kafka.expect("no error"),
+            db: db.expect("no error"),
+            gate: gate.expect("no error"),
+            consume: consume.expect("no error"),
+            relay: RelaySettings {
+                enabled: self.relay,
+                batch_size: self.relay_batch_size,
+                batch_max_bytes: self.relay_batch_max_bytes,
+            },
+            prune: prune.expect("no error"),
+            metrics_addr: metrics_addr.expect("no error"),
+            shutdown_timeout: shutdown_timeout.expect("no error"),
+            migrate_on_start: self.migrate_on_start,
+        })
+    }
+
+    /// Brokers, group, topics (distinct from each other) and librdkafka properties.
+    fn kafka_settings(&self, env: &dyn Env, f: &mut Findings) -> Option<KafkaSettings> {
+        let brokers = f.ok(required(
+            self.brokers.clone(),
+            "brokers",
+            "kafka-0.kafka:9092",
+        ));
+        let group_id = f.ok(required(self.group_id.clone(), "group_id", "orders-app"));
+        let input_topics: Option<Vec<String>> = f
+            .ok(required(
+                self.input_topics.clone(),
+                "input_topics",
+                "orders",
+            ))
+            .map(|list| {
+                list.split(',')
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty())
+                    .collect()
+            });
+        let input_topics = input_topics.and_then(|topics| {
+            let mut ok = !topics.is_empty();
+            f.rule(topics.is_empty(), || {
+                ConfigError::new(
+                    "input_topics",
+                    "names no topic",
+                    "list one or more topics, comma-separated",
+                )
+            });
+            for t in &topics {
+                ok &= f.ok(validate_topic("input_topics", t)).is_some();
+            }
+            ok.then_some(topics)
+        });
+        let output_topic = f
+            .ok(required(
+                self.output_topic.clone(),
+                "output_topic",
+                "orders.dedup",
+            ))
+            .and_then(|t| f.ok(validate_topic("output_topic", &t)).map(|()| t));
+        let dlq_topic = self
+            .dlq_topic
+            .clone()
+            .filter(|t| !t.trim().is_empty())
+            .or_else(|| Some(format!("{}.dlq", input_topics.as_ref()?[0])))
+            .and_then(|t| f.ok(validate_topic("dlq_topic", &t)).map(|()| t));
+        if let (Some(inputs), Some(output)) = (&input_topics, &output_topic) {
+            f.rule(inputs.contains(output), || {
+                ConfigError::new(
+                    "output_topic",
+                    format!(
+                        "{output:?} is also an input topic; kdedup would consume its own output"
+                    ),
+                    "choose a distinct output topic, e.g. <input>.dedup",
+                )
+            });
+            if let Some(dlq) = &dlq_topic {
+                f.rule(inputs.contains(dlq) || dlq == output, || {
+                    ConfigError::new(
+                        "dlq_topic",
+                        format!("{dlq:?} is also an input or the output topic"),
+                        "choose a distinct dead-letter topic, e.g. <input>.dlq",
+                    )
+                });
+            }
+        }
+        f.rule(
+            self.topic_replication_factor == 0 || self.topic_replication_factor < -1,
+            || {
+                ConfigError::new(
+                    "topic_replication_factor",
+                    format!(
+                        "{} is not a replication factor",
+                        self.topic_replication_factor
+                    ),
+                    "use -1 for the broker's default, or 1 or more",
+                )
+            },
+        );
+        let properties = f
+            .ok(kafka_properties(env, &self.kafka_property))
+            .and_then(|p| f.ok(check_kafka_properties(&p)).map(|()| p));
+        Some(KafkaSettings {
+            brokers: brokers?,
+            group_id: group_id?,
+            input_topics: input_topics?,
+            output_topic: output_topic?,
+            dlq_topic: dlq_topic?,
+            create_topics: self.create_topics,
+            topic_replication_factor: self.topic_replication_factor,
+            properties: properties?,
+        })
+    }
+
+    /// Identity, scope (the group id unless set), TTL and the gate attempt timeout.
+    fn gate_settings(
+        &self,
+        kafka: Option<&KafkaSettings>,
+        f: &mut Findings,
+    ) -> Option<GateSettings> {
+        let id = f.ok(IdSpec::parse(&self.id_from, self.max_id_bytes).map_err(|problem| {
+            ConfigError::new(
+                "id_from",
+                problem,
+                "write a comma-separated list of header:<name>, key, json:<pointer>, cloudevents (e.g. header:event-id,json:/id)",
+            )
+        }));
+        f.rule(self.max_id_bytes == 0 || self.max_id_bytes > 2048, || {
+            ConfigError::new(
+                "max_id_bytes",
+                format!("{} is out of range", self.max_id_bytes),
+                "choose a value between 1 and 2048 (ids are part of a btree key)",
+            )
+        });
+        let scope = match self.scope.clone().filter(|s| !s.trim().is_empty()) {
+            None => kafka.map(|k| ScopeSpec::Literal(k.group_id.clone())),
+            Some(s) => f.ok(ScopeSpec::parse(&s).map_err(|problem| {
+                ConfigError::new(
+                    "scope",
+                    problem,
+                    "write a literal scope (e.g. orders) or header:<name> (e.g. header:tenant-id)",
+                )
+            })),
+        };
+        let ttl = f.ok(parse_duration("ttl", &self.ttl, "7d or 36h"));
+        if let Some(ttl) = ttl {
+            f.rule(ttl > MAX_TTL, || {
+                ConfigError::new(
+                    "ttl",
+                    format!("{} is longer than the 100 years kdedup can store", self.ttl),
+                    "choose at most 100y (the expiry must fit Postgres' timestamps)",
+                )
+            });
+            f.rule(ttl < Duration::from_secs(60), || {
+                ConfigError::new(
+                    "ttl",
+                    format!("{} is too short to deduplicate anything", self.ttl),
+                    "set it longer than the input topic's retention plus the longest expected lag (default 7d)",
+                )
+            });
+        }
+        // A third of max.poll.interval.ms (see GateSettings::attempt_timeout).
+        let max_poll_ms = kafka
+            .and_then(|k| k.properties.number("max.poll.interval.ms"))
+            .unwrap_or(300_000);
+        Some(GateSettings {
+            id: id?,
+            scope: scope?,
+            ttl: ttl?,
+            max_message_bytes: (self.max_message_bytes > 0).then_some(self.max_message_bytes),
+            on_payload_mismatch: match self.on_payload_mismatch {
+                super::PayloadMismatch::Skip => PayloadMismatch::Skip,
+                super::PayloadMismatch::Dlq => PayloadMismatch::Dlq,
+            },
+            attempt_timeout: Duration::from_millis(max_poll_ms / 3)
+                .clamp(Duration::from_secs(5), Duration::from_secs(60)),
+        })
+    }
+
+    /// Batching and lanes; every lane needs a connection of the pool.
+    fn consume_settings(
+        &self,
+        db: Option<&DbSettings>,
+        f: &mut Findings,
+    ) -> Option<ConsumeSettings> {
+        f.within("batch_size", self.batch_size, 1..=50_000, 1000);
+        f.within("gate_lanes", self.gate_lanes, 1..=16, 2);
+        if let Some(db) = db {
+            f.rule(self.gate_lanes as u32 > db.max_connections, || {
+                ConfigError::new(
+                    "gate_lanes",
+                    format!(
+                        "{} lanes need a connection each, but the pool holds {}",
+                        self.gate_lanes, db.max_connections
+                    ),
+                    "raise --db-max-connections (KDEDUP_DB_MAX_CONNECTIONS) or lower --gate-lanes",
+                )
+            });
+        }
+        f.kib("read_ahead_bytes", self.read_ahead_bytes, 8 << 20);
+        let batch_linger = f.ok(parse_duration("batch_linger", &self.batch_linger, "20ms"));
+        if let Some(linger) = batch_linger {
+            f.rule(linger > Duration::from_secs(10), || {
+                ConfigError::new(
+                    "batch_linger",
+                    format!("{} would hold events for too long", self.batch_linger),
+                    "choose at most 10s (default 20ms)",
+                )
+            });
+        }
+        f.kib("batch_max_bytes", self.batch_max_bytes, 16 << 20);
+        Some(ConsumeSettings {
+            batch_size: self.batch_size,
+            batch_max_bytes: self.batch_max_bytes,
+            batch_linger: batch_linger?,
+            gate_lanes: self.gate_lanes,
+            read_ahead_bytes: self.read_ahead_bytes,
+        })
+    }
+
+    /// The drain deadline, which must end before the group session does: a drain that
+    /// outlives the session would be cut short by the broker evicting the consumer, which
+    /// turns a clean stop into a rebalance.
+    fn shutdown_timeout(
+        &self,
+        kafka: Option<&KafkaSettings>,
+        f: &mut Findings,
+    ) -> Option<Duration> {
+        let timeout = f.ok(parse_duration(
+            "shutdown_timeout",
+            &self.shutdown_timeout,
+            "25s",
+        ))?;
+        f.rule(timeout.is_zero(), || {
+            ConfigError::new(
+                "shutdown_timeout",
+                "must be more than zero",
+                "set it a few seconds below the pod's terminationGracePeriodSeconds (default 25s)",
+            )
+        });
+        let session = kafka.and_then(|k| k.properties.0.get("session.timeout.ms"));
+        if let Some(session) = session {
+            match session.parse::<u64>() {
+                Err(_) => f.0.push(ConfigError::new(
+                    "KDEDUP_KAFKA_SESSION_TIMEOUT_MS",
+                    format!("{session:?} is not a number of milliseconds"),
+                    "write milliseconds, e.g. 45000",
+                )),
+                Ok(session_ms) => f.rule(timeout >= Duration::from_millis(session_ms), || {
+                    ConfigError::new(
+                        "shutdown_timeout",
+                        format!(
+                            "{} is not below session.timeout.ms ({session_ms} ms)",
+                            self.shutdown_timeout
+                        ),
+                        "lower --shutdown-timeout or raise KDEDUP_KAFKA_SESSION_TIMEOUT_MS",
+                    )
+                }),
+            }
+        }
+        Some(timeout)
+    }
+}
+
+impl PruneFlags {
+    pub fn validate(&self) -> Result<PruneSettings, ConfigError> {
+        let interval = parse_duration("prune_interval", &self.prune_interval, "60s")?;
+        let pause = parse_duration("prune_pause", &self.prune_pause, "50ms")?;
+        if !(1..=1_000_000).contains(&self.prune_batch_size) {
+            return Err(ConfigError::new(
+                "prune_batch_size",
+                format!("{} is out of range", self.prune_batch_size),
+                "choose between 1 and 1000000 (default 5000)",
+            ));
+        }
+        if interval < Duration::from_millis(100) {
+            return Err(ConfigError::new(
+                "prune_interval",
+                format!("{} is too short", self.prune_interval),
+                "choose at least 100ms (default 60s)",
+            ));
+        }
+        Ok(PruneSettings {
+            interval,
+            batch_size: self.prune_batch_size,
+            pause,
+        })
+    }
+}
