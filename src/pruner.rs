@@ -63,7 +63,7 @@ pub async fn run(
         db,
         standby_retry: settings.interval,
     };
-    while let Ok(mut conn) = lock.acquire(&stop, |_| {}).await {
+    while let Ok(mut conn) = lock.acquire(&stop).await {
         loop {
             match prune_round(&mut conn, Utc::now(), &settings, &metrics, &stop).await {
                 Ok(0) => {}

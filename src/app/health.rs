@@ -1,10 +1,11 @@
 //! The health loop: refreshes the readiness inputs and the table gauges every 2 s, and
 //! stops the process when the producer failed for good.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus::IntGauge;
 use rdkafka::producer::FutureProducer;
 use sqlx::PgPool;
 use tokio::sync::Notify;
@@ -59,14 +60,7 @@ pub(super) async fn health_checks(checks: HealthChecks, stop: CancellationToken)
         let pg = tokio::time::timeout(Duration::from_secs(3), store::ping(&pool))
             .await
             .is_ok_and(|r| r.is_ok());
-        if pg != health.postgres_up.swap(pg, Ordering::AcqRel) {
-            if pg {
-                info!("postgres reachable")
-            } else {
-                warn!("postgres unreachable")
-            }
-        }
-        metrics.postgres_up.set(pg as i64);
+        record_check(&health.postgres_up, &metrics.postgres_up, pg, "postgres");
         if pg {
             refresh_table_gauges(&pool, &metrics).await;
         }
@@ -82,14 +76,12 @@ pub(super) async fn health_checks(checks: HealthChecks, stop: CancellationToken)
         })
         .await
         .unwrap_or(false);
-        if broker != health.broker_up.swap(broker, Ordering::AcqRel) {
-            if broker {
-                info!("kafka cluster reachable")
-            } else {
-                warn!("kafka cluster unreachable")
-            }
-        }
-        metrics.broker_up.set(broker as i64);
+        record_check(
+            &health.broker_up,
+            &metrics.broker_up,
+            broker,
+            "kafka cluster",
+        );
 
         // An idempotent producer that hit a fatal error (fenced, out-of-order sequence)
         // fails every later produce: dead letters and the relay would retry for ever.
@@ -102,6 +94,19 @@ pub(super) async fn health_checks(checks: HealthChecks, stop: CancellationToken)
             return;
         }
     }
+}
+
+/// Records one check's result in the readiness flag and its gauge, and logs a change
+/// ("postgres reachable", "kafka cluster unreachable").
+fn record_check(flag: &AtomicBool, gauge: &IntGauge, up: bool, what: &str) {
+    if up != flag.swap(up, Ordering::AcqRel) {
+        if up {
+            info!("{what} reachable")
+        } else {
+            warn!("{what} unreachable")
+        }
+    }
+    gauge.set(up as i64);
 }
 
 /// The one writer of the table gauges (on every replica, so a standby relay or pruner

@@ -25,7 +25,6 @@ use super::events;
 use super::hold::Keepalive;
 use crate::kafka::dlq;
 use crate::metrics::{Cause, Metrics};
-use crate::model::headers;
 use crate::model::identity::Rejection;
 use crate::model::{InputMessage, Position};
 use crate::retry::Backoff;
@@ -217,7 +216,7 @@ impl Gate {
             };
             let row = GateRow {
                 payload_hash: payload_hash(msg.value.as_deref()),
-                headers: headers::encode(&msg.headers),
+                headers: msg.headers,
                 scope,
                 event_id,
                 topic: msg.topic,
@@ -516,7 +515,7 @@ fn row_to_message(row: GateRow) -> InputMessage {
         timestamp_ms: row.timestamp_ms,
         key: row.key,
         value: row.value,
-        headers: headers::decode(&row.headers).unwrap_or_default(),
+        headers: row.headers,
         header_names_utf8: true,
     }
 }

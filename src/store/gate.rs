@@ -23,6 +23,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::DbError;
+use crate::model::headers::{self, Headers};
 use crate::model::Position;
 
 /// The key of `(scope, event_id)` in `processed_events`: the first 16 bytes of
@@ -52,7 +53,9 @@ pub struct GateRow {
     pub payload_hash: Vec<u8>,
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
-    pub headers: Vec<u8>,
+    /// As consumed; encoded ([`crate::model::headers::encode`]) only when the row is
+    /// bound to the gate statement, so a row that never reaches it costs no encoding.
+    pub headers: Headers,
 }
 
 impl GateRow {
@@ -292,9 +295,11 @@ pub async fn gate(
     let mut hashes = Vec::with_capacity(rows.len());
     let mut keys = Vec::with_capacity(rows.len());
     let mut values = Vec::with_capacity(rows.len());
+    let encoded: Vec<Vec<u8>> = rows.iter().map(|r| headers::encode(&r.headers)).collect();
     let mut headers = Vec::with_capacity(rows.len());
     let mut event_keys = Vec::with_capacity(rows.len());
-    for r in rows {
+    for (r, h) in rows.iter().zip(&encoded) {
+        headers.push(h.as_slice());
         event_keys.push(event_key(&r.scope, &r.event_id));
         scopes.push(r.scope.as_str());
         ids.push(r.event_id.as_str());
@@ -305,7 +310,6 @@ pub async fn gate(
         hashes.push(r.payload_hash.as_slice());
         keys.push(r.key.as_deref());
         values.push(r.value.as_deref());
-        headers.push(r.headers.as_slice());
     }
     let mut tx = pool.begin().await?;
     let result: Vec<GateResultRow> = sqlx::query_as(&statement.sql)

@@ -29,13 +29,8 @@ pub struct Stopped;
 
 impl SingletonLock {
     /// Waits until this process holds the lock (returning the connection that holds it)
-    /// or `stop` fires. Says once, at INFO, that it stands by and for which schema;
-    /// `standing_by` is called with `true` then and `false` once the lock is held.
-    pub async fn acquire(
-        &self,
-        stop: &CancellationToken,
-        mut standing_by: impl FnMut(bool),
-    ) -> Result<PgConnection, Stopped> {
+    /// or `stop` fires. Says once, at INFO, that it stands by and for which schema.
+    pub async fn acquire(&self, stop: &CancellationToken) -> Result<PgConnection, Stopped> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         let mut said_standby = false;
         loop {
@@ -58,10 +53,7 @@ impl SingletonLock {
                     .fetch_one(&mut conn)
                     .await;
             match locked {
-                Ok(true) => {
-                    standing_by(false);
-                    return Ok(conn);
-                }
+                Ok(true) => return Ok(conn),
                 Ok(false) => {
                     if !said_standby {
                         info!(
@@ -71,7 +63,6 @@ impl SingletonLock {
                         );
                         said_standby = true;
                     }
-                    standing_by(true);
                     backoff.reset();
                     sleep_or_stop(self.standby_retry, stop).await;
                 }

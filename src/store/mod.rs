@@ -158,17 +158,16 @@ pub struct ConnectionSecurity {
     pub cipher: Option<String>,
 }
 
-/// Says once how the connection to Postgres is protected. Plaintext is a warning unless
-/// the URL asked for it (`sslmode=disable`): with libpq's default, `prefer`, a server
-/// without TLS is used in plaintext without a word.
 impl ConnectionSecurity {
+    /// Says once how the connection to Postgres is protected. Plaintext is a warning
+    /// unless the URL asked for it (`sslmode=disable`): with libpq's default, `prefer`, a
+    /// server without TLS is used in plaintext without a word.
     pub fn log(&self, db: &DbSettings) {
-        let security = self;
         let url = db.url.expose();
-        if security.ssl {
+        if self.ssl {
             info!(
-                tls_version = security.version.as_deref().unwrap_or("?"),
-                cipher = security.cipher.as_deref().unwrap_or("?"),
+                tls_version = self.version.as_deref().unwrap_or("?"),
+                cipher = self.cipher.as_deref().unwrap_or("?"),
                 "connected to Postgres over TLS"
             );
         } else if url.contains("sslmode=disable") || url.contains("ssl-mode=disable") {

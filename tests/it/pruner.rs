@@ -31,7 +31,7 @@ fn row(id: &str) -> GateRow {
         payload_hash: vec![0; 16],
         key: None,
         value: Some(b"v".to_vec()),
-        headers: kdedup::model::headers::encode(&[]),
+        headers: vec![],
     }
 }
 

@@ -98,8 +98,9 @@ impl Relay {
             standby_retry: Duration::from_secs(2),
         };
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        // 0 on standby: it is set to 1 only while the lock is held.
         let active = &self.metrics.relay_active;
-        while let Ok(mut conn) = lock.acquire(&stop, |_| active.set(0)).await {
+        while let Ok(mut conn) = lock.acquire(&stop).await {
             backoff.reset();
             active.set(1);
             info!(output_topic = self.output_topic, "relay active");
