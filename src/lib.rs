@@ -37,4 +37,4 @@ pub(crate) mod crash;
 pub(crate) mod health;
 pub(crate) mod kafka;
 pub(crate) mod retry;
-pub(crate) mod sink;
+pub mod sink;

@@ -200,8 +200,15 @@ async fn connect_once(db: &kdedup::settings::DbSettings) -> anyhow::Result<()> {
 }
 
 /// Exit code of a failed command: `EX_CONFIG` (78) when Postgres refused the connection
-/// settings (TLS, login, database), which no restart fixes; 1 for anything else.
+/// settings (TLS, login, database), `EX_USAGE` (64) when the Postgres sink's statement
+/// does not work against the database (both no restart fixes); 1 for anything else.
 fn failure_code(e: &anyhow::Error) -> ExitCode {
+    if e.chain().any(|c| {
+        c.downcast_ref::<kdedup::sink::postgres::SinkSetupError>()
+            .is_some()
+    }) {
+        return ExitCode::from(EX_USAGE as u8);
+    }
     if e.chain().any(|c| {
         c.downcast_ref::<kdedup::store::ConnectConfigError>()
             .is_some()

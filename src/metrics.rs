@@ -42,7 +42,8 @@ pub struct Metrics {
     pub duplicates: IntCounterVec,
     /// Events that passed the gate and whose outbox row was committed.
     pub events_gated: IntCounter,
-    /// Outbox rows the broker acknowledged on the output topic.
+    /// Events the sink delivered: outbox rows the broker acknowledged on the output topic
+    /// (Kafka sink), rows committed in the gate transaction (Postgres sink).
     pub events_forwarded: IntCounter,
     /// Messages sent to the dead-letter topic, by reason.
     pub dead_lettered: IntCounterVec,
@@ -53,6 +54,15 @@ pub struct Metrics {
     pub gate_duration: Histogram,
     pub batch_size: Histogram,
     pub gate_retries: IntCounter,
+    /// Postgres sink: rows its statement reported (inserted, updated or returned).
+    pub sink_rows_written: IntCounter,
+    /// Postgres sink: one run of its statement, inside the gate transaction.
+    pub sink_statement_duration: Histogram,
+    /// Postgres sink: events its statement refused as data, by SQLSTATE class.
+    pub sink_rejected: IntCounterVec,
+    /// Postgres sink: failures of its statement that are not the rows' fault (the batch is
+    /// retried), by SQLSTATE class (`none`: no answer from the server).
+    pub sink_errors: IntCounterVec,
     pub outbox_backlog: IntGauge,
     pub relay_active: IntGauge,
     pub relay_failures: IntCounter,
@@ -132,7 +142,7 @@ impl Metrics {
                 &registry,
                 counter(
                     "kdedup_events_forwarded_total",
-                    "Events the broker acknowledged on the output topic.",
+                    "Events the sink delivered: acknowledged on the output topic (kafka), committed with the application's row (postgres).",
                 ),
             ),
             dead_lettered: reg(
@@ -186,6 +196,40 @@ impl Metrics {
                 counter(
                     "kdedup_gate_retries_total",
                     "Gate transactions retried after a Postgres error.",
+                ),
+            ),
+            sink_rows_written: reg(
+                &registry,
+                counter(
+                    "kdedup_sink_rows_written_total",
+                    "Postgres sink: rows the sink statement wrote (as it reported them), committed or not.",
+                ),
+            ),
+            sink_statement_duration: reg(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "kdedup_sink_statement_duration_seconds",
+                        "Postgres sink: one run of the sink statement in the gate transaction.",
+                    )
+                    .buckets(seconds_buckets.clone()),
+                )
+                .expect("valid metric"),
+            ),
+            sink_rejected: reg(
+                &registry,
+                counter_vec(
+                    "kdedup_sink_rejected_total",
+                    "Postgres sink: events the sink statement refused as data and that were dead-lettered (sink_rejected), by SQLSTATE class.",
+                    &["sqlstate_class"],
+                ),
+            ),
+            sink_errors: reg(
+                &registry,
+                counter_vec(
+                    "kdedup_sink_errors_total",
+                    "Postgres sink: sink statement failures that are not the events' fault; the batch is retried. By SQLSTATE class (none: no answer).",
+                    &["sqlstate_class"],
                 ),
             ),
             outbox_backlog: reg(

@@ -19,6 +19,8 @@ pub struct RunSettings {
     pub db: DbSettings,
     pub gate: GateSettings,
     pub consume: ConsumeSettings,
+    /// Where first-seen events go.
+    pub sink: SinkSettings,
     pub relay: RelaySettings,
     /// `None` when the pruner is off in this process.
     pub prune: Option<PruneSettings>,
@@ -34,9 +36,8 @@ pub struct KafkaSettings {
     pub brokers: String,
     pub group_id: String,
     pub input_topics: Vec<String>,
-    pub output_topic: String,
     pub dlq_topic: String,
-    /// Create missing output and dead-letter topics at start.
+    /// Create missing output (Kafka sink) and dead-letter topics at start.
     pub create_topics: bool,
     /// For topics kdedup creates; -1: the broker's default.
     pub topic_replication_factor: i32,
@@ -72,6 +73,103 @@ pub struct ConsumeSettings {
     pub batch_linger: Duration,
     pub gate_lanes: usize,
     pub read_ahead_bytes: usize,
+}
+
+/// `--sink`: what the forwarding write of a first-seen event is.
+#[derive(Debug, Clone)]
+pub enum SinkSettings {
+    /// An outbox row, relayed to `output_topic`.
+    Kafka { output_topic: String },
+    /// The application's own row, written in the gate transaction.
+    Postgres(PostgresSinkSettings),
+}
+
+impl SinkSettings {
+    /// The output topic, for the Kafka sink.
+    pub fn output_topic(&self) -> Option<&str> {
+        match self {
+            SinkSettings::Kafka { output_topic } => Some(output_topic),
+            SinkSettings::Postgres(_) => None,
+        }
+    }
+
+    /// The name of `--sink`, for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SinkSettings::Kafka { .. } => "kafka",
+            SinkSettings::Postgres(_) => "postgres",
+        }
+    }
+}
+
+/// `--sink postgres`: the statement that writes the batch's first-seen events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PostgresSinkSettings {
+    /// `--sink-table`: the JSON object in the value, mapped onto the table's columns.
+    Table {
+        /// As given (`[schema.]table`); resolved by Postgres at start.
+        table: String,
+        /// `--sink-column <metadata>=<column>`.
+        columns: Vec<(EventField, String)>,
+        on_conflict: OnConflict,
+    },
+    /// `--sink-sql`: a statement over the relation `kdedup_events`.
+    Sql(String),
+}
+
+/// What kdedup knows of an event besides its value, for `--sink-column`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventField {
+    EventId,
+    Scope,
+    Key,
+    SourceTopic,
+    SourcePartition,
+    SourceOffset,
+    SourceTimestamp,
+    Headers,
+}
+
+impl EventField {
+    pub const ALL: [EventField; 8] = [
+        EventField::EventId,
+        EventField::Scope,
+        EventField::Key,
+        EventField::SourceTopic,
+        EventField::SourcePartition,
+        EventField::SourceOffset,
+        EventField::SourceTimestamp,
+        EventField::Headers,
+    ];
+
+    /// Its name on the command line, which is also its column in `kdedup_events`.
+    pub fn name(self) -> &'static str {
+        match self {
+            EventField::EventId => "event_id",
+            EventField::Scope => "scope",
+            EventField::Key => "key",
+            EventField::SourceTopic => "source_topic",
+            EventField::SourcePartition => "source_partition",
+            EventField::SourceOffset => "source_offset",
+            EventField::SourceTimestamp => "source_timestamp",
+            EventField::Headers => "headers",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.name() == name)
+    }
+}
+
+/// `--sink-on-conflict`: what a row that collides with one of the table's own keys does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnConflict {
+    /// The event is rejected (`sink_rejected`, SQLSTATE 23505) and dead-lettered.
+    Error,
+    /// The existing row stays; the event counts as delivered.
+    Nothing,
+    /// The existing row takes the event's values (by primary key).
+    Update,
 }
 
 /// The Kafka sink's relay.

@@ -25,9 +25,10 @@ use crate::health::Health;
 use crate::kafka::{self, ConsumerState};
 use crate::metrics::Metrics;
 use crate::retry::Backoff;
-use crate::settings::RunSettings;
+use crate::settings::{RunSettings, SinkSettings};
 use crate::sink::kafka::relay::Relay;
 use crate::sink::kafka::KafkaSink;
+use crate::sink::{postgres, Sink};
 use crate::store;
 use health::{health_checks, Fatal, HealthChecks};
 
@@ -74,6 +75,13 @@ pub async fn run(
     };
     // Ready as far as Postgres goes; the health loop keeps this and the gauge current.
     health.postgres_up.store(true, Ordering::Release);
+
+    // The Postgres sink's statement is checked before anything consumes: a missing table
+    // or grant ends the start here, naming the fix.
+    let postgres_sink = match &cfg.sink {
+        SinkSettings::Postgres(settings) => Some(postgres::prepare(settings, &cfg.db, &metrics).await?),
+        SinkSettings::Kafka { .. } => None,
+    };
 
     let producer = kafka::producer(&cfg.kafka.brokers, &cfg.kafka.properties)?;
     if cfg.kafka.create_topics {
@@ -129,17 +137,26 @@ pub async fn run(
     });
 
     let relay_stop = CancellationToken::new();
-    let relay = cfg.relay.enabled.then(|| {
-        let relay = Relay::new(
-            &cfg,
-            producer.clone(),
-            metrics.clone(),
-            relay_wakeup.clone(),
-        );
-        tokio::spawn(relay.run(relay_stop.clone()))
-    });
-
-    let sink = Arc::new(KafkaSink { relay_wakeup });
+    let (sink, relay): (Arc<dyn Sink>, _) = match (&cfg.sink, postgres_sink) {
+        (SinkSettings::Kafka { output_topic }, _) => {
+            let relay = cfg.relay.enabled.then(|| {
+                let relay = Relay {
+                    emptied: Some(outbox_emptied.clone()),
+                    ..Relay::new(
+                        &cfg,
+                        output_topic,
+                        producer.clone(),
+                        metrics.clone(),
+                        relay_wakeup.clone(),
+                    )
+                };
+                tokio::spawn(relay.run(relay_stop.clone()))
+            });
+            (Arc::new(KafkaSink { relay_wakeup }), relay)
+        }
+        (SinkSettings::Postgres(_), Some(sink)) => (Arc::new(sink), None),
+        (SinkSettings::Postgres(_), None) => unreachable!("prepared above"),
+    };
     let pipeline = Pipeline {
         gate: Gate {
             keepalive: Some(Arc::new(Keepalive::new(consumer.clone()))),

@@ -86,9 +86,37 @@ pub struct RunArgs {
     #[arg(long, env = "KDEDUP_INPUT_TOPICS")]
     pub input_topics: Option<String>,
 
-    /// Topic that receives each first-seen event exactly once.
+    /// Where first-seen events go: `kafka` (an outbox row relayed to --output-topic) or
+    /// `postgres` (the application's own row, written in the gate transaction:
+    /// --sink-table or --sink-sql).
+    #[arg(long, env = "KDEDUP_SINK", value_enum, default_value_t = SinkKind::Kafka)]
+    pub sink: SinkKind,
+
+    /// Topic that receives each first-seen event exactly once (--sink kafka).
     #[arg(long, env = "KDEDUP_OUTPUT_TOPIC")]
     pub output_topic: Option<String>,
+
+    /// --sink postgres: the table (`[schema.]table`) that gets one row per first-seen
+    /// event, its columns filled from the JSON object in the value by name.
+    #[arg(long, env = "KDEDUP_SINK_TABLE")]
+    pub sink_table: Option<String>,
+
+    /// --sink postgres: the statement that writes the batch's first-seen events, reading
+    /// them from the relation `kdedup_events` (see README "Postgres sink").
+    #[arg(long, env = "KDEDUP_SINK_SQL")]
+    pub sink_sql: Option<String>,
+
+    /// --sink-table: fill a column from the event's metadata, `<field>=<column>` with field
+    /// one of event_id, scope, key, source_topic, source_partition, source_offset,
+    /// source_timestamp, headers (repeatable; comma-separated in the variable).
+    #[arg(long, env = "KDEDUP_SINK_COLUMNS", value_delimiter = ',', value_name = "FIELD=COLUMN")]
+    pub sink_column: Vec<String>,
+
+    /// --sink-table: a row that collides with one of the table's own unique keys:
+    /// `error` (dead-lettered as sink_rejected), `nothing` (the existing row stays) or
+    /// `update` (the existing row, found by primary key, takes the event's values).
+    #[arg(long, env = "KDEDUP_SINK_ON_CONFLICT", value_enum, default_value_t = SinkOnConflict::Error)]
+    pub sink_on_conflict: SinkOnConflict,
 
     /// Dead-letter topic for events without a usable id [default: <first input topic>.dlq].
     #[arg(long, env = "KDEDUP_DLQ_TOPIC")]
@@ -245,6 +273,21 @@ pub struct DemoArgs {
     /// Keep serving /metrics after the summary until Ctrl-C.
     #[arg(long)]
     pub hold: bool,
+}
+
+/// `--sink`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SinkKind {
+    Kafka,
+    Postgres,
+}
+
+/// `--sink-on-conflict`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SinkOnConflict {
+    Error,
+    Nothing,
+    Update,
 }
 
 /// `--on-payload-mismatch`.

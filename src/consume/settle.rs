@@ -31,7 +31,7 @@ use crate::retry::Backoff;
 use crate::settings::{GateSettings, RunSettings};
 use crate::sink::Sink;
 use crate::store::gate::{self, GateBatch, GateOutcome, GateRow, GateStatement, Pushed};
-use crate::store::DbError;
+use crate::store::{DbError, Refused};
 
 /// How a batch's events were settled.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -92,8 +92,8 @@ pub struct Gate {
 #[derive(Debug)]
 pub struct Abandoned;
 
-/// A gate outcome, or Postgres' refusal of the row's data: `(sqlstate, message)`.
-type RowResult = Result<GateOutcome, (String, String)>;
+/// A gate outcome, or Postgres' refusal of the row's data.
+type RowResult = Result<GateOutcome, Refused>;
 
 fn payload_hash(value: Option<&[u8]>) -> Vec<u8> {
     // Truncated SHA-256: 16 bytes tell payloads apart with no realistic collision and
@@ -119,7 +119,7 @@ impl Gate {
             pool,
             dlq,
             metrics,
-            statement: Arc::new(GateStatement::new(sink.gate_write())),
+            statement: Arc::new(sink.statement()),
             sink,
             origin,
             keepalive: None,
@@ -207,7 +207,10 @@ impl Gate {
                 .events_consumed
                 .with_label_values(&[&msg.topic])
                 .inc();
-            let (scope, event_id) = match self.identify(&msg) {
+            let (scope, event_id) = match self.identify(&msg).and_then(|id| {
+                self.sink.admit(&msg)?;
+                Ok(id)
+            }) {
                 Ok(identity) => identity,
                 Err(rejection) => {
                     rejected.push((msg, rejection));
@@ -265,18 +268,35 @@ impl Gate {
         for (row, outcome) in candidates.into_rows().into_iter().zip(outcomes) {
             let outcome = match outcome {
                 Ok(outcome) => outcome,
-                Err((sqlstate, message)) => {
+                Err(refused) => {
                     // Not committed: a replay after the cause is fixed gates it as new.
                     let (scope, event_id) = (row.scope.clone(), row.event_id.clone());
-                    late_rejects.push((
-                        row_to_message(row),
-                        Rejection::DatabaseRefused {
+                    let Refused {
+                        sqlstate,
+                        message,
+                        by_sink,
+                    } = refused;
+                    let why = match by_sink {
+                        true => {
+                            self.metrics
+                                .sink_rejected
+                                .with_label_values(&[sqlstate.get(..2).unwrap_or("??")])
+                                .inc();
+                            Rejection::SinkRejected {
+                                sqlstate,
+                                message,
+                                scope,
+                                event_id,
+                            }
+                        }
+                        false => Rejection::DatabaseRefused {
                             sqlstate,
                             message,
                             scope,
                             event_id,
                         },
-                    ));
+                    };
+                    late_rejects.push((row_to_message(row), why));
                     continue;
                 }
             };
@@ -348,10 +368,10 @@ impl Gate {
     }
 
     /// Gates `batch`, retrying what can heal. Rows Postgres refuses as data (SQLSTATE class
-    /// 22: a value this database cannot store) are found by splitting the batch in halves,
-    /// each half its own transaction, committed in input order, down to the single rows
-    /// at fault; those come back as `Err((sqlstate, message))` for the dead-letter topic
-    /// and everything else is gated. The in-batch duplicates are counted with the first
+    /// 22: a value this database cannot store; for the sink statement also 21 and 23, see
+    /// [`DbError::refused`]) are found by splitting the batch in halves, each half its own
+    /// transaction, committed in input order, down to the single rows at fault; those come
+    /// back as `Err(Refused)` for the dead-letter topic and everything else is gated. The in-batch duplicates are counted with the first
     /// part that commits.
     async fn gate_with_retry(
         &self,
@@ -375,10 +395,12 @@ impl Gate {
                     }
                 }
                 Err(refused) if hi - lo == 1 => results[lo] = Some(Err(refused)),
-                Err((sqlstate, _)) => {
+                Err(refused) => {
                     debug!(
                         rows = hi - lo,
-                        sqlstate, "Postgres refused data in these rows; splitting to find them"
+                        sqlstate = refused.sqlstate,
+                        by_sink = refused.by_sink,
+                        "Postgres refused data in these rows; splitting to find them"
                     );
                     let mid = lo + (hi - lo) / 2;
                     todo.push((mid, hi));
@@ -393,13 +415,13 @@ impl Gate {
     }
 
     /// One part of a batch through the gate, retried until it commits, `stop` fires, or
-    /// Postgres refuses the data (`Ok(Err((sqlstate, message)))`, not retried).
+    /// Postgres refuses the data (`Ok(Err(Refused))`, not retried).
     async fn gate_attempts(
         &self,
         part: gate::GatePart<'_>,
         rows: usize,
         stop: &CancellationToken,
-    ) -> Result<Result<Vec<GateOutcome>, (String, String)>, Abandoned> {
+    ) -> Result<Result<Vec<GateOutcome>, Refused>, Abandoned> {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
         let timeout = self.settings.attempt_timeout;
         loop {
@@ -413,18 +435,29 @@ impl Gate {
                 Err(_elapsed) => Err(DbError::Timeout(timeout)),
             };
             match result {
-                Ok(outcomes) => {
+                Ok(commit) => {
                     self.metrics
                         .gate_duration
                         .observe(started.elapsed().as_secs_f64());
-                    return Ok(Ok(outcomes));
-                }
-                Err(e) if e.data_exception().is_some() => {
-                    return Ok(Err(e.data_exception().expect("checked")));
+                    if let Some(w) = commit.written {
+                        self.metrics.sink_rows_written.inc_by(w.rows);
+                        self.metrics
+                            .sink_statement_duration
+                            .observe(w.duration.as_secs_f64());
+                    }
+                    return Ok(Ok(commit.outcomes));
                 }
                 Err(e) => {
+                    if let Some(refused) = e.refused() {
+                        return Ok(Err(refused));
+                    }
                     self.metrics.gate_retries.inc();
                     let delay = backoff.next_delay();
+                    if let DbError::Sink(_) = &e {
+                        let code = e.sqlstate();
+                        let class = code.as_deref().and_then(|c| c.get(..2)).unwrap_or("none");
+                        self.metrics.sink_errors.with_label_values(&[class]).inc();
+                    }
                     if e.is_transient() {
                         warn!(error = %e, retry_in_ms = delay.as_millis() as u64, rows,
                               "gate transaction failed; retrying the batch");

@@ -45,7 +45,7 @@ fn record<'a>(
     why: &Rejection,
     stripped: bool,
 ) -> FutureRecord<'a, Vec<u8>, Vec<u8>> {
-    let mut hs = OwnedHeaders::new_with_capacity(msg.headers.len() + 7);
+    let mut hs = OwnedHeaders::new_with_capacity(msg.headers.len() + 8);
     if !stripped {
         for (k, v) in &msg.headers {
             hs = hs.insert(Header {
@@ -74,6 +74,12 @@ fn record<'a>(
         hs = hs.insert(Header {
             key: k,
             value: Some(v.as_bytes()),
+        });
+    }
+    if let Some(sqlstate) = why.sqlstate() {
+        hs = hs.insert(Header {
+            key: header::DLQ_SQLSTATE,
+            value: Some(sqlstate.as_bytes()),
         });
     }
     let mut record = FutureRecord::to(topic).headers(hs);

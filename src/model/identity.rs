@@ -84,6 +84,15 @@ pub enum Rejection {
         scope: String,
         event_id: String,
     },
+    #[error("the sink statement refused the event (SQLSTATE {sqlstate}): {message}")]
+    SinkRejected {
+        sqlstate: String,
+        message: String,
+        scope: String,
+        event_id: String,
+    },
+    #[error("--sink-table maps a JSON object's fields onto columns, and the value is {what}")]
+    NotAJsonObject { what: &'static str },
     #[error("the output topic refused the event for good: {error}")]
     OutputRefused { error: String },
     #[error("a header name is not valid UTF-8 text")]
@@ -112,8 +121,21 @@ impl Rejection {
             }
             | Rejection::DatabaseRefused {
                 scope, event_id, ..
+            }
+            | Rejection::SinkRejected {
+                scope, event_id, ..
             } => (Some(scope), Some(event_id)),
             _ => (None, None),
+        }
+    }
+
+    /// The SQLSTATE Postgres refused the event with, for the `kdedup-dlq-sqlstate` header.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            Rejection::DatabaseRefused { sqlstate, .. } | Rejection::SinkRejected { sqlstate, .. } => {
+                Some(sqlstate)
+            }
+            _ => None,
         }
     }
 
@@ -132,6 +154,7 @@ impl Rejection {
             Rejection::PayloadMismatch { .. } => "payload_mismatch",
             Rejection::HeaderNotUtf8 => "header_not_utf8",
             Rejection::DatabaseRefused { .. } => "db_refused",
+            Rejection::SinkRejected { .. } | Rejection::NotAJsonObject { .. } => "sink_rejected",
             Rejection::OutputRefused { .. } => "output_refused",
             Rejection::CloudEventIncomplete { .. } => "missing_id",
         }

@@ -15,6 +15,8 @@ pub mod header {
     pub const SOURCE: &str = "kdedup-source";
     pub const DLQ_REASON: &str = "kdedup-dlq-reason";
     pub const DLQ_ERROR: &str = "kdedup-dlq-error";
+    /// The SQLSTATE of a `db_refused` or `sink_rejected` dead letter.
+    pub const DLQ_SQLSTATE: &str = "kdedup-dlq-sqlstate";
     pub const SOURCE_TOPIC: &str = "kdedup-source-topic";
     pub const SOURCE_PARTITION: &str = "kdedup-source-partition";
     pub const SOURCE_OFFSET: &str = "kdedup-source-offset";

@@ -36,6 +36,8 @@ use crate::model::InputMessage;
 use crate::settings::{ConsumeSettings, ReplaySettings, RunSettings};
 use crate::sink::kafka::relay::Relay;
 use crate::sink::kafka::KafkaSink;
+use crate::sink::{postgres, Sink};
+use crate::settings::SinkSettings;
 use crate::store::{self as db, outbox};
 use dlq::{restore_original, stripped_source};
 use range::{consumer, resolve_range, Range, Reader};
@@ -238,9 +240,13 @@ async fn replay(
     let pool = db::pool(&cfg.db)?;
     let wakeup = Arc::new(Notify::new());
     let producer = crate::kafka::producer(&cfg.kafka.brokers, &cfg.kafka.properties)?;
-    let sink = Arc::new(KafkaSink {
-        relay_wakeup: wakeup.clone(),
-    });
+    let sink: Arc<dyn Sink> = match &cfg.sink {
+        SinkSettings::Kafka { .. } => Arc::new(KafkaSink {
+            relay_wakeup: wakeup.clone(),
+        }),
+        // Checked before anything is read or written: the statement and its grants.
+        SinkSettings::Postgres(settings) => Arc::new(postgres::prepare(settings, &cfg.db, metrics).await?),
+    };
     let max_message_bytes = crate::sink::kafka::topics::input_size_limit(&cfg).await;
     let gate = Gate::new(
         &cfg,
@@ -290,9 +296,9 @@ async fn replay(
     }
     let stop = CancellationToken::new();
     let relay_stop = CancellationToken::new();
-    let relay = (!args.dry_run).then(|| {
+    let relay = cfg.sink.output_topic().filter(|_| !args.dry_run).map(|output_topic| {
         tokio::spawn(
-            Relay::new(&cfg, producer.clone(), metrics.clone(), wakeup.clone())
+            Relay::new(&cfg, output_topic, producer.clone(), metrics.clone(), wakeup.clone())
                 .run(relay_stop.clone()),
         )
     });

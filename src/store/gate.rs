@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use super::app_rows::{self, Written};
 use super::DbError;
 use crate::model::headers::{self, Headers};
 use crate::model::Position;
@@ -164,10 +165,22 @@ pub enum GateOutcome {
     Mismatch { first: Position },
 }
 
+/// What the commit of one gate part did besides deciding.
+#[derive(Debug)]
+pub struct GateCommit {
+    /// One per row, in the part's order.
+    pub outcomes: Vec<GateOutcome>,
+    /// The sink statement's run, when there is one and the part had first sightings.
+    pub written: Option<Written>,
+}
+
 /// The gate statement for one sink, built once at start.
 #[derive(Debug, Clone)]
 pub struct GateStatement {
     sql: String,
+    /// A statement run after the gate statement in the same transaction, over the rows
+    /// it inserted (see [`super::app_rows`]).
+    after: Option<String>,
 }
 
 impl GateStatement {
@@ -180,12 +193,28 @@ impl GateStatement {
             .unwrap_or_default();
         GateStatement {
             sql: format!("{GATE_HEAD}{forward}{GATE_TAIL}"),
+            after: None,
+        }
+    }
+
+    /// The gate with no write of its own, followed by `statement` (made by
+    /// [`super::app_rows::with_events`]) over the first sightings. Keys, values and
+    /// headers then go to Postgres once, with that statement.
+    pub fn followed_by(statement: String) -> Self {
+        GateStatement {
+            after: Some(statement),
+            ..Self::new(None)
         }
     }
 
     /// The statement's text (the benchmark runs it as it ships).
     pub fn sql(&self) -> &str {
         &self.sql
+    }
+
+    /// The statement that follows the gate, if any.
+    pub fn after(&self) -> Option<&str> {
+        self.after.as_deref()
     }
 }
 
@@ -267,18 +296,24 @@ ORDER BY ord
 /// `(ord, inserted, first topic, first partition, first offset, payload differs)`.
 type GateResultRow = (i64, bool, Option<String>, Option<i32>, Option<i64>, bool);
 
-/// Runs the gate for `part` in one transaction and commits it. Returns one outcome per
-/// row, in the part's order.
+/// Runs the gate for `part` in one transaction (with the statement that follows it, if
+/// any) and commits it. A failure of the following statement is [`DbError::Sink`].
 pub async fn gate(
     pool: &PgPool,
     statement: &GateStatement,
     part: GatePart<'_>,
     ttl: Duration,
-) -> Result<Vec<GateOutcome>, DbError> {
+) -> Result<GateCommit, DbError> {
     let rows = part.rows;
     if rows.is_empty() {
-        return Ok(Vec::new());
+        return Ok(GateCommit {
+            outcomes: Vec::new(),
+            written: None,
+        });
     }
+    // With a following statement, the gate statement needs no keys, values or headers:
+    // its arrays stay empty (UNNEST pads them with nulls) and the data goes once, later.
+    let payload = statement.after.is_none();
     let (dup_scopes, dup_counts): (Vec<&str>, Vec<i64>) = part
         .in_batch_duplicates
         .into_iter()
@@ -295,11 +330,13 @@ pub async fn gate(
     let mut hashes = Vec::with_capacity(rows.len());
     let mut keys = Vec::with_capacity(rows.len());
     let mut values = Vec::with_capacity(rows.len());
-    let encoded: Vec<Vec<u8>> = rows.iter().map(|r| headers::encode(&r.headers)).collect();
-    let mut headers = Vec::with_capacity(rows.len());
+    let encoded: Vec<Vec<u8>> = match payload {
+        true => rows.iter().map(|r| headers::encode(&r.headers)).collect(),
+        false => Vec::new(),
+    };
+    let headers: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
     let mut event_keys = Vec::with_capacity(rows.len());
-    for (r, h) in rows.iter().zip(&encoded) {
-        headers.push(h.as_slice());
+    for r in rows {
         event_keys.push(event_key(&r.scope, &r.event_id));
         scopes.push(r.scope.as_str());
         ids.push(r.event_id.as_str());
@@ -308,8 +345,10 @@ pub async fn gate(
         offsets.push(r.offset);
         timestamps.push(r.timestamp_ms);
         hashes.push(r.payload_hash.as_slice());
-        keys.push(r.key.as_deref());
-        values.push(r.value.as_deref());
+        if payload {
+            keys.push(r.key.as_deref());
+            values.push(r.value.as_deref());
+        }
     }
     let mut tx = pool.begin().await?;
     let result: Vec<GateResultRow> = sqlx::query_as(&statement.sql)
@@ -329,11 +368,26 @@ pub async fn gate(
         .bind(&event_keys)
         .fetch_all(&mut *tx)
         .await?;
+    debug_assert_eq!(result.len(), rows.len());
+    let mut written = None;
+    if let Some(after) = &statement.after {
+        let first_seen: Vec<&GateRow> = result
+            .iter()
+            .zip(rows)
+            .filter(|((_, inserted, ..), _)| *inserted)
+            .map(|(_, row)| row)
+            .collect();
+        if !first_seen.is_empty() {
+            let w = app_rows::write(&mut tx, after, &first_seen)
+                .await
+                .map_err(DbError::Sink)?;
+            written = Some(w);
+        }
+    }
     crate::crash::gate_delay().await;
     crate::crash::reached(crate::crash::Point::BeforeDbCommit);
     tx.commit().await?;
-    debug_assert_eq!(result.len(), rows.len());
-    Ok(result
+    let outcomes = result
         .into_iter()
         .map(|(_, inserted, topic, partition, offset, differs)| {
             if inserted {
@@ -352,7 +406,8 @@ pub async fn gate(
                 first => GateOutcome::Duplicate { first },
             }
         })
-        .collect())
+        .collect();
+    Ok(GateCommit { outcomes, written })
 }
 
 /// How many of `keys` (scope, event_id) the gate holds and has not expired.

@@ -6,6 +6,7 @@
 //! statement), [`outbox`] (the Kafka sink's outbox), [`prune`], [`stats`] (gauges),
 //! [`inspect`] (`kdedup inspect` / `kdedup stats`), and [`lock`] (one active relay or pruner per schema).
 
+pub mod app_rows;
 pub mod gate;
 pub mod inspect;
 pub mod lock;
@@ -43,6 +44,19 @@ pub mod sqlstate {
     /// Class 22, data exception: a value this database cannot store (a NUL byte in text,
     /// a character its encoding lacks). Retrying the same rows cannot help.
     pub const DATA_EXCEPTION_CLASS: &str = "22";
+    /// Classes the sink statement's rows can be at fault with: 21 cardinality (an upsert
+    /// that would touch one row twice), 22 data, 23 integrity (CHECK, NOT NULL, foreign
+    /// and unique keys).
+    pub const SINK_DATA_CLASSES: [&str; 3] = ["21", "22", "23"];
+}
+
+/// The rows, not the connection, are at fault: Postgres refused their data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub sqlstate: String,
+    pub message: String,
+    /// Refused by the sink statement (`--sink postgres`), not by the gate's own tables.
+    pub by_sink: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +67,30 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("no answer from postgres within {0:?}")]
     Timeout(Duration),
+    /// The statement that follows the gate (`--sink postgres`) failed.
+    #[error("the sink statement failed: {0}")]
+    Sink(sqlx::Error),
+}
+
+fn transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            matches!(
+                db.code().as_deref(),
+                Some(sqlstate::SERIALIZATION_FAILURE)
+                    | Some(sqlstate::DEADLOCK_DETECTED)
+                    | Some(sqlstate::ADMIN_SHUTDOWN)
+                    | Some(sqlstate::CANNOT_CONNECT_NOW)
+                    | Some(sqlstate::TOO_MANY_CONNECTIONS)
+            ) || db.code().is_some_and(|c| c.starts_with("08"))
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => true,
+        _ => false,
+    }
 }
 
 impl DbError {
@@ -61,25 +99,19 @@ impl DbError {
     /// error an operator must look at.
     pub fn is_transient(&self) -> bool {
         match self {
-            DbError::Sqlx(sqlx::Error::Database(db)) => {
-                matches!(
-                    db.code().as_deref(),
-                    Some(sqlstate::SERIALIZATION_FAILURE)
-                        | Some(sqlstate::DEADLOCK_DETECTED)
-                        | Some(sqlstate::ADMIN_SHUTDOWN)
-                        | Some(sqlstate::CANNOT_CONNECT_NOW)
-                        | Some(sqlstate::TOO_MANY_CONNECTIONS)
-                ) || db.code().is_some_and(|c| c.starts_with("08"))
-            }
-            DbError::Sqlx(
-                sqlx::Error::Io(_)
-                | sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::Tls(_)
-                | sqlx::Error::Protocol(_),
-            ) => true,
+            DbError::Sqlx(e) | DbError::Sink(e) => transient(e),
             DbError::Timeout(_) => true,
-            _ => false,
+            DbError::Migrate(_) => false,
+        }
+    }
+
+    /// The SQLSTATE of a server error.
+    pub fn sqlstate(&self) -> Option<String> {
+        match self {
+            DbError::Sqlx(sqlx::Error::Database(db)) | DbError::Sink(sqlx::Error::Database(db)) => {
+                db.code().map(|c| c.into_owned())
+            }
+            _ => None,
         }
     }
 
@@ -109,15 +141,25 @@ impl DbError {
         }
     }
 
-    /// A data exception (SQLSTATE class 22): the rows, not the connection, are at fault.
-    pub fn data_exception(&self) -> Option<(String, String)> {
-        match self {
-            DbError::Sqlx(sqlx::Error::Database(db)) => db
-                .code()
-                .filter(|c| c.starts_with(sqlstate::DATA_EXCEPTION_CLASS))
-                .map(|c| (c.into_owned(), db.message().to_string())),
-            _ => None,
-        }
+    /// Whether the rows are at fault, not the connection: a data exception (SQLSTATE class
+    /// 22) anywhere, or for the sink statement any of [`sqlstate::SINK_DATA_CLASSES`].
+    /// Retrying the same rows cannot help; splitting the batch finds them.
+    pub fn refused(&self) -> Option<Refused> {
+        let (db, by_sink) = match self {
+            DbError::Sqlx(sqlx::Error::Database(db)) => (db, false),
+            DbError::Sink(sqlx::Error::Database(db)) => (db, true),
+            _ => return None,
+        };
+        let code = db.code()?;
+        let rows_at_fault = match by_sink {
+            false => code.starts_with(sqlstate::DATA_EXCEPTION_CLASS),
+            true => sqlstate::SINK_DATA_CLASSES.iter().any(|c| code.starts_with(c)),
+        };
+        rows_at_fault.then(|| Refused {
+            sqlstate: code.into_owned(),
+            message: db.message().to_string(),
+            by_sink,
+        })
     }
 }
 

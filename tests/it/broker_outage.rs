@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::helpers::{database_url, drop_schema, pg, unique, wait_until};
-use kdedup::cli::{DbArgs, PayloadMismatch, PruneFlags, RunArgs};
+use kdedup::cli::{DbArgs, PayloadMismatch, PruneFlags, RunArgs, SinkKind, SinkOnConflict};
 use kdedup::metrics::Metrics;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
@@ -46,7 +46,12 @@ async fn a_broker_outage_loses_nothing_and_the_relay_resumes() {
         brokers: Some(brokers.clone()),
         group_id: Some("g".into()),
         input_topics: Some("in".into()),
+        sink: SinkKind::Kafka,
         output_topic: Some("out".into()),
+        sink_table: None,
+        sink_sql: None,
+        sink_column: Vec::new(),
+        sink_on_conflict: SinkOnConflict::Error,
         dlq_topic: None,
         db: DbArgs {
             database_url: Some(database_url()),

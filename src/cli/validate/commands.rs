@@ -118,7 +118,12 @@ pub fn demo_run_settings(
         brokers: Some(brokers.to_string()),
         group_id: Some("orders-app".into()),
         input_topics: Some(input.into()),
+        sink: super::super::SinkKind::Kafka,
         output_topic: Some(output.into()),
+        sink_table: None,
+        sink_sql: None,
+        sink_column: Vec::new(),
+        sink_on_conflict: super::super::SinkOnConflict::Error,
         dlq_topic: None,
         db: DbArgs {
             database_url: Some(demo.db.url.expose().to_string()),

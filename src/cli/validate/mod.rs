@@ -20,9 +20,11 @@ use super::env::Env;
 use super::{setting_name, ConfigError, PruneFlags, RunArgs};
 use crate::model::identity::{IdSpec, ScopeSpec};
 use crate::model::is_valid_topic_name;
+use super::{SinkKind, SinkOnConflict};
 use crate::settings::{
-    ConsumeSettings, DbSettings, GateSettings, KafkaSettings, PayloadMismatch, PruneSettings,
-    RelaySettings, RunSettings,
+    ConsumeSettings, DbSettings, EventField, GateSettings, KafkaSettings, OnConflict,
+    PayloadMismatch, PostgresSinkSettings, PruneSettings, RelaySettings, RunSettings,
+    SinkSettings,
 };
 pub use commands::demo_run_settings;
 use kafka::{check_kafka_properties, kafka_properties};
@@ -129,6 +131,7 @@ impl RunArgs {
         let db = f.ok(self.db.clone().validate(env));
         let gate = self.gate_settings(kafka.as_ref(), &mut f);
         let consume = self.consume_settings(db.as_ref(), &mut f);
+        let sink = self.sink_settings(kafka.as_ref(), &mut f);
         f.within("relay_batch_size", self.relay_batch_size, 1..=100_000, 2000);
         f.kib(
             "relay_batch_max_bytes",
@@ -152,6 +155,7 @@ impl RunArgs {
             db: db.expect("no error"),
             gate: gate.expect("no error"),
             consume: consume.expect("no error"),
+            sink: sink.expect("no error"),
             relay: RelaySettings {
                 enabled: self.relay,
                 batch_size: self.relay_batch_size,
@@ -198,38 +202,20 @@ impl RunArgs {
             }
             ok.then_some(topics)
         });
-        let output_topic = f
-            .ok(required(
-                self.output_topic.clone(),
-                "output_topic",
-                "orders.dedup",
-            ))
-            .and_then(|t| f.ok(validate_topic("output_topic", &t)).map(|()| t));
         let dlq_topic = self
             .dlq_topic
             .clone()
             .filter(|t| !t.trim().is_empty())
             .or_else(|| Some(format!("{}.dlq", input_topics.as_ref()?[0])))
             .and_then(|t| f.ok(validate_topic("dlq_topic", &t)).map(|()| t));
-        if let (Some(inputs), Some(output)) = (&input_topics, &output_topic) {
-            f.rule(inputs.contains(output), || {
+        if let (Some(inputs), Some(dlq)) = (&input_topics, &dlq_topic) {
+            f.rule(inputs.contains(dlq), || {
                 ConfigError::new(
-                    "output_topic",
-                    format!(
-                        "{output:?} is also an input topic; kdedup would consume its own output"
-                    ),
-                    "choose a distinct output topic, e.g. <input>.dedup",
+                    "dlq_topic",
+                    format!("{dlq:?} is also an input topic"),
+                    "choose a distinct dead-letter topic, e.g. <input>.dlq",
                 )
             });
-            if let Some(dlq) = &dlq_topic {
-                f.rule(inputs.contains(dlq) || dlq == output, || {
-                    ConfigError::new(
-                        "dlq_topic",
-                        format!("{dlq:?} is also an input or the output topic"),
-                        "choose a distinct dead-letter topic, e.g. <input>.dlq",
-                    )
-                });
-            }
         }
         f.rule(
             self.topic_replication_factor == 0 || self.topic_replication_factor < -1,
@@ -251,12 +237,67 @@ impl RunArgs {
             brokers: brokers?,
             group_id: group_id?,
             input_topics: input_topics?,
-            output_topic: output_topic?,
             dlq_topic: dlq_topic?,
             create_topics: self.create_topics,
             topic_replication_factor: self.topic_replication_factor,
             properties: properties?,
         })
+    }
+
+    /// `--sink` and what it needs: the output topic (distinct from the others) for
+    /// `kafka`; exactly one of `--sink-table` and `--sink-sql` for `postgres`. A flag of
+    /// the other sink is an error, not ignored: it says the operator expects something
+    /// this configuration does not do.
+    fn sink_settings(&self, kafka: Option<&KafkaSettings>, f: &mut Findings) -> Option<SinkSettings> {
+        let set = |v: &Option<String>| v.as_deref().is_some_and(|v| !v.trim().is_empty());
+        match self.sink {
+            SinkKind::Kafka => {
+                for (flag, given) in [
+                    ("sink_table", set(&self.sink_table)),
+                    ("sink_sql", set(&self.sink_sql)),
+                    ("sink_column", !self.sink_column.is_empty()),
+                    ("sink_on_conflict", self.sink_on_conflict != SinkOnConflict::Error),
+                ] {
+                    f.rule(given, || {
+                        ConfigError::new(
+                            flag,
+                            "is a setting of the Postgres sink, but --sink is kafka",
+                            "set --sink postgres (KDEDUP_SINK=postgres), or unset it",
+                        )
+                    });
+                }
+                let output_topic = f
+                    .ok(required(self.output_topic.clone(), "output_topic", "orders.dedup"))
+                    .and_then(|t| f.ok(validate_topic("output_topic", &t)).map(|()| t))?;
+                if let Some(k) = kafka {
+                    f.rule(k.input_topics.contains(&output_topic), || {
+                        ConfigError::new(
+                            "output_topic",
+                            format!("{output_topic:?} is also an input topic; kdedup would consume its own output"),
+                            "choose a distinct output topic, e.g. <input>.dedup",
+                        )
+                    });
+                    f.rule(k.dlq_topic == output_topic, || {
+                        ConfigError::new(
+                            "dlq_topic",
+                            format!("{output_topic:?} is also the output topic"),
+                            "choose a distinct dead-letter topic, e.g. <input>.dlq",
+                        )
+                    });
+                }
+                Some(SinkSettings::Kafka { output_topic })
+            }
+            SinkKind::Postgres => {
+                f.rule(set(&self.output_topic), || {
+                    ConfigError::new(
+                        "output_topic",
+                        "is a setting of the Kafka sink, but --sink is postgres: nothing would be written to it",
+                        "unset it, or set --sink kafka",
+                    )
+                });
+                f.ok(postgres_sink_settings(self)).map(SinkSettings::Postgres)
+            }
+        }
     }
 
     /// Identity, scope (the group id unless set), TTL and the gate attempt timeout.
@@ -432,5 +473,83 @@ impl PruneFlags {
             batch_size: self.prune_batch_size,
             pause,
         })
+    }
+}
+
+/// `--sink postgres`: exactly one of `--sink-table` and `--sink-sql`; the column mapping
+/// and the conflict rule only with a table. The statement itself is checked against the
+/// database at start (`sink::postgres::prepare`), where the tables are.
+fn postgres_sink_settings(a: &RunArgs) -> Result<PostgresSinkSettings, ConfigError> {
+    let table = a.sink_table.as_deref().map(str::trim).filter(|t| !t.is_empty());
+    let sql = a.sink_sql.as_deref().map(str::trim).filter(|s| !s.is_empty());
+    match (table, sql) {
+        (None, None) => Err(ConfigError::new(
+            "sink_table",
+            "--sink postgres needs a table or a statement to write, and neither is set",
+            "set --sink-table <[schema.]table> (KDEDUP_SINK_TABLE), or --sink-sql <statement over kdedup_events> (KDEDUP_SINK_SQL)",
+        )),
+        (Some(_), Some(_)) => Err(ConfigError::new(
+            "sink_sql",
+            "is set together with --sink-table; only one can say what is written",
+            "unset one of them",
+        )),
+        (None, Some(sql)) => {
+            if !a.sink_column.is_empty() || a.sink_on_conflict != SinkOnConflict::Error {
+                return Err(ConfigError::new(
+                    if a.sink_column.is_empty() { "sink_on_conflict" } else { "sink_column" },
+                    "only applies to --sink-table; a --sink-sql statement says its own columns and conflict handling",
+                    "unset it, or write the mapping into the statement",
+                ));
+            }
+            Ok(PostgresSinkSettings::Sql(sql.trim_end_matches(';').trim_end().to_string()))
+        }
+        (Some(table), None) => {
+            if table.contains(';') || table.split('.').count() > 2 {
+                return Err(ConfigError::new(
+                    "sink_table",
+                    format!("{table:?} is not a table name"),
+                    "write [schema.]table, e.g. public.orders",
+                ));
+            }
+            let mut columns = Vec::new();
+            for spec in a.sink_column.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+                let (field, column) = spec.split_once('=').unwrap_or((spec, ""));
+                let (field, column) = (field.trim(), column.trim());
+                let Some(field) = EventField::parse(field) else {
+                    return Err(ConfigError::new(
+                        "sink_column",
+                        format!("{spec:?}: {field:?} is not an event field"),
+                        format!(
+                            "write <field>=<column> with field one of {}",
+                            EventField::ALL.map(EventField::name).join(", ")
+                        ),
+                    ));
+                };
+                if column.is_empty() {
+                    return Err(ConfigError::new(
+                        "sink_column",
+                        format!("{spec:?} names no column"),
+                        format!("write {}=<column>, e.g. {}=order_event_id", field.name(), field.name()),
+                    ));
+                }
+                if columns.iter().any(|(_, c)| c == column) {
+                    return Err(ConfigError::new(
+                        "sink_column",
+                        format!("column {column:?} is mapped twice"),
+                        "map each column from one field",
+                    ));
+                }
+                columns.push((field, column.to_string()));
+            }
+            Ok(PostgresSinkSettings::Table {
+                table: table.to_string(),
+                columns,
+                on_conflict: match a.sink_on_conflict {
+                    SinkOnConflict::Error => OnConflict::Error,
+                    SinkOnConflict::Nothing => OnConflict::Nothing,
+                    SinkOnConflict::Update => OnConflict::Update,
+                },
+            })
+        }
     }
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 
 use super::Sink;
+use crate::store::gate::GateStatement;
 use crate::store::outbox::OUTBOX_WRITE;
 
 /// The outbox write, and the relay's wake-up call.
@@ -20,8 +21,8 @@ pub struct KafkaSink {
 }
 
 impl Sink for KafkaSink {
-    fn gate_write(&self) -> Option<&'static str> {
-        Some(OUTBOX_WRITE)
+    fn statement(&self) -> GateStatement {
+        GateStatement::new(Some(OUTBOX_WRITE))
     }
 
     fn committed(&self, _first_seen: usize) {

@@ -70,9 +70,11 @@ enum Exit {
 }
 
 impl Relay {
-    /// The relay of `cfg`'s sidecar (or replay), publishing through `producer`.
+    /// The relay of `cfg`'s sidecar (or replay), publishing to `output_topic` through
+    /// `producer`.
     pub fn new(
         cfg: &RunSettings,
+        output_topic: &str,
         producer: FutureProducer,
         metrics: Metrics,
         wakeup: Arc<Notify>,
@@ -81,7 +83,7 @@ impl Relay {
             settings: cfg.relay.clone(),
             db: cfg.db.clone(),
             brokers: cfg.kafka.brokers.clone(),
-            output_topic: cfg.kafka.output_topic.clone(),
+            output_topic: output_topic.to_string(),
             dlq_topic: cfg.kafka.dlq_topic.clone(),
             producer,
             metrics,

@@ -9,7 +9,8 @@ use tracing::warn;
 use crate::kafka::{topics, KafkaSetupError};
 use crate::settings::RunSettings;
 
-/// Creates the output and dead-letter topics with the first input topic's partition count.
+/// Creates the output topic (for the Kafka sink) and the dead-letter topic with the first
+/// input topic's partition count.
 pub async fn create_topics(cfg: &RunSettings, producer: &FutureProducer) -> anyhow::Result<()> {
     let first = cfg.kafka.input_topics[0].clone();
     let (p, brokers) = (producer.clone(), cfg.kafka.brokers.clone());
@@ -23,10 +24,11 @@ pub async fn create_topics(cfg: &RunSettings, producer: &FutureProducer) -> anyh
     topics::ensure_topics(
         &cfg.kafka.brokers,
         &cfg.kafka.properties,
-        &[
-            cfg.kafka.output_topic.as_str(),
-            cfg.kafka.dlq_topic.as_str(),
-        ],
+        &cfg.sink
+            .output_topic()
+            .into_iter()
+            .chain([cfg.kafka.dlq_topic.as_str()])
+            .collect::<Vec<_>>(),
         partitions as i32,
         cfg.kafka.topic_replication_factor,
     )
@@ -49,11 +51,16 @@ fn own_header_room(cfg: &RunSettings) -> usize {
 /// producer's (1,000,000 unless `message.max.bytes` says otherwise) always applies.
 pub async fn input_size_limit(cfg: &RunSettings) -> Option<usize> {
     let mut limits: Vec<usize> = cfg.gate.max_message_bytes.into_iter().collect();
+    let Some(output_topic) = cfg.sink.output_topic() else {
+        // The Postgres sink: nothing is produced but dead letters, which go stripped
+        // when too large.
+        return limits.into_iter().min();
+    };
     let room = own_header_room(cfg);
     match topics::topic_config(
         &cfg.kafka.brokers,
         &cfg.kafka.properties,
-        std::slice::from_ref(&cfg.kafka.output_topic),
+        &[output_topic.to_string()],
         "max.message.bytes",
     )
     .await
@@ -70,12 +77,12 @@ pub async fn input_size_limit(cfg: &RunSettings) -> Option<usize> {
                     .number("batch.size")
                     .unwrap_or(1_000_000) as usize;
                 if batch_size > topic_limit {
-                    warn!(output_topic = cfg.kafka.output_topic, max_message_bytes = topic_limit, batch_size,
+                    warn!(output_topic, max_message_bytes = topic_limit, batch_size,
                           "the output topic's max.message.bytes is below the producer's batch.size: a full batch would be refused whole and its records dead-lettered; set KDEDUP_KAFKA_BATCH_SIZE to at most the topic's limit");
                 }
             }
         }
-        Err(e) => warn!(error = %e, output_topic = cfg.kafka.output_topic,
+        Err(e) => warn!(error = %e, output_topic,
                         "cannot read the output topic's max.message.bytes; only --max-message-bytes limits input size"),
     }
     let producer_limit = cfg
