@@ -79,7 +79,9 @@ pub async fn run(
     // The Postgres sink's statement is checked before anything consumes: a missing table
     // or grant ends the start here, naming the fix.
     let postgres_sink = match &cfg.sink {
-        SinkSettings::Postgres(settings) => Some(postgres::prepare(settings, &cfg.db, &metrics).await?),
+        SinkSettings::Postgres(settings) => {
+            Some(postgres::prepare(settings, &cfg.db, &metrics).await?)
+        }
         SinkSettings::Kafka { .. } => None,
     };
 

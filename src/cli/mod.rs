@@ -109,7 +109,12 @@ pub struct RunArgs {
     /// --sink-table: fill a column from the event's metadata, `<field>=<column>` with field
     /// one of event_id, scope, key, source_topic, source_partition, source_offset,
     /// source_timestamp, headers (repeatable; comma-separated in the variable).
-    #[arg(long, env = "KDEDUP_SINK_COLUMNS", value_delimiter = ',', value_name = "FIELD=COLUMN")]
+    #[arg(
+        long,
+        env = "KDEDUP_SINK_COLUMNS",
+        value_delimiter = ',',
+        value_name = "FIELD=COLUMN"
+    )]
     pub sink_column: Vec<String>,
 
     /// --sink-table: a row that collides with one of the table's own unique keys:

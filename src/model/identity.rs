@@ -132,9 +132,8 @@ impl Rejection {
     /// The SQLSTATE Postgres refused the event with, for the `kdedup-dlq-sqlstate` header.
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
-            Rejection::DatabaseRefused { sqlstate, .. } | Rejection::SinkRejected { sqlstate, .. } => {
-                Some(sqlstate)
-            }
+            Rejection::DatabaseRefused { sqlstate, .. }
+            | Rejection::SinkRejected { sqlstate, .. } => Some(sqlstate),
             _ => None,
         }
     }

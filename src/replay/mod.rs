@@ -33,11 +33,11 @@ mod range;
 use crate::consume::settle::{Gate, Origin};
 use crate::metrics::Metrics;
 use crate::model::InputMessage;
+use crate::settings::SinkSettings;
 use crate::settings::{ConsumeSettings, ReplaySettings, RunSettings};
 use crate::sink::kafka::relay::Relay;
 use crate::sink::kafka::KafkaSink;
 use crate::sink::{postgres, Sink};
-use crate::settings::SinkSettings;
 use crate::store::{self as db, outbox};
 use dlq::{restore_original, stripped_source};
 use range::{consumer, resolve_range, Range, Reader};
@@ -245,7 +245,9 @@ async fn replay(
             relay_wakeup: wakeup.clone(),
         }),
         // Checked before anything is read or written: the statement and its grants.
-        SinkSettings::Postgres(settings) => Arc::new(postgres::prepare(settings, &cfg.db, metrics).await?),
+        SinkSettings::Postgres(settings) => {
+            Arc::new(postgres::prepare(settings, &cfg.db, metrics).await?)
+        }
     };
     let max_message_bytes = crate::sink::kafka::topics::input_size_limit(&cfg).await;
     let gate = Gate::new(
@@ -296,12 +298,22 @@ async fn replay(
     }
     let stop = CancellationToken::new();
     let relay_stop = CancellationToken::new();
-    let relay = cfg.sink.output_topic().filter(|_| !args.dry_run).map(|output_topic| {
-        tokio::spawn(
-            Relay::new(&cfg, output_topic, producer.clone(), metrics.clone(), wakeup.clone())
+    let relay = cfg
+        .sink
+        .output_topic()
+        .filter(|_| !args.dry_run)
+        .map(|output_topic| {
+            tokio::spawn(
+                Relay::new(
+                    &cfg,
+                    output_topic,
+                    producer.clone(),
+                    metrics.clone(),
+                    wakeup.clone(),
+                )
                 .run(relay_stop.clone()),
-        )
-    });
+            )
+        });
 
     // A dry run against a schema no sidecar has migrated yet: nothing is recorded.
     let gate_table_exists = !args.dry_run

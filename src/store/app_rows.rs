@@ -331,6 +331,9 @@ mod tests {
             ("none".to_string(), None),
         ];
         let v: serde_json::Value = serde_json::from_str(&headers_json(&h)).unwrap();
-        assert_eq!(v, serde_json::json!({"a": "2", "bin": "\\x00ff", "none": null}));
+        assert_eq!(
+            v,
+            serde_json::json!({"a": "2", "bin": "\\x00ff", "none": null})
+        );
     }
 }

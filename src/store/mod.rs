@@ -153,7 +153,9 @@ impl DbError {
         let code = db.code()?;
         let rows_at_fault = match by_sink {
             false => code.starts_with(sqlstate::DATA_EXCEPTION_CLASS),
-            true => sqlstate::SINK_DATA_CLASSES.iter().any(|c| code.starts_with(c)),
+            true => sqlstate::SINK_DATA_CLASSES
+                .iter()
+                .any(|c| code.starts_with(c)),
         };
         rows_at_fault.then(|| Refused {
             sqlstate: code.into_owned(),

@@ -26,6 +26,7 @@ mod layout;
 mod ops;
 mod pipeline;
 mod poison;
+mod postgres_sink;
 mod prometheus;
 mod pruner;
 mod replay;

@@ -140,11 +140,13 @@ async fn an_expired_id_is_accepted_again_as_new() {
     batch.push(row("e-new"));
     let first = gate::gate(&pool, &statement, batch.part(0..2, true), ttl)
         .await
-        .unwrap();
+        .unwrap()
+        .outcomes;
     assert_eq!(first, vec![GateOutcome::Forwarded, GateOutcome::Forwarded]);
     let again = gate::gate(&pool, &statement, batch.part(0..2, true), ttl)
         .await
-        .unwrap();
+        .unwrap()
+        .outcomes;
     assert!(
         again
             .iter()

@@ -18,13 +18,12 @@ use std::time::Duration;
 
 use super::env::Env;
 use super::{setting_name, ConfigError, PruneFlags, RunArgs};
+use super::{SinkKind, SinkOnConflict};
 use crate::model::identity::{IdSpec, ScopeSpec};
 use crate::model::is_valid_topic_name;
-use super::{SinkKind, SinkOnConflict};
 use crate::settings::{
     ConsumeSettings, DbSettings, EventField, GateSettings, KafkaSettings, OnConflict,
-    PayloadMismatch, PostgresSinkSettings, PruneSettings, RelaySettings, RunSettings,
-    SinkSettings,
+    PayloadMismatch, PostgresSinkSettings, PruneSettings, RelaySettings, RunSettings, SinkSettings,
 };
 pub use commands::demo_run_settings;
 use kafka::{check_kafka_properties, kafka_properties};
@@ -248,7 +247,11 @@ impl RunArgs {
     /// `kafka`; exactly one of `--sink-table` and `--sink-sql` for `postgres`. A flag of
     /// the other sink is an error, not ignored: it says the operator expects something
     /// this configuration does not do.
-    fn sink_settings(&self, kafka: Option<&KafkaSettings>, f: &mut Findings) -> Option<SinkSettings> {
+    fn sink_settings(
+        &self,
+        kafka: Option<&KafkaSettings>,
+        f: &mut Findings,
+    ) -> Option<SinkSettings> {
         let set = |v: &Option<String>| v.as_deref().is_some_and(|v| !v.trim().is_empty());
         match self.sink {
             SinkKind::Kafka => {
@@ -256,7 +259,10 @@ impl RunArgs {
                     ("sink_table", set(&self.sink_table)),
                     ("sink_sql", set(&self.sink_sql)),
                     ("sink_column", !self.sink_column.is_empty()),
-                    ("sink_on_conflict", self.sink_on_conflict != SinkOnConflict::Error),
+                    (
+                        "sink_on_conflict",
+                        self.sink_on_conflict != SinkOnConflict::Error,
+                    ),
                 ] {
                     f.rule(given, || {
                         ConfigError::new(
@@ -267,7 +273,11 @@ impl RunArgs {
                     });
                 }
                 let output_topic = f
-                    .ok(required(self.output_topic.clone(), "output_topic", "orders.dedup"))
+                    .ok(required(
+                        self.output_topic.clone(),
+                        "output_topic",
+                        "orders.dedup",
+                    ))
                     .and_then(|t| f.ok(validate_topic("output_topic", &t)).map(|()| t))?;
                 if let Some(k) = kafka {
                     f.rule(k.input_topics.contains(&output_topic), || {
@@ -295,7 +305,8 @@ impl RunArgs {
                         "unset it, or set --sink kafka",
                     )
                 });
-                f.ok(postgres_sink_settings(self)).map(SinkSettings::Postgres)
+                f.ok(postgres_sink_settings(self))
+                    .map(SinkSettings::Postgres)
             }
         }
     }
@@ -480,8 +491,16 @@ impl PruneFlags {
 /// and the conflict rule only with a table. The statement itself is checked against the
 /// database at start (`sink::postgres::prepare`), where the tables are.
 fn postgres_sink_settings(a: &RunArgs) -> Result<PostgresSinkSettings, ConfigError> {
-    let table = a.sink_table.as_deref().map(str::trim).filter(|t| !t.is_empty());
-    let sql = a.sink_sql.as_deref().map(str::trim).filter(|s| !s.is_empty());
+    let table = a
+        .sink_table
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    let sql = a
+        .sink_sql
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty());
     match (table, sql) {
         (None, None) => Err(ConfigError::new(
             "sink_table",

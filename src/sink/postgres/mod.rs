@@ -54,10 +54,17 @@ impl Sink for PostgresSink {
         if !self.objects_only {
             return Ok(());
         }
-        match (msg.value.as_deref(), app_rows::value_kind(msg.value.as_deref())) {
+        match (
+            msg.value.as_deref(),
+            app_rows::value_kind(msg.value.as_deref()),
+        ) {
             (_, ValueKind::Object) => Ok(()),
-            (None, _) => Err(Rejection::NotAJsonObject { what: "missing (a tombstone)" }),
-            (_, ValueKind::OtherJson) => Err(Rejection::NotAJsonObject { what: "JSON but not an object" }),
+            (None, _) => Err(Rejection::NotAJsonObject {
+                what: "missing (a tombstone)",
+            }),
+            (_, ValueKind::OtherJson) => Err(Rejection::NotAJsonObject {
+                what: "JSON but not an object",
+            }),
             (_, ValueKind::NotJson) => Err(Rejection::NotAJsonObject {
                 what: "not JSON that Postgres can store (invalid, or a \\u0000 in a string)",
             }),

@@ -46,10 +46,19 @@ pub fn insert_statement(
     for (field, column) in mapped {
         let Some(c) = table.columns.iter().find(|c| &c.name == column) else {
             return Err((
-                format!("--sink-column {}={column}: {} has no column {column:?}", field.name(), table.name),
+                format!(
+                    "--sink-column {}={column}: {} has no column {column:?}",
+                    field.name(),
+                    table.name
+                ),
                 format!(
                     "name one of its columns: {}",
-                    table.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+                    table
+                        .columns
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             ));
         };
@@ -118,8 +127,12 @@ pub fn insert_statement(
                 .collect();
             if keys.is_empty() {
                 return Err((
-                    format!("--sink-on-conflict update upserts by primary key, and {} has none", table.name),
-                    "add a primary key to the table, or use --sink-on-conflict nothing or error".into(),
+                    format!(
+                        "--sink-on-conflict update upserts by primary key, and {} has none",
+                        table.name
+                    ),
+                    "add a primary key to the table, or use --sink-on-conflict nothing or error"
+                        .into(),
                 ));
             }
             let set: Vec<String> = names
@@ -195,9 +208,16 @@ mod tests {
             OnConflict::Error,
         )
         .unwrap();
-        assert!(sql.starts_with("INSERT INTO public.orders (\"customer\", \"created_at\", \"order_event_id\")"), "{sql}");
+        assert!(
+            sql.starts_with(
+                "INSERT INTO public.orders (\"customer\", \"created_at\", \"order_event_id\")"
+            ),
+            "{sql}"
+        );
         assert!(sql.contains("r.\"customer\""));
-        assert!(sql.contains("CASE WHEN e.value_json ? 'created_at' THEN r.\"created_at\" ELSE now() END"));
+        assert!(sql.contains(
+            "CASE WHEN e.value_json ? 'created_at' THEN r.\"created_at\" ELSE now() END"
+        ));
         assert!(sql.contains("(e.event_id)::text"));
         assert!(!sql.contains("ON CONFLICT"));
     }
@@ -209,7 +229,9 @@ mod tests {
         let sql = insert_statement(&t, &[], OnConflict::Update).unwrap();
         assert!(sql.contains("SELECT DISTINCT ON (\"id\")"), "{sql}");
         assert!(sql.contains("ORDER BY \"id\", kdedup_ord DESC"));
-        assert!(sql.contains("ON CONFLICT (\"id\") DO UPDATE SET \"customer\" = EXCLUDED.\"customer\""));
+        assert!(
+            sql.contains("ON CONFLICT (\"id\") DO UPDATE SET \"customer\" = EXCLUDED.\"customer\"")
+        );
         t.columns[0].in_primary_key = false;
         let (problem, fix) = insert_statement(&t, &[], OnConflict::Update).unwrap_err();
         assert!(problem.contains("has none"), "{problem}");
@@ -218,18 +240,29 @@ mod tests {
 
     #[test]
     fn mapping_a_missing_or_generated_column_is_an_error_naming_the_columns() {
-        let (problem, fix) =
-            insert_statement(&orders(), &[(EventField::Key, "nope".into())], OnConflict::Nothing).unwrap_err();
+        let (problem, fix) = insert_statement(
+            &orders(),
+            &[(EventField::Key, "nope".into())],
+            OnConflict::Nothing,
+        )
+        .unwrap_err();
         assert!(problem.contains("no column \"nope\""), "{problem}");
         assert!(fix.contains("customer"), "{fix}");
-        let (problem, _) =
-            insert_statement(&orders(), &[(EventField::Key, "total_cents".into())], OnConflict::Nothing).unwrap_err();
+        let (problem, _) = insert_statement(
+            &orders(),
+            &[(EventField::Key, "total_cents".into())],
+            OnConflict::Nothing,
+        )
+        .unwrap_err();
         assert!(problem.contains("generated"), "{problem}");
     }
 
     #[test]
     fn a_key_goes_into_a_text_column_as_utf8_and_names_are_quoted() {
-        assert_eq!(field_expr(EventField::Key, "text"), "(convert_from(e.key, 'UTF8'))::text");
+        assert_eq!(
+            field_expr(EventField::Key, "text"),
+            "(convert_from(e.key, 'UTF8'))::text"
+        );
         assert_eq!(field_expr(EventField::Key, "bytea"), "(e.key)::bytea");
         assert_eq!(ident("we\"ird"), "\"we\"\"ird\"");
         assert_eq!(literal("it's"), "'it''s'");

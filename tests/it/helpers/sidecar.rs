@@ -44,6 +44,19 @@ impl SidecarConfig {
         self.env.insert(k.to_string(), v.to_string());
         self
     }
+
+    pub fn unset(mut self, k: &str) -> Self {
+        self.env.remove(k);
+        self
+    }
+
+    /// The Postgres sink writing with `statement` (`KDEDUP_SINK_TABLE` or
+    /// `KDEDUP_SINK_SQL`), no output topic.
+    pub fn postgres_sink(self, setting: &str, statement: &str) -> Self {
+        self.unset("KDEDUP_OUTPUT_TOPIC")
+            .set("KDEDUP_SINK", "postgres")
+            .set(setting, statement)
+    }
 }
 
 /// `kdedup <args>` with exactly `cfg`'s environment (and PATH), not yet started.
