@@ -49,7 +49,9 @@ where
         .with_context(|| {
             format!("cannot reach Postgres at {url} (start it, or set DATABASE_URL)")
         })?;
-    pool.close().await;
+    if args.postgres_sink {
+        create_app_table(&pool, &args).await?;
+    }
 
     let cluster = MockCluster::new(3).context("cannot start the embedded mock Kafka cluster")?;
     // The mock cluster does not serve CreateTopics, so the demo creates all three here.
@@ -66,6 +68,17 @@ where
         "  Kafka: embedded mock cluster (3 brokers), topic `{INPUT}` with {PARTITIONS} partitions"
     );
     println!("  Postgres: {url} (schema {schema}, recreated)");
+    let target = match args.postgres_sink {
+        true => {
+            let (app, table) = args.app_table();
+            println!("  Sink: postgres, table {app}.{table} (recreated, no unique key: only the gate keeps ids once)");
+            format!("{app}.{table}")
+        }
+        false => {
+            println!("  Sink: kafka, topic `{OUTPUT}`");
+            format!("`{OUTPUT}`")
+        }
+    };
     println!();
 
     let producer: FutureProducer =
@@ -98,8 +111,12 @@ where
     };
 
     let expect = metrics.events_forwarded.get() as usize;
-    let verified = tokio::task::block_in_place(|| read_output(&brokers, expect))?;
-    let ok = report(&metrics, &sent, &verified, elapsed, expected_dups);
+    let verified = match args.postgres_sink {
+        true => read_table(&pool, &args).await?,
+        false => tokio::task::block_in_place(|| read_output(&brokers, expect))?,
+    };
+    pool.close().await;
+    let ok = report(&metrics, &sent, &verified, elapsed, expected_dups, &target);
     println!();
     if args.hold {
         println!(
@@ -168,6 +185,7 @@ fn report(
     verified: &Verified,
     elapsed: Duration,
     expected_dups: u64,
+    target: &str,
 ) -> bool {
     let duplicates = metrics.duplicates_total();
     let forwarded = metrics.events_forwarded.get();
@@ -181,20 +199,26 @@ fn report(
         "  duplicates avoided         {:>8}   (expected {expected_dups})",
         duplicates
     );
-    println!("  forwarded to `{OUTPUT}`  {:>8}", forwarded);
+    println!(
+        "  forwarded                  {:>8}   (to {target})",
+        forwarded
+    );
     println!(
         "  dead-lettered              {:>8}   (`{INPUT}.dlq`, reason value_not_json)",
         metrics.dead_lettered_total()
     );
     println!(
-        "  output read back           {:>8} messages, {} distinct ids, {} repeats, {}",
+        "  output read back           {:>8} {}, {} distinct ids, {} repeats, {}",
         verified.messages,
+        verified.unit,
         verified.distinct,
         verified.messages - verified.distinct,
-        if verified.in_order {
-            "input order kept per partition"
-        } else {
+        if !verified.in_order {
             "ORDER BROKEN"
+        } else if verified.unit == "rows" {
+            "columns match the JSON, input order kept per partition"
+        } else {
+            "input order kept per partition"
         }
     );
     println!(
@@ -211,7 +235,7 @@ fn report(
         && duplicates == expected_dups;
     if ok {
         println!(
-            "  VERIFIED: every distinct id reached `{OUTPUT}` exactly once; {duplicates} duplicates never left the gate."
+            "  VERIFIED: every distinct id reached {target} exactly once; {duplicates} duplicates never left the gate."
         );
     } else {
         println!("  NOT VERIFIED: the output does not match the input (see the counts above).");
@@ -336,9 +360,62 @@ async fn produce_stream(producer: &FutureProducer, distinct: usize) -> anyhow::R
 }
 
 struct Verified {
+    /// `messages` or `rows`.
+    unit: &'static str,
     messages: usize,
     distinct: usize,
     in_order: bool,
+}
+
+/// The Postgres sink's table: no unique key, so a second write of an id would show.
+async fn create_app_table(pool: &sqlx::PgPool, args: &DemoSettings) -> anyhow::Result<()> {
+    let (app, table) = args.app_table();
+    crate::store::drop_schema(pool, &app).await?;
+    for stmt in [
+        format!("CREATE SCHEMA \"{app}\""),
+        format!(
+            "CREATE TABLE \"{app}\".\"{table}\" (
+                id text NOT NULL,
+                customer text NOT NULL,
+                seq bigint NOT NULL,
+                amount_cents bigint NOT NULL,
+                event_id text NOT NULL,
+                source_partition int NOT NULL,
+                source_offset bigint NOT NULL,
+                produced_at timestamptz,
+                written_at timestamptz NOT NULL DEFAULT now()
+            )"
+        ),
+    ] {
+        sqlx::query(&stmt).execute(pool).await?;
+    }
+    Ok(())
+}
+
+/// Reads the table back: ids unique, every row's columns what its JSON said (the demo's
+/// events are a function of `seq`), metadata filled, and `seq` rising with the source
+/// offset in each partition.
+async fn read_table(pool: &sqlx::PgPool, args: &DemoSettings) -> anyhow::Result<Verified> {
+    let (app, table) = args.app_table();
+    let (rows, distinct, wrong, out_of_order): (i64, i64, i64, i64) = sqlx::query_as(&format!(
+        "SELECT count(*), count(DISTINCT id),
+                count(*) FILTER (WHERE id <> 'order-' || lpad(seq::text, 7, '0')
+                                    OR event_id <> id
+                                    OR customer <> 'customer-' || (seq % 97)
+                                    OR amount_cents <> (seq * 7919) % 100000
+                                    OR produced_at IS NULL),
+                count(*) FILTER (WHERE prev_seq >= seq)
+         FROM (SELECT *, lag(seq) OVER (PARTITION BY source_partition ORDER BY source_offset) AS prev_seq
+               FROM \"{app}\".\"{table}\") t"
+    ))
+    .fetch_one(pool)
+    .await?;
+    Ok(Verified {
+        unit: "rows",
+        messages: rows as usize,
+        distinct: distinct as usize,
+        in_order: wrong == 0 && out_of_order == 0,
+    })
 }
 
 /// Reads the whole output topic and checks ids are unique and `seq` rises per partition.
@@ -387,6 +464,7 @@ fn read_output(brokers: &str, expect: usize) -> anyhow::Result<Verified> {
         }
     }
     Ok(Verified {
+        unit: "messages",
         messages,
         distinct: ids.len(),
         in_order,

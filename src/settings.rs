@@ -84,6 +84,16 @@ pub enum SinkSettings {
     Postgres(PostgresSinkSettings),
 }
 
+impl RunSettings {
+    /// The Postgres sink's settings, when that is the sink.
+    pub fn sink_postgres(&self) -> Option<&PostgresSinkSettings> {
+        match &self.sink {
+            SinkSettings::Postgres(p) => Some(p),
+            SinkSettings::Kafka { .. } => None,
+        }
+    }
+}
+
 impl SinkSettings {
     /// The output topic, for the Kafka sink.
     pub fn output_topic(&self) -> Option<&str> {
@@ -275,6 +285,16 @@ pub struct DemoSettings {
     pub events: usize,
     pub metrics_addr: String,
     pub hold: bool,
+    /// Demonstrate the Postgres sink (a table) rather than the Kafka sink (a topic).
+    pub postgres_sink: bool,
+}
+
+impl DemoSettings {
+    /// The Postgres sink's table: a schema of its own beside the demo's, as an
+    /// application's would be.
+    pub fn app_table(&self) -> (String, String) {
+        (format!("{}_app", self.db.schema), "orders".to_string())
+    }
 }
 
 /// `postgres://user:pw@host/db` -> `postgres://user:<redacted>@host/db`. The user

@@ -278,6 +278,11 @@ pub struct DemoArgs {
     /// Keep serving /metrics after the summary until Ctrl-C.
     #[arg(long)]
     pub hold: bool,
+
+    /// The sink to demonstrate: `kafka` (an output topic, read back) or `postgres` (a table
+    /// `<schema>_app.orders`, read back).
+    #[arg(long, value_enum, default_value_t = SinkKind::Kafka)]
+    pub sink: SinkKind,
 }
 
 /// `--sink`.

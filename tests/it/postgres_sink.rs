@@ -678,3 +678,44 @@ async fn a_statement_that_cannot_work_or_missing_grants_end_the_start_with_exit_
         sqlx::query(&stmt).execute(&pool).await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_verifies_the_table_and_the_topic() {
+    let pool = pg().await;
+    for sink in ["postgres", "kafka"] {
+        let schema = unique(&format!("kdedup_demo_{sink}")).to_lowercase();
+        let cfg = SidecarConfig::new("unused", "unused", "unused", &schema);
+        let mut cmd = kdedup(
+            &cfg,
+            &[
+                "demo",
+                "--sink",
+                sink,
+                "--events",
+                "3000",
+                "--db-schema",
+                &schema,
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ],
+        );
+        let out = capture(&mut cmd);
+        assert_eq!(out.code, Some(0), "{}", out.text());
+        assert!(
+            out.stdout.contains("VERIFIED: every distinct id reached"),
+            "{}",
+            out.stdout
+        );
+        assert_eq!(
+            summary_value(&out.stdout, "forwarded"),
+            3000,
+            "{}",
+            out.stdout
+        );
+        if sink == "postgres" {
+            assert_eq!(count(&pool, &format!("{schema}_app"), "orders").await, 3000);
+            drop_schema(&pool, &format!("{schema}_app")).await;
+        }
+        drop_schema(&pool, &schema).await;
+    }
+}

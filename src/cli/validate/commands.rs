@@ -85,6 +85,7 @@ impl DemoArgs {
             events: self.events,
             metrics_addr: self.metrics_addr,
             hold: self.hold,
+            postgres_sink: self.sink == super::super::SinkKind::Postgres,
         })
     }
 }
@@ -160,6 +161,20 @@ pub fn demo_run_settings(
             "heartbeat.interval.ms=500".into(),
         ],
     };
+    if demo.postgres_sink {
+        let (schema, table) = demo.app_table();
+        run_args.sink = super::super::SinkKind::Postgres;
+        run_args.output_topic = None;
+        run_args.sink_table = Some(format!("{schema}.{table}"));
+        run_args.sink_column = [
+            "event_id=event_id",
+            "source_partition=source_partition",
+            "source_offset=source_offset",
+            "source_timestamp=produced_at",
+        ]
+        .map(String::from)
+        .to_vec();
+    }
     // Only -X properties here: the demo must not pick up a real cluster's KDEDUP_KAFKA_*.
     let no_env: std::collections::BTreeMap<String, String> = Default::default();
     run_args.kafka_property.sort();

@@ -264,3 +264,113 @@ fn every_bad_setting_is_reported_at_once() {
         "one line per setting: {e}"
     );
 }
+
+/// `args` for `--sink postgres` (no output topic).
+fn pg_args(extra: &[&str]) -> RunArgs {
+    let mut a = args(&["--sink", "postgres"]);
+    a.output_topic = None;
+    let mut argv = vec!["kdedup", "run"];
+    argv.extend_from_slice(extra);
+    let Command::Run(more) = Cli::try_parse_from(argv).unwrap().command else {
+        unreachable!()
+    };
+    a.sink_table = more.sink_table;
+    a.sink_sql = more.sink_sql;
+    a.sink_column = more.sink_column;
+    a.sink_on_conflict = more.sink_on_conflict;
+    a
+}
+
+#[test]
+fn the_postgres_sink_takes_a_table_with_a_column_mapping_and_needs_no_output_topic() {
+    let c = pg_args(&[
+        "--sink-table",
+        "app.orders",
+        "--sink-column",
+        "event_id=order_event_id,source_offset=at",
+        "--sink-on-conflict",
+        "update",
+    ])
+    .validate(&env(&[]))
+    .unwrap();
+    assert_eq!(c.sink.output_topic(), None);
+    assert_eq!(
+        c.sink_postgres(),
+        Some(&PostgresSinkSettings::Table {
+            table: "app.orders".into(),
+            columns: vec![
+                (EventField::EventId, "order_event_id".into()),
+                (EventField::SourceOffset, "at".into()),
+            ],
+            on_conflict: OnConflict::Update,
+        })
+    );
+    let c = pg_args(&[
+        "--sink-sql",
+        "INSERT INTO app.t SELECT event_id FROM kdedup_events;",
+    ])
+    .validate(&env(&[]))
+    .unwrap();
+    assert_eq!(
+        c.sink_postgres(),
+        Some(&PostgresSinkSettings::Sql(
+            "INSERT INTO app.t SELECT event_id FROM kdedup_events".into()
+        )),
+        "a trailing semicolon is dropped"
+    );
+}
+
+#[test]
+fn sink_mistakes_name_the_setting_and_the_fix() {
+    let err = |a: RunArgs| a.validate(&env(&[])).unwrap_err().to_string();
+    let neither = err(pg_args(&[]));
+    assert!(
+        neither.contains("--sink-table / KDEDUP_SINK_TABLE"),
+        "{neither}"
+    );
+    assert!(neither.contains("--sink-sql"), "{neither}");
+    let both = err(pg_args(&["--sink-table", "a.b", "--sink-sql", "SELECT 1"]));
+    assert!(both.contains("only one"), "{both}");
+    let field = err(pg_args(&[
+        "--sink-table",
+        "a.b",
+        "--sink-column",
+        "offset=o",
+    ]));
+    assert!(
+        field.contains("\"offset\" is not an event field"),
+        "{field}"
+    );
+    assert!(
+        field.contains("source_offset"),
+        "the fix lists the fields: {field}"
+    );
+    let twice = err(pg_args(&[
+        "--sink-table",
+        "a.b",
+        "--sink-column",
+        "scope=c,event_id=c",
+    ]));
+    assert!(twice.contains("mapped twice"), "{twice}");
+    let mapping_for_sql = err(pg_args(&[
+        "--sink-sql",
+        "SELECT 1",
+        "--sink-column",
+        "scope=c",
+    ]));
+    assert!(
+        mapping_for_sql.contains("only applies to --sink-table"),
+        "{mapping_for_sql}"
+    );
+    let table = err(pg_args(&["--sink-table", "a.b.c.d"]));
+    assert!(table.contains("not a table name"), "{table}");
+    // An output topic with the Postgres sink would never be written: said, not ignored.
+    let mut with_topic = pg_args(&["--sink-table", "a.b"]);
+    with_topic.output_topic = Some("orders.dedup".into());
+    let e = err(with_topic);
+    assert!(e.contains("--output-topic / KDEDUP_OUTPUT_TOPIC"), "{e}");
+    // And a Postgres sink setting with the Kafka sink.
+    let e = err(args(&["--sink-table", "a.b"]));
+    assert!(e.contains("--sink-table / KDEDUP_SINK_TABLE"), "{e}");
+    assert!(e.contains("--sink postgres"), "{e}");
+}
