@@ -2,8 +2,9 @@
 //!
 //! Each `(scope, event_id)` causes exactly one forwarding write within its TTL, however
 //! many times Kafka, a producer retry or a dead-letter replay delivers it. The gate is a
-//! primary key in Postgres; the sink's forwarding write (today: an outbox row) commits in
-//! the same transaction; Kafka offsets move only after that commit.
+//! primary key in Postgres; the sink's forwarding write (an outbox row, or the
+//! application's own row) commits in the same transaction; Kafka offsets move only after
+//! that commit.
 //!
 //! Layout, top to bottom; a module uses only those below it:
 //!
@@ -11,7 +12,7 @@
 //! |---|---|
 //! | command line | [`cli`]: flags, `KDEDUP_*`, validation (exit 64); the only user of clap |
 //! | commands | [`app`] (`kdedup run`: start and stop order, health loop), [`replay`], [`ops`] (`inspect`, `stats`), [`demo`] |
-//! | stages | `consume` (reader → lanes → settle: the `run` data path), `sink` (the seam; `sink::kafka`: outbox + relay), [`pruner`], `admin` (`/metrics`, `/livez`, `/readyz`) |
+//! | stages | `consume` (reader → lanes → settle: the `run` data path), [`sink`] (the seam; `sink::kafka`: outbox + relay; `sink::postgres`: the application's row), [`pruner`], `admin` (`/metrics`, `/livez`, `/readyz`) |
 //! | clients | [`store`] (pool, migrations, errors, every SQL statement: [`store::gate`] is the gate), `kafka` (client configs, rebalance context, topics, dead-letter records) |
 //! | domain | [`settings`] (validated, one struct per component), [`model`] (input message, position, headers, identity), [`metrics`], `health`, `crash`, `retry`, [`telemetry`] |
 //!

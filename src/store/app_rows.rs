@@ -212,6 +212,21 @@ pub async fn check(conn: &mut PgConnection, statement: &str) -> Result<(), sqlx:
     Ok(())
 }
 
+/// Whether the connection's role may take values from the sequence `name` (`nextval`).
+pub async fn may_use_sequence(conn: &mut PgConnection, name: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT has_sequence_privilege($1, 'USAGE')")
+        .bind(name)
+        .fetch_one(conn)
+        .await
+}
+
+/// The connection's role, for a `GRANT` in an error's fix.
+pub async fn current_user(conn: &mut PgConnection) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(conn)
+        .await
+}
+
 /// One column of a `--sink-table`, as the catalog describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Column {

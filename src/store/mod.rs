@@ -289,10 +289,19 @@ pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), DbError> {
         .bind(schema)
         .execute(&mut *tx)
         .await?;
-    // The name was validated against [a-z_][a-z0-9_]*, so quoting it is enough.
-    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
-        .execute(&mut *tx)
-        .await?;
+    // A schema created beforehand (by a DBA, for a role without CREATE on the database)
+    // is used as it is: CREATE SCHEMA IF NOT EXISTS would need that privilege even then.
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(schema)
+            .fetch_one(&mut *tx)
+            .await?;
+    if !exists {
+        // The name was validated against [a-z_][a-z0-9_]*, so quoting it is enough.
+        sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
+            .execute(&mut *tx)
+            .await?;
+    }
     tx.commit().await?;
     MIGRATOR.run(pool).await?;
     Ok(())

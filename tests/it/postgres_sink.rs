@@ -620,39 +620,30 @@ async fn a_statement_that_cannot_work_or_missing_grants_end_the_start_with_exit_
         assert!(text.contains(fix), "wanted {fix:?} in:\n{text}");
     }
 
-    // A role with kdedup's own tables but no grant on the application's table.
+    // A role that owns kdedup's schema (made for it beforehand, as a DBA would: the role
+    // may not create schemas in the database) and has no grant on the application's table.
     let role = format!("{}_role", t.schema);
-    sqlx::query(&format!("CREATE ROLE {role} LOGIN"))
-        .execute(&pool)
-        .await
-        .unwrap();
-    let (code, _, err) = kdedup_command(
-        &base
-            .clone()
-            .set("KDEDUP_SINK_TABLE", &format!("{app}.orders")),
-        &["migrate"],
-    );
-    assert_eq!(code, Some(0), "{err}");
-    for grant in [
-        format!("GRANT USAGE ON SCHEMA {} TO {role}", t.schema),
-        format!(
-            "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {} TO {role}",
-            t.schema
-        ),
-        format!(
-            "GRANT USAGE ON ALL SEQUENCES IN SCHEMA {} TO {role}",
-            t.schema
-        ),
+    let role_schema = format!("{}_r", t.schema);
+    for stmt in [
+        format!("CREATE ROLE {role} LOGIN"),
+        format!("CREATE SCHEMA {role_schema} AUTHORIZATION {role}"),
         format!("GRANT USAGE ON SCHEMA {app} TO {role}"),
     ] {
-        sqlx::query(&grant).execute(&pool).await.unwrap();
+        sqlx::query(&stmt).execute(&pool).await.unwrap();
     }
     let url = database_url().replacen("postgres@", &format!("{role}@"), 1);
     let as_role = base
         .clone()
         .set("KDEDUP_DATABASE_URL", &url)
-        .set("KDEDUP_MIGRATE_ON_START", "false")
+        .set("KDEDUP_DB_SCHEMA", &role_schema)
         .set("KDEDUP_SINK_TABLE", &format!("{app}.orders"));
+    let (code, _, err) = kdedup_command(&as_role, &["migrate"]);
+    assert_eq!(
+        code,
+        Some(0),
+        "migrations into the schema made for the role: {err}"
+    );
+    let as_role = as_role.set("KDEDUP_MIGRATE_ON_START", "false");
     let (code, out, err) = kdedup_command(&as_role, &["run"]);
     let text = format!("{out}{err}");
     assert_eq!(code, Some(64), "{text}");
@@ -674,6 +665,7 @@ async fn a_statement_that_cannot_work_or_missing_grants_end_the_start_with_exit_
     running.sigterm();
     let _ = running.finish(Duration::from_secs(20)).await;
     drop_both(&pool, &t, &app).await;
+    drop_schema(&pool, &role_schema).await;
     for stmt in [format!("DROP OWNED BY {role}"), format!("DROP ROLE {role}")] {
         sqlx::query(&stmt).execute(&pool).await.unwrap();
     }

@@ -258,7 +258,7 @@ impl RunArgs {
                 for (flag, given) in [
                     ("sink_table", set(&self.sink_table)),
                     ("sink_sql", set(&self.sink_sql)),
-                    ("sink_column", !self.sink_column.is_empty()),
+                    (SINK_COLUMN, !self.sink_column.is_empty()),
                     (
                         "sink_on_conflict",
                         self.sink_on_conflict != SinkOnConflict::Error,
@@ -487,6 +487,9 @@ impl PruneFlags {
     }
 }
 
+/// `--sink-column`, whose variable is plural (it takes a comma-separated list).
+const SINK_COLUMN: &str = "--sink-column / KDEDUP_SINK_COLUMNS";
+
 /// `--sink postgres`: exactly one of `--sink-table` and `--sink-sql`; the column mapping
 /// and the conflict rule only with a table. The statement itself is checked against the
 /// database at start (`sink::postgres::prepare`), where the tables are.
@@ -515,7 +518,7 @@ fn postgres_sink_settings(a: &RunArgs) -> Result<PostgresSinkSettings, ConfigErr
         (None, Some(sql)) => {
             if !a.sink_column.is_empty() || a.sink_on_conflict != SinkOnConflict::Error {
                 return Err(ConfigError::new(
-                    if a.sink_column.is_empty() { "sink_on_conflict" } else { "sink_column" },
+                    if a.sink_column.is_empty() { "sink_on_conflict" } else { SINK_COLUMN },
                     "only applies to --sink-table; a --sink-sql statement says its own columns and conflict handling",
                     "unset it, or write the mapping into the statement",
                 ));
@@ -536,7 +539,7 @@ fn postgres_sink_settings(a: &RunArgs) -> Result<PostgresSinkSettings, ConfigErr
                 let (field, column) = (field.trim(), column.trim());
                 let Some(field) = EventField::parse(field) else {
                     return Err(ConfigError::new(
-                        "sink_column",
+                        SINK_COLUMN,
                         format!("{spec:?}: {field:?} is not an event field"),
                         format!(
                             "write <field>=<column> with field one of {}",
@@ -546,14 +549,14 @@ fn postgres_sink_settings(a: &RunArgs) -> Result<PostgresSinkSettings, ConfigErr
                 };
                 if column.is_empty() {
                     return Err(ConfigError::new(
-                        "sink_column",
+                        SINK_COLUMN,
                         format!("{spec:?} names no column"),
                         format!("write {}=<column>, e.g. {}=order_event_id", field.name(), field.name()),
                     ));
                 }
                 if columns.iter().any(|(_, c)| c == column) {
                     return Err(ConfigError::new(
-                        "sink_column",
+                        SINK_COLUMN,
                         format!("column {column:?} is mapped twice"),
                         "map each column from one field",
                     ));

@@ -20,7 +20,7 @@ use super::Sink;
 use crate::metrics::Metrics;
 use crate::model::identity::Rejection;
 use crate::model::InputMessage;
-use crate::settings::{DbSettings, PostgresSinkSettings};
+use crate::settings::{DbSettings, OnConflict, PostgresSinkSettings};
 use crate::store::app_rows::{self, ValueKind};
 use crate::store::gate::GateStatement;
 use crate::store::{self, sqlstate, DbError};
@@ -104,12 +104,12 @@ async fn prepare_on(
     schema: &str,
     metrics: &Metrics,
 ) -> Result<PostgresSink, anyhow::Error> {
-    let (sql, objects_only, what) = match settings {
+    let (sql, objects_only, what, privileges) = match settings {
         PostgresSinkSettings::Sql(sql) => {
             if !sql.to_ascii_lowercase().contains("kdedup_events") {
                 warn!("--sink-sql does not read kdedup_events: it runs once per batch, whatever the events are");
             }
-            (sql.clone(), false, "--sink-sql".to_string())
+            (sql.clone(), false, "--sink-sql".to_string(), None)
         }
         PostgresSinkSettings::Table {
             table,
@@ -128,20 +128,59 @@ async fn prepare_on(
             };
             let sql = table::insert_statement(&found, columns, *on_conflict)
                 .map_err(|(problem, fix)| SinkSetupError { problem, fix })?;
-            (sql, true, format!("--sink-table {}", found.name))
+            // nextval() is checked when it runs, not when the statement is planned.
+            for seq in found
+                .columns
+                .iter()
+                .filter_map(|c| c.identity_sequence.as_ref())
+            {
+                if !app_rows::may_use_sequence(conn, seq)
+                    .await
+                    .map_err(DbError::from)?
+                {
+                    let role = app_rows::current_user(conn).await.map_err(DbError::from)?;
+                    return Err(SinkSetupError {
+                        problem: format!("--sink-table {}: kdedup's role may not use the identity sequence {seq}", found.name),
+                        fix: format!("GRANT USAGE ON SEQUENCE {seq} TO {role}"),
+                    }
+                    .into());
+                }
+            }
+            let grant = match on_conflict {
+                OnConflict::Update => "SELECT, INSERT, UPDATE",
+                _ => "INSERT",
+            };
+            (
+                sql,
+                true,
+                format!("--sink-table {}", found.name),
+                Some(format!("{grant} ON {}", found.name)),
+            )
         }
     };
     let statement = app_rows::with_events(&sql);
     if let Err(e) = app_rows::check(conn, &statement).await {
         let e = DbError::from(e);
-        return match e.sqlstate() {
-            Some(code) => Err(SinkSetupError {
-                problem: format!("{what} does not work against this database: {e}"),
-                fix: fix_for(&code, &what, schema),
-            }
-            .into()),
-            None => Err(e.into()),
+        let Some(code) = e.sqlstate() else {
+            return Err(e.into());
         };
+        let fix = match code.as_str() {
+            sqlstate::INSUFFICIENT_PRIVILEGE => {
+                let role = app_rows::current_user(conn).await.map_err(DbError::from)?;
+                let what =
+                    privileges.unwrap_or_else(|| "what the statement reads and writes".into());
+                format!(
+                    "grant it to kdedup's role, e.g. GRANT USAGE ON SCHEMA <schema> TO {role}; GRANT {what} TO {role} \
+                     (deploy/README.md, \"Postgres sink grants\")"
+                )
+            }
+            _ => fix_for(&code, &what, schema),
+        };
+        return Err(SinkSetupError {
+            problem: format!("{what} does not work against this database: {e}"),
+            fix,
+        }
+        .into());
     }
     info!(sink = what, statement = sql, "sink statement checked");
     Ok(PostgresSink {
@@ -168,9 +207,6 @@ fn fix_for(code: &str, what: &str, schema: &str) -> String {
         ),
         "42703" => "use a column the table has (kdedup_events has scope, event_id, key, value, value_json, headers, \
                     source_topic, source_partition, source_offset, source_timestamp, ord)"
-            .into(),
-        sqlstate::INSUFFICIENT_PRIVILEGE => "grant kdedup's role what the statement needs, e.g. GRANT USAGE ON SCHEMA app TO kdedup; \
-             GRANT SELECT, INSERT, UPDATE ON app.orders TO kdedup (deploy/README.md, \"Postgres sink grants\")"
             .into(),
         "42601" => format!("correct the syntax of {what}: one statement (INSERT, UPDATE, DELETE, MERGE or SELECT), no trailing commands"),
         c if c.starts_with("42") => format!("correct {what}: Postgres names the problem above"),
