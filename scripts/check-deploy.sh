@@ -652,6 +652,21 @@ tests:
 
   - interval: 1m
     input_series:
+      - series: 'kdedup_sink_errors_total{job="orders/kdedup", namespace="orders", pod="p", instance="a", sqlstate_class="42"}'
+        values: '0x5 0+6x20'
+      - series: 'kdedup_sink_errors_total{job="orders/healthy", namespace="orders", pod="q", instance="b", sqlstate_class="42"}'
+        values: '3x25'
+    alert_rule_test:
+      - eval_time: 4m
+        alertname: KdedupSinkFailing
+        exp_alerts: []
+      - eval_time: 20m
+        alertname: KdedupSinkFailing
+        exp_alerts:
+          - exp_labels: {severity: critical, job: orders/kdedup, namespace: orders, sqlstate_class: "42"}
+
+  - interval: 1m
+    input_series:
       - series: 'kdedup_ttl_seconds{job="orders/kdedup", namespace="orders", pod="p", instance="a"}'
         values: '604800x30'
       - series: 'kdedup_input_retention_seconds{job="orders/kdedup", namespace="orders", pod="p", instance="a", topic="orders"}'
