@@ -55,6 +55,7 @@ async fn run(args: RunArgs) -> ExitCode {
     };
     kdedup::telemetry::init();
     info!(config = ?cfg, version = env!("CARGO_PKG_VERSION"), "starting kdedup");
+    warn_unknown_variables();
     let shutdown_timeout = cfg.shutdown_timeout;
     let stop = CancellationToken::new();
     let mut app = tokio::spawn(kdedup::app::run(cfg, stop.clone(), Metrics::new(), None));
@@ -184,6 +185,19 @@ async fn demo(args: DemoArgs) -> ExitCode {
         Err(e) => {
             eprintln!("demo failed: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Names every `KDEDUP_*` variable no setting reads: a typo would otherwise be a setting
+/// silently left at its default.
+fn warn_unknown_variables() {
+    for (variable, closest) in kdedup::cli::env::unknown_env_vars(&ProcessEnv) {
+        match closest {
+            Some(closest) => warn!(variable, did_you_mean = closest,
+                "unknown KDEDUP_* variable: no setting reads it, so it has no effect"),
+            None => warn!(variable,
+                "unknown KDEDUP_* variable: no setting reads it, so it has no effect (kdedup run --help lists them)"),
         }
     }
 }

@@ -113,3 +113,79 @@ fn help_lists_every_setting_with_its_environment_variable() {
         assert!(text.contains(var), "{var} missing from --help");
     }
 }
+
+/// `kdedup run` with `env`, stopped after `wait`: what it logged.
+fn started(env: &[(&str, &str)], wait: Duration) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kdedup"))
+        .arg("run")
+        .env_clear()
+        .envs([
+            ("KDEDUP_BROKERS", "127.0.0.1:1"),
+            ("KDEDUP_GROUP_ID", "g"),
+            ("KDEDUP_INPUT_TOPICS", "orders"),
+            ("KDEDUP_OUTPUT_TOPIC", "orders.dedup"),
+            ("KDEDUP_DATABASE_URL", "postgres://kd@127.0.0.1:1/app"),
+            ("KDEDUP_METRICS_ADDR", "127.0.0.1:0"),
+            ("KDEDUP_LOG_FORMAT", "json"),
+        ])
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kdedup");
+    std::thread::sleep(wait);
+    let running = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(running, "kdedup exited at start:\n{text}");
+    text
+}
+
+#[test]
+fn a_misspelt_variable_is_named_with_the_setting_it_resembles() {
+    let text = started(
+        &[("KDEDUP_GROUPID", "orders-app"), ("KDEDUP_BATCHSIZE", "10")],
+        Duration::from_secs(1),
+    );
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("unknown KDEDUP_* variable"))
+        .collect();
+    assert_eq!(warnings.len(), 2, "{text}");
+    assert!(
+        warnings
+            .iter()
+            .any(|l| l.contains("KDEDUP_GROUPID") && l.contains("KDEDUP_GROUP_ID")),
+        "{text}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|l| l.contains("KDEDUP_BATCHSIZE") && l.contains("KDEDUP_BATCH_SIZE")),
+        "{text}"
+    );
+}
+
+#[test]
+fn kubernetes_service_links_are_neither_settings_nor_kafka_properties() {
+    // What a pod gets for Services named kdedup and kdedup-kafka in its namespace.
+    let text = started(
+        &[
+            ("KDEDUP_SERVICE_HOST", "10.0.0.7"),
+            ("KDEDUP_SERVICE_PORT", "9464"),
+            ("KDEDUP_PORT", "tcp://10.0.0.7:9464"),
+            ("KDEDUP_PORT_9464_TCP_ADDR", "10.0.0.7"),
+            ("KDEDUP_KAFKA_SERVICE_HOST", "10.0.0.8"),
+            ("KDEDUP_KAFKA_PORT", "tcp://10.0.0.8:9092"),
+            ("KDEDUP_KAFKA_PORT_9092_TCP_PROTO", "tcp"),
+        ],
+        Duration::from_secs(1),
+    );
+    assert!(!text.contains("unknown KDEDUP_* variable"), "{text}");
+    assert!(!text.contains("librdkafka refuses"), "{text}");
+}

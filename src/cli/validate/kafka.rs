@@ -57,7 +57,9 @@ pub fn kafka_properties(env: &dyn Env, flags: &[String]) -> Result<KafkaProperti
     let mut props = BTreeMap::new();
     for (name, value) in env.vars() {
         if let Some(prop) = name.strip_prefix(KAFKA_ENV_PREFIX) {
-            if prop.is_empty() {
+            // A Service named kdedup-kafka gives every pod KDEDUP_KAFKA_SERVICE_HOST and
+            // friends: not properties.
+            if prop.is_empty() || super::super::env::is_service_link(&name) {
                 continue;
             }
             props.insert(prop.to_ascii_lowercase().replace('_', "."), value);
