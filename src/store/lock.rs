@@ -56,10 +56,13 @@ impl SingletonLock {
                 Ok(true) => return Ok(conn),
                 Ok(false) => {
                     if !said_standby {
+                        // Who holds it: the backend of the other replica's lock connection.
+                        let holder = self.holder(&mut conn).await.unwrap_or_default();
                         info!(
                             role = self.role,
                             schema = self.db.schema,
-                            "another replica holds this role for the schema; standing by"
+                            holder = holder.as_deref().unwrap_or("unknown"),
+                            "another replica holds this role for the schema; standing by until it lets go"
                         );
                         said_standby = true;
                     }
@@ -72,6 +75,27 @@ impl SingletonLock {
                 }
             }
         }
+    }
+}
+
+impl SingletonLock {
+    /// The holder of the lock as Postgres sees it: `pid <backend pid> from <client
+    /// address>, since <connection start>`, the address being the other replica's pod.
+    async fn holder(&self, conn: &mut PgConnection) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT format('pid %s from %s, since %s', a.pid, coalesce(host(a.client_addr), 'a local socket'),
+                           date_trunc('second', a.backend_start))
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+               AND l.classid::int8 = ($1::int8 & 4294967295)
+               AND l.objid::int8 = (hashtext($2 || ':' || $3)::int8 & 4294967295)
+             LIMIT 1",
+        )
+        .bind(ADVISORY_LOCK_CLASS)
+        .bind(self.role)
+        .bind(&self.db.schema)
+        .fetch_optional(conn)
+        .await
     }
 }
 

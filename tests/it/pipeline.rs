@@ -244,6 +244,25 @@ async fn replicas_and_groups_racing_on_the_same_ids_forward_once() {
     assert_exactly_once_in_order(&out, n);
     assert_eq!(sum("kdedup_events_forwarded_total"), n);
     assert_eq!(sum("kdedup_relay_active"), 1, "exactly one relay publishes");
+    // The two others said once that they stand by, and for whom (the holder's backend).
+    let standby: Vec<String> = all
+        .iter()
+        .flat_map(|s| {
+            std::fs::read_to_string(&s.log)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("standing by") && l.contains(r#""role":"relay""#))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(standby.len(), 2, "{standby:?}");
+    assert!(
+        standby
+            .iter()
+            .all(|l| l.contains(r#""holder":"pid "#) && l.contains("from 127.0.0.1")),
+        "{standby:?}"
+    );
     let pool = pg().await;
     assert_eq!(
         count(&pool, &t.schema, "processed_events").await as usize,
