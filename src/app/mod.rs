@@ -90,6 +90,7 @@ pub async fn run(
         crate::sink::kafka::topics::create_topics(&cfg, &producer).await?;
     }
     checks::check_retention(&cfg, &metrics).await;
+    checks::check_scope(&cfg, &pool).await;
     let max_message_bytes = crate::sink::kafka::topics::input_size_limit(&cfg).await;
     info!(
         max_message_bytes,

@@ -137,6 +137,7 @@ pub struct RunArgs {
     pub id_from: String,
 
     /// Dedup scope: a literal, or `header:<name>` for per-tenant scoping [default: the group id].
+    /// Pin it: with the default, a renamed group id starts from an empty gate.
     #[arg(long, env = "KDEDUP_SCOPE")]
     pub scope: Option<String>,
 

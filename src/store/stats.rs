@@ -54,3 +54,24 @@ pub async fn table_stats(pool: &PgPool) -> Result<TableStats, sqlx::Error> {
         oldest_row_age_s: oldest_row.map_or(0, |s| s.max(0.0) as i64),
     })
 }
+
+/// Whether `scope` has ever been gated in this schema, and the scopes that have (the
+/// busiest first, at most `limit`), from `gate_counters`.
+pub async fn scopes_seen(
+    pool: &PgPool,
+    scope: &str,
+    limit: i64,
+) -> Result<(bool, Vec<String>), sqlx::Error> {
+    let seen: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM gate_counters WHERE scope = $1)")
+        .bind(scope)
+        .fetch_one(pool)
+        .await?;
+    let others: Vec<String> = sqlx::query_scalar(
+        "SELECT scope FROM gate_counters WHERE scope <> $1 ORDER BY forwarded + duplicates DESC LIMIT $2",
+    )
+    .bind(scope)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok((seen, others))
+}

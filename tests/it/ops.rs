@@ -180,3 +180,48 @@ async fn inspect_and_stats_report_what_the_gate_recorded() {
 
     drop_schema(&pool, &t.schema).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scope_new_to_a_schema_that_holds_others_is_warned_about_at_start() {
+    let kafka = Cluster::shared();
+    let t = names("newscope");
+    kafka.create_topic(&t.input, 1).await;
+    let pool = pg().await;
+    // A schema a group named orders-v1 has been gating (its scope: the group id).
+    let cfg = SidecarConfig::new("orders-v1", &t.input, &t.output, &t.schema);
+    let (code, _, err) = kdedup_command(&cfg, &["migrate"]);
+    assert_eq!(code, Some(0), "{err}");
+    sqlx::query(&format!(
+        "INSERT INTO \"{}\".gate_counters (scope, duplicates, forwarded) VALUES ('orders-v1', 5, 500)",
+        t.schema
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    // The group renamed (a blue/green deploy): its default scope is new to the schema.
+    let renamed = cfg.clone().set("KDEDUP_GROUP_ID", "orders-v2");
+    let s = Sidecar::start(&renamed, "newscope_v2");
+    s.wait_ready(Duration::from_secs(60)).await;
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("this scope has never been gated in this schema"))
+        .unwrap_or_else(|| panic!("no warning:\n{log}"));
+    assert!(warning.contains(r#""scope":"orders-v2""#), "{warning}");
+    assert!(
+        warning.contains("orders-v1"),
+        "names the scopes it holds: {warning}"
+    );
+    assert!(warning.contains("KDEDUP_SCOPE"), "names the fix: {warning}");
+    drop(s);
+
+    // The fix: the scope pinned to the old one. No warning.
+    let pinned = renamed.set("KDEDUP_SCOPE", "orders-v1");
+    let s = Sidecar::start(&pinned, "newscope_pinned");
+    s.wait_ready(Duration::from_secs(60)).await;
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    assert!(!log.contains("never been gated"), "{log}");
+    drop(s);
+    drop_schema(&pool, &t.schema).await;
+}
