@@ -51,6 +51,11 @@ pub async fn run(
     metrics
         .ttl_seconds
         .set(i64::try_from(cfg.gate.ttl.as_secs()).unwrap_or(i64::MAX));
+    // Series that exist from the start: a sidecar stuck before its first message must
+    // still show a flat consumed counter, or no rate-based alert can see it.
+    for topic in &cfg.kafka.input_topics {
+        metrics.events_consumed.with_label_values(&[topic]);
+    }
     let health = Arc::new(Health::default());
     let admin_stop = CancellationToken::new();
     let (admin_addr, admin_task) = admin::serve(

@@ -225,3 +225,25 @@ async fn a_scope_new_to_a_schema_that_holds_others_is_warned_about_at_start() {
     drop(s);
     drop_schema(&pool, &t.schema).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sidecar_that_never_consumed_still_exports_a_flat_consumed_series() {
+    let kafka = Cluster::shared();
+    let t = names("flatseries");
+    kafka.create_topic(&t.input, 1).await;
+    let s = Sidecar::start(
+        &SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema),
+        "flatseries",
+    );
+    s.wait_ready(Duration::from_secs(60)).await;
+    // KdedupNoProgress is `rate(kdedup_events_consumed_total) == 0 and lag > 0`: without a
+    // series from the start, a sidecar stuck before its first message would never fire it.
+    let text = s.metrics_text();
+    let series = format!("kdedup_events_consumed_total{{topic=\"{}\"}} 0", t.input);
+    assert!(
+        text.lines().any(|l| l == series),
+        "no {series:?} in:\n{text}"
+    );
+    drop(s);
+    drop_schema(&pg().await, &t.schema).await;
+}
