@@ -15,6 +15,9 @@
 //!   deleting expired rows (and the same table with the pruner off), peak RSS, latency at
 //!   a fixed input rate, and a tuning sweep.
 //! - naive: one transaction and one synchronous offset commit per message.
+//! - pgsink: kdedup with the Postgres sink (`KDEDUP_SINK=postgres`, rows into an
+//!   application table) against its own ceiling, L-db (postgres sink): pgbench inserting
+//!   the gate row + application row per event (examples/bench/pgsink.rs).
 //!
 //! Writes the report to bench/RESULTS.md (full) or .tmp/bench/RESULTS-quick.md (--quick).
 
@@ -37,6 +40,7 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
+mod pgsink;
 mod shapes;
 
 /// Input partitions of every bench topic.
@@ -74,7 +78,7 @@ struct Args {
     sweep: bool,
     #[arg(long)]
     no_sweep: bool,
-    /// Run only these scenarios (comma-separated): ldb,lkafka,sweep,e2e,naive,prefill,prune,latency,shapes,keys.
+    /// Run only these scenarios (comma-separated): ldb,lkafka,sweep,e2e,pgsink,naive,prefill,prune,latency,shapes,keys.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Messages per end-to-end run (default: 20000 quick, 300000 full).
@@ -252,9 +256,11 @@ impl Bench {
             }
         }
 
-        let needs_a = ["lkafka", "sweep", "e2e", "naive", "prefill", "prune"]
-            .iter()
-            .any(|s| self.wants(s));
+        let needs_a = [
+            "lkafka", "sweep", "e2e", "pgsink", "naive", "prefill", "prune",
+        ]
+        .iter()
+        .any(|s| self.wants(s));
         let topic_a = self.name("a");
         if needs_a {
             step(&format!(
@@ -304,12 +310,16 @@ impl Bench {
                 self.drop_schema(&schema).await;
             }
         }
-        if self.wants("e2e") {
-            let topic_b = self.name("b");
+        // The 50%-duplicates input, for the Kafka sink's and the Postgres sink's runs.
+        let topic_b = self.name("b");
+        let mut distinct_b = 0;
+        if self.wants("e2e") || self.wants("pgsink") {
             step(&format!(
                 "producing {n} messages (50% duplicates) to {topic_b}"
             ));
-            let p = self.produce_input(&topic_b, n, 0.5, 2).await?;
+            distinct_b = self.produce_input(&topic_b, n, 0.5, 2).await?.distinct;
+        }
+        if self.wants("e2e") {
             // Full mode runs each twice, alternating, and the better run counts (as the
             // better L-db pass does): a burst of load from elsewhere then spoils at most one.
             let keys: &[(&'static str, &'static str)] = if self.args.quick {
@@ -328,12 +338,16 @@ impl Bench {
                 step("kdedup end to end, 50% duplicates");
                 let schema = self.name(k50);
                 let r = self
-                    .kdedup(k50, &topic_b, n, p.distinct, &schema, &[])
+                    .kdedup(k50, &topic_b, n, distinct_b, &schema, &[])
                     .await?;
                 println!("    {:.0} events/s", r.rate);
                 report.runs.insert(k50, r);
                 self.drop_schema(&schema).await;
             }
+        }
+        if self.wants("pgsink") {
+            self.pgsink_scenario(report, &topic_a, &topic_b, distinct_b)
+                .await?;
         }
         if self.wants("naive") {
             for mode in ["outbox", "produce"] {
@@ -474,6 +488,9 @@ impl Bench {
                     r.max
                 );
             }
+        }
+        if self.wants("pgsink") {
+            println!("\n{}", report.pgsink_ratio_line().replace("**", ""));
         }
         Ok(())
     }
@@ -689,15 +706,28 @@ FROM ids;
         );
         let path = self.tmp.join(format!("ldb-{}.sql", self.run_id));
         std::fs::write(&path, script)?;
+        let r = self.ldb_measure(&path, &schema, clients, batch).await;
+        self.drop_schema(&schema).await;
+        r
+    }
+
+    /// One L-db measurement: a checkpoint, then pgbench with `script` (one transaction of
+    /// `batch` events) in `schema` for the L-db time.
+    async fn ldb_measure(
+        &self,
+        script: &Path,
+        schema: &str,
+        clients: u32,
+        batch: usize,
+    ) -> anyhow::Result<Ldb> {
         self.checkpoint().await;
-        let (tps, text) = self.pgbench(&path, &schema, clients, self.sizes.ldb_seconds)?;
+        let (tps, text) = self.pgbench(script, schema, clients, self.sizes.ldb_seconds)?;
         let latency_ms: f64 = text
             .lines()
             .find(|l| l.starts_with("latency average"))
             .and_then(|l| l.split_whitespace().nth(3))
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0);
-        self.drop_schema(&schema).await;
         Ok(Ldb {
             pass: 1,
             clients,
@@ -945,8 +975,12 @@ FROM ids;
         }
         // An empty value means "leave it at kdedup's (or librdkafka's) default".
         env.retain(|_, v| !v.is_empty());
-        self.topics.push(env["KDEDUP_OUTPUT_TOPIC"].clone());
-        self.topics.push(env["KDEDUP_DLQ_TOPIC"].clone());
+        // (An extra `KDEDUP_OUTPUT_TOPIC=""` removes the output topic: the Postgres sink.)
+        for k in ["KDEDUP_OUTPUT_TOPIC", "KDEDUP_DLQ_TOPIC"] {
+            if let Some(t) = env.get(k) {
+                self.topics.push(t.clone());
+            }
+        }
         Sidecar::start(&self.kdedup_bin, &self.tmp, &self.run_id, name, env)
     }
 
@@ -977,7 +1011,7 @@ FROM ids;
         side.stop();
         let mut r = r;
         r.pg = self.pg_snap().await.since(&pg0);
-        if !self.args.until_gated {
+        if !self.args.until_gated && !side.output_topic.is_empty() {
             r.output = self.read_back(&side.output_topic, r.distinct);
         }
         Ok(r)
@@ -1592,7 +1626,8 @@ impl Sidecar {
             .port();
         let log = tmp.join(format!("logs/{run_id}-{name}.log"));
         let file = std::fs::File::create(&log)?;
-        let output_topic = env["KDEDUP_OUTPUT_TOPIC"].clone();
+        // Empty for the Postgres sink, which has no output topic.
+        let output_topic = env.get("KDEDUP_OUTPUT_TOPIC").cloned().unwrap_or_default();
         let child = Command::new(bin)
             .arg("run")
             .env_clear()
@@ -1722,6 +1757,9 @@ struct Counters {
     batches: f64,
     relay_seconds: f64,
     relay_rounds: f64,
+    sink_seconds: f64,
+    sink_statements: f64,
+    sink_rows: f64,
 }
 
 impl Counters {
@@ -1736,6 +1774,9 @@ impl Counters {
             batches: metric_value(text, "kdedup_batch_duration_seconds_count"),
             relay_seconds: metric_value(text, "kdedup_relay_publish_duration_seconds_sum"),
             relay_rounds: metric_value(text, "kdedup_relay_publish_duration_seconds_count"),
+            sink_seconds: metric_value(text, "kdedup_sink_statement_duration_seconds_sum"),
+            sink_statements: metric_value(text, "kdedup_sink_statement_duration_seconds_count"),
+            sink_rows: metric_value(text, "kdedup_sink_rows_written_total"),
         }
     }
 }
@@ -1810,6 +1851,9 @@ async fn measure(
         relay_share: (c1.relay_seconds - c0.relay_seconds) / seconds,
         batches: (c1.batches - c0.batches) as u64,
         relay_rounds: (c1.relay_rounds - c0.relay_rounds) as u64,
+        sink_share: (c1.sink_seconds - c0.sink_seconds) / seconds,
+        sink_statements: (c1.sink_statements - c0.sink_statements) as u64,
+        sink_rows: c1.sink_rows as u64,
         pruned_in_window: (c1.pruned - c0.pruned) as u64,
         cpu: cpu1.since(&cpu0),
         output: None,
@@ -1942,6 +1986,11 @@ struct E2e {
     relay_share: f64,
     batches: u64,
     relay_rounds: u64,
+    /// Postgres sink: time in the sink statement (`kdedup_sink_statement_duration_seconds`)
+    /// / wall time, its runs in the window, and `kdedup_sink_rows_written_total` at the end.
+    sink_share: f64,
+    sink_statements: u64,
+    sink_rows: u64,
     pruned_in_window: u64,
     cpu: CpuUse,
     output: Option<Output>,
@@ -2042,6 +2091,8 @@ struct Report {
     machine: Vec<(String, String)>,
     versions: Vec<(String, String)>,
     ldb: Vec<Ldb>,
+    /// L-db (postgres sink): gate row + application row per event.
+    ldb_pg: Vec<Ldb>,
     produce: Option<Produced>,
     lkafka: Vec<(String, f64)>,
     sweep: Vec<(String, E2e)>,
@@ -2204,6 +2255,7 @@ impl Report {
             machine,
             versions,
             ldb: Vec::new(),
+            ldb_pg: Vec::new(),
             produce: None,
             lkafka: Vec::new(),
             sweep: Vec::new(),
@@ -2385,6 +2437,8 @@ impl Report {
             ),
         );
 
+        self.render_pgsink(&mut s, b);
+
         let _ = writeln!(
             s,
             "\n## Targets\n\n| target | measured | met |\n|---|---:|---|"
@@ -2405,6 +2459,12 @@ impl Report {
             "kdedup ≥ 0.5 × L-db (best client count)",
             div(e0, ldb),
             0.5,
+        );
+        target(
+            &mut s,
+            "kdedup with the Postgres sink ≥ 0.7 × L-db (postgres sink), best client count",
+            self.pgsink_ratio(),
+            pgsink::GOAL,
         );
         target(
             &mut s,
@@ -2607,7 +2667,7 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "| run | events/s | s | start-up s | batches (avg size) | gate share | relay share | CPU kdedup | CPU postgres | CPU tansu | CPU other | peak RSS | output read back |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "| run | events/s | s | start-up s | batches (avg size) | gate share | relay share | CPU kdedup | CPU postgres | CPU tansu | CPU other | peak RSS | output read back (Postgres sink: table) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         let detail = |s: &mut String, label: &str, r: &E2e| {
             let _ = writeln!(
@@ -2627,8 +2687,12 @@ impl Report {
                 r.cpu.other,
                 r.peak_rss_kib.map_or("n/a".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
                 r.output.as_ref().map_or("n/a".into(), |o| format!(
-                    "{} msgs, {} ids (expected {})",
-                    o.messages, o.distinct, r.distinct
+                    "{} {}, {} ids (expected {})",
+                    o.messages,
+                    // The Postgres sink's runs count the application table's rows.
+                    if r.sink_statements > 0 { "table rows" } else { "msgs" },
+                    o.distinct,
+                    r.distinct
                 )),
             );
         };
@@ -2641,6 +2705,10 @@ impl Report {
             ("exp_off", "expired rows, pruner off"),
             ("prune", "expired rows, pruner on"),
             ("paced", "expired rows, pruner on, 200 ms pause"),
+            ("pgsink0", "Postgres sink, 0% duplicates"),
+            ("pgsink0b", "Postgres sink, 0% duplicates, second run"),
+            ("pgsink50", "Postgres sink, 50% duplicates"),
+            ("pgsink50b", "Postgres sink, 50% duplicates, second run"),
         ] {
             if let Some(r) = self.runs.get(key) {
                 detail(&mut s, label, r);
@@ -2665,6 +2733,10 @@ impl Report {
             ("exp_off", "expired rows, pruner off"),
             ("prune", "expired rows, pruner on"),
             ("paced", "expired rows, pruner on, 200 ms pause"),
+            ("pgsink0", "Postgres sink, 0% duplicates"),
+            ("pgsink0b", "Postgres sink, 0% duplicates, second run"),
+            ("pgsink50", "Postgres sink, 50% duplicates"),
+            ("pgsink50b", "Postgres sink, 50% duplicates, second run"),
         ] {
             if let Some(r) = self.runs.get(key) {
                 let per = |v: i64, k: f64| v as f64 * k / r.input.max(1) as f64;
