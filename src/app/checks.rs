@@ -26,7 +26,9 @@ pub async fn check_scope(cfg: &RunSettings, pool: &PgPool) {
                    it), set KDEDUP_SCOPE to the old scope; pin KDEDUP_SCOPE so that a rename cannot do this");
         }
         Ok(_) => {}
-        Err(e) => warn!(error = %e, "cannot read the scopes of this schema; the new-scope check is skipped"),
+        Err(e) => {
+            warn!(error = %e, "cannot read the scopes of this schema; the new-scope check is skipped")
+        }
     }
 }
 

@@ -192,18 +192,21 @@ impl GateStatement {
             .map(|cte| format!("forwarded AS (\n{cte}\n),\n"))
             .unwrap_or_default();
         GateStatement {
-            sql: format!("{GATE_HEAD}{forward}{GATE_TAIL}"),
+            sql: format!("{GATE_HEAD}{forward}{GATE_DECIDED}{GATE_COUNTED}{GATE_SELECT}"),
             after: None,
         }
     }
 
     /// The gate with no write of its own, followed by `statement` (made by
     /// [`super::app_rows::with_events`]) over the first sightings. Keys, values and
-    /// headers then go to Postgres once, with that statement.
+    /// headers then go to Postgres once, with that statement. The running totals are
+    /// upserted after it, in a statement of their own: in the gate statement they would
+    /// hold the hot counters row locked while the sink statement runs, and the lanes
+    /// (and replicas) of one scope would write their rows one at a time.
     pub fn followed_by(statement: String) -> Self {
         GateStatement {
+            sql: format!("{GATE_HEAD}{GATE_DECIDED}{GATE_SELECT}"),
             after: Some(statement),
-            ..Self::new(None)
         }
     }
 
@@ -251,7 +254,7 @@ gate AS (
 ),
 "#;
 
-const GATE_TAIL: &str = r#"
+const GATE_DECIDED: &str = r#"
 decided AS (
     SELECT b.ord, b.scope,
            g.event_key IS NOT NULL AS inserted,
@@ -262,14 +265,16 @@ decided AS (
     LEFT JOIN gate g ON g.event_key = b.event_key
     LEFT JOIN processed_events pe
            ON g.event_key IS NULL AND pe.event_key = b.event_key
-),
--- Running totals for `kdedup stats`, one upsert per scope in this batch. A duplicate is a
--- row not inserted whose payload matches the first one (a reused id with another payload
--- is a mismatch, not a duplicate), plus the in-batch duplicates the caller removed before
--- this statement ($12 scopes, $13 counts). The counters row of a scope is a hot row: the
--- transactions of all replicas gating that scope take its lock at the end of this
--- statement and keep it until their COMMIT, so they serialise there for one round trip.
--- Scopes are locked in order, and only after every gate row, so this cannot deadlock.
+)"#;
+
+// Running totals for `kdedup stats`, one upsert per scope in this batch. A duplicate is a
+// row not inserted whose payload matches the first one (a reused id with another payload
+// is a mismatch, not a duplicate), plus the in-batch duplicates the caller removed before
+// this statement ($12 scopes, $13 counts). The counters row of a scope is a hot row: the
+// transactions of all replicas gating that scope take its lock at the end of this
+// statement and keep it until their COMMIT, so they serialise there for one round trip.
+// Scopes are locked in order, and only after every gate row, so this cannot deadlock.
+const GATE_COUNTED: &str = r#",
 counted AS (
     INSERT INTO gate_counters AS c (scope, duplicates, forwarded)
     SELECT scope, sum(duplicates)::int8, sum(forwarded)::int8
@@ -287,11 +292,24 @@ counted AS (
             forwarded = c.forwarded + EXCLUDED.forwarded,
             updated_at = now()
     RETURNING 1
-)
+)"#;
+
+const GATE_SELECT: &str = r#"
 SELECT ord, inserted, source_topic, source_partition, source_offset, payload_differs
 FROM decided
 ORDER BY ord
 "#;
+
+/// The running totals of a gate whose counters are not in its statement (see
+/// [`GateStatement::followed_by`]): the same upsert as the statement's `counted`, from
+/// totals per scope computed by the caller, run last, just before the COMMIT.
+const COUNTERS_SQL: &str = "
+INSERT INTO gate_counters AS c (scope, duplicates, forwarded)
+SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[]) ORDER BY 1
+ON CONFLICT (scope) DO UPDATE
+    SET duplicates = c.duplicates + EXCLUDED.duplicates,
+        forwarded = c.forwarded + EXCLUDED.forwarded,
+        updated_at = now()";
 
 /// `(ord, inserted, first topic, first partition, first offset, payload differs)`.
 type GateResultRow = (i64, bool, Option<String>, Option<i32>, Option<i64>, bool);
@@ -383,6 +401,26 @@ pub async fn gate(
                 .map_err(DbError::Sink)?;
             written = Some(w);
         }
+        let mut totals: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+        for ((_, inserted, _, _, _, differs), row) in result.iter().zip(rows) {
+            let t = totals.entry(row.scope.as_str()).or_default();
+            match (inserted, differs) {
+                (true, _) => t.1 += 1,
+                (false, false) => t.0 += 1,
+                (false, true) => {}
+            }
+        }
+        for (scope, n) in dup_scopes.iter().zip(&dup_counts) {
+            totals.entry(scope).or_default().0 += n;
+        }
+        let (scopes, (duplicates, forwarded)): (Vec<&str>, (Vec<i64>, Vec<i64>)) =
+            totals.into_iter().map(|(s, (d, f))| (s, (d, f))).unzip();
+        sqlx::query(COUNTERS_SQL)
+            .bind(&scopes)
+            .bind(&duplicates)
+            .bind(&forwarded)
+            .execute(&mut *tx)
+            .await?;
     }
     crate::crash::gate_delay().await;
     crate::crash::reached(crate::crash::Point::BeforeDbCommit);

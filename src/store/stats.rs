@@ -62,10 +62,11 @@ pub async fn scopes_seen(
     scope: &str,
     limit: i64,
 ) -> Result<(bool, Vec<String>), sqlx::Error> {
-    let seen: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM gate_counters WHERE scope = $1)")
-        .bind(scope)
-        .fetch_one(pool)
-        .await?;
+    let seen: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM gate_counters WHERE scope = $1)")
+            .bind(scope)
+            .fetch_one(pool)
+            .await?;
     let others: Vec<String> = sqlx::query_scalar(
         "SELECT scope FROM gate_counters WHERE scope <> $1 ORDER BY forwarded + duplicates DESC LIMIT $2",
     )

@@ -173,6 +173,11 @@ async fn a_table_gets_one_row_per_distinct_id_with_its_json_and_metadata() {
     assert_eq!(s.metric("kdedup_events_forwarded_total"), n as f64);
     assert_eq!(s.metric("kdedup_duplicates_total"), dups as f64);
     assert_eq!(
+        gate_totals(&pool, &t.schema).await,
+        (n as i64, dups as i64),
+        "kdedup stats' running totals"
+    );
+    assert_eq!(
         count(&pool, &t.schema, "outbox").await,
         0,
         "the Kafka sink's outbox is unused"
