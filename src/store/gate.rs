@@ -414,7 +414,7 @@ pub async fn gate(
             totals.entry(scope).or_default().0 += n;
         }
         let (scopes, (duplicates, forwarded)): (Vec<&str>, (Vec<i64>, Vec<i64>)) =
-            totals.into_iter().map(|(s, (d, f))| (s, (d, f))).unzip();
+            totals.into_iter().unzip();
         sqlx::query(COUNTERS_SQL)
             .bind(&scopes)
             .bind(&duplicates)
