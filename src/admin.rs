@@ -2,8 +2,9 @@
 //!
 //! `/livez` answers 200 while the process serves requests: restarting a sidecar whose
 //! Postgres is down would not bring Postgres back, so liveness does not depend on it.
-//! `/readyz` answers 200 only when Postgres and the broker answered their last check and
-//! the consumer has joined its group; the body says which check failed.
+//! `/readyz` answers 200 only when Postgres and the broker answered their last check, the
+//! consumer has joined its group and kdedup's own topics exist; the body says which check
+//! failed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

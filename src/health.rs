@@ -9,6 +9,8 @@ pub struct Health {
     pub postgres_up: AtomicBool,
     pub broker_up: AtomicBool,
     pub consumer_joined: AtomicBool,
+    /// kdedup's own topics (output, dead-letter) the cluster says do not exist.
+    pub missing_topics: std::sync::Mutex<Vec<String>>,
     /// When the consumer last met input it cannot decode. A fetch that cannot be decoded
     /// fails again on every retry, so a recent one means a stuck partition.
     pub undecodable_at: std::sync::Mutex<Option<std::time::Instant>>,
@@ -29,6 +31,9 @@ impl Health {
         }
         if !self.consumer_joined.load(Ordering::Acquire) {
             failing.push("consumer_group");
+        }
+        if !self.missing_topics.lock().expect("health lock").is_empty() {
+            failing.push("topic_missing");
         }
         let undecodable = *self.undecodable_at.lock().expect("health lock");
         if undecodable.is_some_and(|at| at.elapsed() < UNDECODABLE_HOLD) {

@@ -27,8 +27,9 @@ pub(super) struct Fatal {
 pub(super) struct HealthChecks {
     pub(super) pool: PgPool,
     pub(super) producer: FutureProducer,
-    /// One of kdedup's own topics, whose metadata says the cluster answers.
-    pub(super) probe_topic: String,
+    /// kdedup's own topics (the output topic of the Kafka sink, the dead-letter topic):
+    /// their metadata says whether the cluster answers and whether they exist.
+    pub(super) own_topics: Vec<String>,
     pub(super) health: Arc<Health>,
     pub(super) metrics: Metrics,
     pub(super) fatal: Fatal,
@@ -40,7 +41,7 @@ pub(super) async fn health_checks(checks: HealthChecks, stop: CancellationToken)
     let HealthChecks {
         pool,
         producer,
-        probe_topic,
+        own_topics,
         health,
         metrics,
         fatal,
@@ -65,23 +66,19 @@ pub(super) async fn health_checks(checks: HealthChecks, stop: CancellationToken)
             refresh_table_gauges(&pool, &metrics).await;
         }
 
-        let (p, t) = (producer.clone(), probe_topic.clone());
-        let broker = tokio::task::spawn_blocking(move || {
-            use rdkafka::producer::Producer;
-            // One of kdedup's own topics: metadata of every topic in a large cluster is
-            // a heavy request to make every 2 s from every replica.
-            p.client()
-                .fetch_metadata(Some(&t), Duration::from_secs(3))
-                .is_ok_and(|md| !md.brokers().is_empty())
-        })
-        .await
-        .unwrap_or(false);
+        let (p, topics) = (producer.clone(), own_topics.clone());
+        let (broker, missing) = tokio::task::spawn_blocking(move || own_topics_state(&p, &topics))
+            .await
+            .unwrap_or((false, Vec::new()));
         record_check(
             &health.broker_up,
             &metrics.broker_up,
             broker,
             "kafka cluster",
         );
+        if broker {
+            record_missing_topics(&health, missing);
+        }
 
         // An idempotent producer that hit a fatal error (fenced, out-of-order sequence)
         // fails every later produce: dead letters and the relay would retry for ever.
@@ -94,6 +91,53 @@ pub(super) async fn health_checks(checks: HealthChecks, stop: CancellationToken)
             return;
         }
     }
+}
+
+/// Whether the cluster answers, and which of `topics` it says do not exist. Only kdedup's
+/// own topics are asked for: metadata of every topic of a large cluster is a heavy request
+/// to make every 2 s from every replica.
+fn own_topics_state(producer: &FutureProducer, topics: &[String]) -> (bool, Vec<String>) {
+    use rdkafka::producer::Producer;
+    use rdkafka::types::RDKafkaRespErr;
+    let mut answered = false;
+    let mut missing = Vec::new();
+    for topic in topics {
+        let Ok(md) = producer
+            .client()
+            .fetch_metadata(Some(topic), Duration::from_secs(3))
+        else {
+            continue;
+        };
+        if md.brokers().is_empty() {
+            continue;
+        }
+        answered = true;
+        let unknown = match md.topics().iter().find(|t| t.name() == topic) {
+            None => true,
+            Some(t) => matches!(
+                t.error(),
+                Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)
+            ),
+        };
+        if unknown {
+            missing.push(topic.clone());
+        }
+    }
+    (answered, missing)
+}
+
+/// Keeps the missing topics for `/readyz` and says when that changes: a topic kdedup must
+/// write to and cannot is an ERROR (nothing it should deliver there can be delivered).
+fn record_missing_topics(health: &Health, missing: Vec<String>) {
+    let mut known = health.missing_topics.lock().expect("health lock");
+    for topic in missing.iter().filter(|t| !known.contains(t)) {
+        error!(topic, "a topic kdedup writes to does not exist: nothing bound for it can be delivered, and /readyz fails until it does. \
+               Create it (same partitions as the input, your usual replication), or set KDEDUP_CREATE_TOPICS=true");
+    }
+    for topic in known.iter().filter(|t| !missing.contains(t)) {
+        info!(topic, "topic exists now");
+    }
+    *known = missing;
 }
 
 /// Records one check's result in the readiness flag and its gauge, and logs a change

@@ -123,7 +123,13 @@ pub async fn run(
         HealthChecks {
             pool: pool.clone(),
             producer: producer.clone(),
-            probe_topic: cfg.kafka.input_topics[0].clone(),
+            own_topics: cfg
+                .sink
+                .output_topic()
+                .into_iter()
+                .chain([cfg.kafka.dlq_topic.as_str()])
+                .map(str::to_string)
+                .collect(),
             health: health.clone(),
             metrics: metrics.clone(),
             fatal: Fatal {

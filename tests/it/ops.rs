@@ -247,3 +247,49 @@ async fn a_sidecar_that_never_consumed_still_exports_a_flat_consumed_series() {
     drop(s);
     drop_schema(&pg().await, &t.schema).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_output_topic_makes_the_sidecar_unready_with_an_error_until_it_exists() {
+    let kafka = Cluster::shared();
+    let t = names("notopic");
+    kafka.create_topic(&t.input, 1).await;
+    // Topics managed by the operator, and the output and dead-letter topics forgotten.
+    let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
+        .set("KDEDUP_CREATE_TOPICS", "false");
+    let s = Sidecar::start(&cfg, "notopic");
+    wait_until(
+        Duration::from_secs(60),
+        "readiness names the missing topic",
+        || {
+            s.get("/readyz")
+                .is_some_and(|(code, body)| code == 503 && body.contains("topic_missing"))
+        },
+    )
+    .await;
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    for topic in [&t.output, &t.dlq] {
+        assert!(
+            log.lines().any(|l| l.contains(r#""level":"ERROR""#)
+                && l.contains("does not exist")
+                && l.contains(topic.as_str())),
+            "no ERROR naming {topic}:\n{log}"
+        );
+    }
+
+    // The operator creates them: ready again, and events flow.
+    kafka.create_topic(&t.output, 1).await;
+    kafka.create_topic(&t.dlq, 1).await;
+    s.wait_ready(Duration::from_secs(60)).await;
+    let msgs: Vec<In> = (0..10)
+        .map(|i| In::event(0, &format!("n-{i}"), i))
+        .collect();
+    kafka.produce(&t.input, &msgs).await;
+    assert_eq!(
+        kafka
+            .read_topic(&t.output, 10, Duration::from_secs(30))
+            .len(),
+        10
+    );
+    drop(s);
+    drop_schema(&pg().await, &t.schema).await;
+}
