@@ -667,6 +667,84 @@ tests:
 
   - interval: 1m
     input_series:
+      - series: 'kdedup_relay_delivery_failures_total{job="orders/kdedup", namespace="orders", pod="p", instance="a"}'
+        values: '0x5 0+30x25'
+      - series: 'kdedup_relay_delivery_failures_total{job="orders/healthy", namespace="orders", pod="q", instance="b"}'
+        values: '7x30'
+    alert_rule_test:
+      - eval_time: 10m
+        alertname: KdedupRelayFailing
+        exp_alerts: []
+      - eval_time: 25m
+        alertname: KdedupRelayFailing
+        exp_alerts:
+          - exp_labels: {severity: warning, job: orders/kdedup, namespace: orders}
+
+  - interval: 1m
+    input_series:
+      - series: 'kdedup_relay_active{job="orders/kdedup", namespace="orders", pod="p", instance="a"}'
+        values: '1x20'
+      - series: 'kdedup_relay_active{job="orders/kdedup", namespace="orders", pod="q", instance="b"}'
+        values: '0x5 1x15'
+      - series: 'kdedup_relay_active{job="orders/fine", namespace="orders", pod="r", instance="c"}'
+        values: '1x20'
+      - series: 'kdedup_relay_active{job="orders/fine", namespace="orders", pod="s", instance="d"}'
+        values: '0x20'
+    alert_rule_test:
+      - eval_time: 4m
+        alertname: KdedupMoreThanOneRelay
+        exp_alerts: []
+      - eval_time: 15m
+        alertname: KdedupMoreThanOneRelay
+        exp_alerts:
+          - exp_labels: {severity: critical, job: orders/kdedup, namespace: orders}
+
+  - interval: 1m
+    input_series:
+      - series: 'kdedup_ttl_seconds{job="orders/kdedup", namespace="orders", pod="p", instance="a"}'
+        values: '86400x60'
+      - series: 'kdedup_oldest_row_age_seconds{job="orders/kdedup", namespace="orders", pod="p", instance="a"}'
+        values: '86000+60x60'
+      - series: 'kdedup_ttl_seconds{job="orders/pruned", namespace="orders", pod="q", instance="b"}'
+        values: '86400x60'
+      - series: 'kdedup_oldest_row_age_seconds{job="orders/pruned", namespace="orders", pod="q", instance="b"}'
+        values: '86460x60'
+    alert_rule_test:
+      - eval_time: 50m
+        alertname: KdedupPrunerNotKeepingUp
+        exp_alerts: []
+      - eval_time: 59m
+        alertname: KdedupPrunerNotKeepingUp
+        exp_alerts: []
+  - interval: 1m
+    input_series:
+      - series: 'kdedup_ttl_seconds{job="orders/kdedup", namespace="orders", pod="p", instance="a"}'
+        values: '86400x120'
+      - series: 'kdedup_oldest_row_age_seconds{job="orders/kdedup", namespace="orders", pod="p", instance="a"}'
+        values: '86000+60x120'
+    alert_rule_test:
+      - eval_time: 100m
+        alertname: KdedupPrunerNotKeepingUp
+        exp_alerts:
+          - exp_labels: {severity: warning, job: orders/kdedup, namespace: orders}
+
+  - interval: 1m
+    input_series:
+      - series: 'kdedup_payload_mismatches_total{job="orders/kdedup", namespace="orders", pod="p", instance="a", action="skipped"}'
+        values: '0x10 1x20'
+      - series: 'kdedup_payload_mismatches_total{job="orders/kdedup", namespace="orders", pod="p", instance="a", action="dead_lettered"}'
+        values: '0x30'
+    alert_rule_test:
+      - eval_time: 9m
+        alertname: KdedupPayloadMismatch
+        exp_alerts: []
+      - eval_time: 15m
+        alertname: KdedupPayloadMismatch
+        exp_alerts:
+          - exp_labels: {severity: warning, job: orders/kdedup, namespace: orders, action: skipped}
+
+  - interval: 1m
+    input_series:
       - series: 'kdedup_ttl_seconds{job="orders/kdedup", namespace="orders", pod="p", instance="a"}'
         values: '604800x30'
       - series: 'kdedup_input_retention_seconds{job="orders/kdedup", namespace="orders", pod="p", instance="a", topic="orders"}'
