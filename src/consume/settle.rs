@@ -95,7 +95,8 @@ pub struct Abandoned;
 /// A gate outcome, or Postgres' refusal of the row's data.
 type RowResult = Result<GateOutcome, Refused>;
 
-fn payload_hash(value: Option<&[u8]>) -> Vec<u8> {
+/// What the gate compares to tell a duplicate from an id reused with another payload.
+pub fn payload_hash(value: Option<&[u8]>) -> Vec<u8> {
     // Truncated SHA-256: 16 bytes tell payloads apart with no realistic collision and
     // keep the row small.
     Sha256::digest(value.unwrap_or_default())[..16].to_vec()

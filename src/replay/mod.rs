@@ -15,6 +15,7 @@
 //! forward it again; that check reads the whole range first, so a refused replay writes
 //! nothing. Replay is idempotent, so a stopped replay is simply run again.
 
+use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -30,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 mod dlq;
 mod range;
 
-use crate::consume::settle::{Gate, Origin};
+use crate::consume::settle::{payload_hash, Gate, Origin};
 use crate::metrics::Metrics;
 use crate::model::InputMessage;
 use crate::settings::SinkSettings;
@@ -341,6 +342,7 @@ async fn replay(
             summary.forwarded += s.forwarded;
             summary.duplicates += s.duplicates;
             summary.unusable += s.unusable;
+            summary.mismatched += s.mismatched;
         } else {
             let s = gate
                 .settle_without_dead_letters(batch, &stop)
@@ -456,32 +458,46 @@ fn print_summary(topic: &str, dry_run: bool, summary: &ReplaySummary) {
     }
 }
 
-/// Which events of `batch` the gate would forward, without writing anything.
+/// Which events of `batch` the gate would forward, without writing anything. Counts as
+/// the real run does: an id seen with another payload (in this batch or in the gate) is a
+/// mismatch, not a duplicate; an event the sink cannot take is unusable.
 async fn dry_run_batch(
     gate: &Gate,
     batch: Vec<InputMessage>,
     gate_table_exists: bool,
 ) -> anyhow::Result<ReplaySummary> {
     let mut s = ReplaySummary::default();
-    let mut seen = std::collections::HashSet::new();
+    let mut first: HashMap<(String, String), Vec<u8>> = HashMap::new();
     let mut keys = Vec::new();
     for m in &batch {
-        match gate.identify(m) {
-            Err(_) => s.unusable += 1,
-            Ok(k) => {
-                if seen.insert(k.clone()) {
-                    keys.push(k);
-                } else {
-                    s.duplicates += 1;
-                }
+        let identity = gate.identify(m).and_then(|k| {
+            gate.sink.admit(m)?;
+            Ok(k)
+        });
+        let Ok(k) = identity else {
+            s.unusable += 1;
+            continue;
+        };
+        let hash = payload_hash(m.value.as_deref());
+        match first.get(&k) {
+            None => {
+                keys.push(k.clone());
+                first.insert(k, hash);
             }
+            Some(h) if *h == hash => s.duplicates += 1,
+            Some(_) => s.mismatched += 1,
         }
     }
     let live = match gate_table_exists {
-        true => db::gate::live_ids(&gate.pool, &keys).await?,
-        false => 0,
+        true => db::gate::live_payloads(&gate.pool, &keys).await?,
+        false => HashMap::new(),
     };
-    s.duplicates += live;
-    s.forwarded += keys.len() - live;
+    for k in keys {
+        match live.get(&k) {
+            None => s.forwarded += 1,
+            Some(h) if *h == first[&k] => s.duplicates += 1,
+            Some(_) => s.mismatched += 1,
+        }
+    }
     Ok(s)
 }

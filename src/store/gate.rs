@@ -448,18 +448,25 @@ pub async fn gate(
     Ok(GateCommit { outcomes, written })
 }
 
-/// How many of `keys` (scope, event_id) the gate holds and has not expired.
-pub async fn live_ids(pool: &PgPool, keys: &[(String, String)]) -> Result<usize, DbError> {
+/// The payload hashes of those of `keys` (scope, event_id) the gate holds and has not
+/// expired, by key.
+pub async fn live_payloads(
+    pool: &PgPool,
+    keys: &[(String, String)],
+) -> Result<HashMap<(String, String), Vec<u8>>, DbError> {
     if keys.is_empty() {
-        return Ok(0);
+        return Ok(HashMap::new());
     }
     let event_keys: Vec<Uuid> = keys.iter().map(|(s, i)| event_key(s, i)).collect();
-    let n: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM processed_events
+    let rows: Vec<(String, String, Option<Vec<u8>>)> = sqlx::query_as(
+        "SELECT scope, event_id, payload_hash FROM processed_events
          WHERE event_key = ANY($1) AND expires_at > now()",
     )
     .bind(&event_keys)
-    .fetch_one(pool)
+    .fetch_all(pool)
     .await?;
-    Ok(n as usize)
+    Ok(rows
+        .into_iter()
+        .map(|(scope, id, hash)| ((scope, id), hash.unwrap_or_default()))
+        .collect())
 }

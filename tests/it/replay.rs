@@ -471,3 +471,51 @@ async fn replay_serves_its_duplicate_counts_on_metrics_while_it_runs() {
     assert_exactly_once(&output, &id_set("m", 8));
     drop_schema(&pg().await, &t.schema).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_counts_what_the_real_run_does_mismatches_included() {
+    let kafka = Cluster::shared();
+    let t = names("replay_dry");
+    kafka.create_topic(&t.input, 1).await;
+    let msgs: Vec<In> = (0..50)
+        .map(|i| In::event(0, &format!("m-{i}"), i))
+        .collect();
+    kafka.produce(&t.input, &msgs).await;
+    let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema);
+    let s = Sidecar::start(&cfg, "replay_dry");
+    wait_until(Duration::from_secs(60), "forwarded", || {
+        s.metric("kdedup_events_forwarded_total") >= 50.0
+    })
+    .await;
+    drop(s);
+
+    // A backfill topic: 20 of the ids again as they were, 10 of them with another payload
+    // (a producer reusing ids), 10 new ids, and one new id twice with two payloads.
+    let backfill = format!("{}.backfill", t.input);
+    kafka.create_topic(&backfill, 1).await;
+    let mut again: Vec<In> = (0..20)
+        .map(|i| In::event(0, &format!("m-{i}"), i))
+        .collect();
+    again.extend((20..30).map(|i| In::event(0, &format!("m-{i}"), 1000 + i)));
+    again.extend((100..110).map(|i| In::event(0, &format!("m-{i}"), i)));
+    again.push(In::event(0, "m-200", 1));
+    again.push(In::event(0, "m-200", 2));
+    kafka.produce(&backfill, &again).await;
+
+    let (code, dry, err) =
+        kdedup_command(&cfg, &["replay", "--from-topic", &backfill, "--dry-run"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, real, err) = kdedup_command(&cfg, &["replay", "--from-topic", &backfill]);
+    assert_eq!(code, Some(0), "{err}");
+    for (label, want) in [("duplicates", 20), ("same id, different payload", 11)] {
+        assert_eq!(summary_value(&dry, label), want, "dry run, {label}:\n{dry}");
+        assert_eq!(
+            summary_value(&real, label),
+            want,
+            "real run, {label}:\n{real}"
+        );
+    }
+    assert_eq!(summary_value(&dry, "would be forwarded"), 11, "{dry}");
+    assert_eq!(summary_value(&real, "forwarded"), 11, "{real}");
+    drop_schema(&pg().await, &t.schema).await;
+}
