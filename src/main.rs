@@ -115,10 +115,11 @@ async fn migrate(args: DbArgs) -> ExitCode {
 }
 
 async fn prune(args: PruneArgs) -> ExitCode {
+    let round = args.round_settings();
     let (db, settings) = match args
         .db
         .validate(&ProcessEnv)
-        .and_then(|db| Ok((db, args.prune.validate()?)))
+        .and_then(|db| Ok((db, round?)))
     {
         Ok(x) => x,
         Err(e) => return usage_error(e),

@@ -250,13 +250,19 @@ pub struct PruneFlags {
     pub prune_pause: String,
 }
 
-/// `kdedup prune`.
+/// `kdedup prune`: one round, so only the round's own settings.
 #[derive(Debug, Clone, Args)]
 pub struct PruneArgs {
     #[command(flatten)]
     pub db: DbArgs,
-    #[command(flatten)]
-    pub prune: PruneFlags,
+
+    /// Rows deleted per prune transaction.
+    #[arg(long, env = "KDEDUP_PRUNE_BATCH_SIZE", default_value_t = 5000)]
+    pub prune_batch_size: i64,
+
+    /// Pause between two prune transactions.
+    #[arg(long, env = "KDEDUP_PRUNE_PAUSE", default_value = "50ms")]
+    pub prune_pause: String,
 }
 
 #[derive(Debug, Clone, Args)]

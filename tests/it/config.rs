@@ -189,3 +189,19 @@ fn kubernetes_service_links_are_neither_settings_nor_kafka_properties() {
     assert!(!text.contains("unknown KDEDUP_* variable"), "{text}");
     assert!(!text.contains("librdkafka refuses"), "{text}");
 }
+
+#[test]
+fn prune_offers_only_the_settings_of_one_round() {
+    let out = capture(Command::new(env!("CARGO_BIN_EXE_kdedup")).args(["prune", "--help"]));
+    let help = out.text();
+    assert_eq!(out.code, Some(0), "{help}");
+    for offered in ["--prune-batch-size", "--prune-pause", "--database-url"] {
+        assert!(help.contains(offered), "{offered} missing:\n{help}");
+    }
+    for meaningless in ["--pruner ", "--prune-interval"] {
+        assert!(
+            !help.contains(meaningless),
+            "{meaningless} offered:\n{help}"
+        );
+    }
+}

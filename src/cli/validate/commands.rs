@@ -1,10 +1,12 @@
 //! What `kdedup replay`, `kdedup inspect` and `kdedup demo` add to the shared settings.
 
 use super::super::env::Env;
-use super::super::{ConfigError, DbArgs, DemoArgs, InspectArgs, PruneFlags, ReplayArgs, RunArgs};
+use super::super::{
+    ConfigError, DbArgs, DemoArgs, InspectArgs, PruneArgs, PruneFlags, ReplayArgs, RunArgs,
+};
 use super::db::validate_schema;
 use super::parse_duration;
-use crate::settings::{DemoSettings, InspectSettings, ReplaySettings, RunSettings};
+use crate::settings::{DemoSettings, InspectSettings, PruneSettings, ReplaySettings, RunSettings};
 
 impl ReplayArgs {
     /// `kdedup replay`'s flags, with the sidecar's own (`kdedup run`'s) settings inside.
@@ -179,4 +181,17 @@ pub fn demo_run_settings(
     let no_env: std::collections::BTreeMap<String, String> = Default::default();
     run_args.kafka_property.sort();
     run_args.validate(&no_env)
+}
+
+impl PruneArgs {
+    /// The settings of one prune round, checked as `kdedup run`'s pruner flags are.
+    pub fn round_settings(&self) -> Result<PruneSettings, ConfigError> {
+        PruneFlags {
+            pruner: true,
+            prune_interval: "60s".into(),
+            prune_batch_size: self.prune_batch_size,
+            prune_pause: self.prune_pause.clone(),
+        }
+        .validate()
+    }
 }
