@@ -237,7 +237,8 @@ pub struct Column {
     pub default: Option<String>,
     /// `a` (GENERATED ALWAYS AS IDENTITY), `d` (BY DEFAULT) or empty.
     pub identity: String,
-    /// The identity's sequence, qualified and quoted.
+    /// The sequence the column takes its values from (an identity or a `serial`),
+    /// qualified and quoted.
     pub identity_sequence: Option<String>,
     /// A generated (computed) column: never written.
     pub generated: bool,
@@ -275,7 +276,7 @@ pub async fn table(conn: &mut PgConnection, name: &str) -> Result<Option<Table>,
                 format_type(a.atttypid, a.atttypmod) AS type_name,
                 pg_get_expr(d.adbin, d.adrelid) AS default_expr,
                 a.attidentity::text AS identity,
-                CASE WHEN a.attidentity <> '' THEN pg_get_serial_sequence($2, a.attname) END AS identity_sequence,
+                pg_get_serial_sequence($2, a.attname) AS identity_sequence,
                 a.attgenerated <> '' AS generated,
                 coalesce(a.attnum = ANY(i.indkey), false) AS in_primary_key
          FROM pg_attribute a

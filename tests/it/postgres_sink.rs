@@ -669,6 +669,39 @@ async fn a_statement_that_cannot_work_or_missing_grants_end_the_start_with_exit_
     }
     running.sigterm();
     let _ = running.finish(Duration::from_secs(20)).await;
+
+    // Sequences: a serial the JSON may lack is filled by nextval(), which needs USAGE on
+    // its sequence (and Postgres checks that only when it runs); a GENERATED ALWAYS
+    // identity is filled by Postgres itself and needs nothing.
+    for stmt in [
+        format!("CREATE TABLE {app}.serials (n serial, amount bigint)"),
+        format!("CREATE TABLE {app}.always (n bigint GENERATED ALWAYS AS IDENTITY, amount bigint)"),
+        format!("GRANT INSERT ON {app}.serials, {app}.always TO {role}"),
+    ] {
+        sqlx::query(&stmt).execute(&pool).await.unwrap();
+    }
+    let serials = as_role
+        .clone()
+        .set("KDEDUP_SINK_TABLE", &format!("{app}.serials"));
+    let (code, out, err) = kdedup_command(&serials, &["run"]);
+    let text = format!("{out}{err}");
+    assert_eq!(code, Some(64), "{text}");
+    assert!(
+        text.contains(&format!(
+            "GRANT USAGE ON SEQUENCE {app}.serials_n_seq TO {role}"
+        )),
+        "{text}"
+    );
+    let always = as_role.set("KDEDUP_SINK_TABLE", &format!("{app}.always"));
+    let mut running = kdedup_spawn(&always, &["run"], &[("KDEDUP_LOG", "info")]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !running.stderr().contains("sink statement checked") {
+        assert!(running.running(), "exited: {}", running.stderr());
+        assert!(Instant::now() < deadline, "no check: {}", running.stderr());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    running.sigterm();
+    let _ = running.finish(Duration::from_secs(20)).await;
     drop_both(&pool, &t, &app).await;
     drop_schema(&pool, &role_schema).await;
     for stmt in [format!("DROP OWNED BY {role}"), format!("DROP ROLE {role}")] {

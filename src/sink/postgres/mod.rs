@@ -128,10 +128,15 @@ async fn prepare_on(
             };
             let sql = table::insert_statement(&found, columns, *on_conflict)
                 .map_err(|(problem, fix)| SinkSetupError { problem, fix })?;
-            // nextval() is checked when it runs, not when the statement is planned.
+            // The statement calls nextval() for a column the JSON lacks (a `serial`, an
+            // identity BY DEFAULT), and nextval() is checked when it runs, not when the
+            // statement is planned. A GENERATED ALWAYS identity is filled by Postgres
+            // itself, which needs no grant on its sequence.
+            let mapped = |c: &app_rows::Column| columns.iter().any(|(_, col)| *col == c.name);
             for seq in found
                 .columns
                 .iter()
+                .filter(|c| c.identity != "a" && !c.generated && !mapped(c))
                 .filter_map(|c| c.identity_sequence.as_ref())
             {
                 if !app_rows::may_use_sequence(conn, seq)
