@@ -6,6 +6,18 @@ use std::time::{Duration, Instant};
 
 use crate::helpers::capture;
 
+/// A complete configuration whose endpoints answer nothing.
+const UNREACHABLE: [(&str, &str); 5] = [
+    ("KDEDUP_BROKERS", "127.0.0.1:1"),
+    ("KDEDUP_GROUP_ID", "g"),
+    ("KDEDUP_INPUT_TOPICS", "orders"),
+    ("KDEDUP_OUTPUT_TOPIC", "orders.dedup"),
+    (
+        "KDEDUP_DATABASE_URL",
+        "postgres://kd:s3cret-pw@127.0.0.1:1/app",
+    ),
+];
+
 fn run(env: &[(&str, &str)]) -> (Option<i32>, String, Duration) {
     let started = Instant::now();
     let out = capture(
@@ -14,16 +26,7 @@ fn run(env: &[(&str, &str)]) -> (Option<i32>, String, Duration) {
             .env_clear()
             // Unreachable endpoints: if validation let a bad config through, the process
             // would hang retrying instead of exiting at once.
-            .envs([
-                ("KDEDUP_BROKERS", "127.0.0.1:1"),
-                ("KDEDUP_GROUP_ID", "g"),
-                ("KDEDUP_INPUT_TOPICS", "orders"),
-                ("KDEDUP_OUTPUT_TOPIC", "orders.dedup"),
-                (
-                    "KDEDUP_DATABASE_URL",
-                    "postgres://kd:s3cret-pw@127.0.0.1:1/app",
-                ),
-            ])
+            .envs(UNREACHABLE)
             .envs(env.iter().copied()),
     );
     (out.code, out.text(), started.elapsed())
@@ -119,12 +122,8 @@ fn started(env: &[(&str, &str)], wait: Duration) -> String {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kdedup"))
         .arg("run")
         .env_clear()
+        .envs(UNREACHABLE)
         .envs([
-            ("KDEDUP_BROKERS", "127.0.0.1:1"),
-            ("KDEDUP_GROUP_ID", "g"),
-            ("KDEDUP_INPUT_TOPICS", "orders"),
-            ("KDEDUP_OUTPUT_TOPIC", "orders.dedup"),
-            ("KDEDUP_DATABASE_URL", "postgres://kd@127.0.0.1:1/app"),
             ("KDEDUP_METRICS_ADDR", "127.0.0.1:0"),
             ("KDEDUP_LOG_FORMAT", "json"),
         ])

@@ -576,6 +576,20 @@ async fn two_replicas_racing_on_the_same_ids_write_one_row_per_id() {
     drop_both(&pool, &t, &app).await;
 }
 
+/// Starts `kdedup run` with `cfg` until it says its sink statement passed the start-up
+/// check (it then waits for the broker), and stops it.
+async fn passes_the_check(cfg: &SidecarConfig) {
+    let mut running = kdedup_spawn(cfg, &["run"], &[("KDEDUP_LOG", "info")]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !running.stderr().contains("sink statement checked") {
+        assert!(running.running(), "exited: {}", running.stderr());
+        assert!(Instant::now() < deadline, "no check: {}", running.stderr());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    running.sigterm();
+    let _ = running.finish(Duration::from_secs(20)).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_statement_that_cannot_work_or_missing_grants_end_the_start_with_exit_64() {
     let pool = pg().await;
@@ -669,15 +683,7 @@ async fn a_statement_that_cannot_work_or_missing_grants_end_the_start_with_exit_
         .execute(&pool)
         .await
         .unwrap();
-    let mut running = kdedup_spawn(&as_role, &["run"], &[("KDEDUP_LOG", "info")]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !running.stderr().contains("sink statement checked") {
-        assert!(running.running(), "exited: {}", running.stderr());
-        assert!(Instant::now() < deadline, "no check: {}", running.stderr());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    running.sigterm();
-    let _ = running.finish(Duration::from_secs(20)).await;
+    passes_the_check(&as_role).await;
 
     // Sequences: a serial the JSON may lack is filled by nextval(), which needs USAGE on
     // its sequence (and Postgres checks that only when it runs); a GENERATED ALWAYS
@@ -702,15 +708,7 @@ async fn a_statement_that_cannot_work_or_missing_grants_end_the_start_with_exit_
         "{text}"
     );
     let always = as_role.set("KDEDUP_SINK_TABLE", &format!("{app}.always"));
-    let mut running = kdedup_spawn(&always, &["run"], &[("KDEDUP_LOG", "info")]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !running.stderr().contains("sink statement checked") {
-        assert!(running.running(), "exited: {}", running.stderr());
-        assert!(Instant::now() < deadline, "no check: {}", running.stderr());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    running.sigterm();
-    let _ = running.finish(Duration::from_secs(20)).await;
+    passes_the_check(&always).await;
     drop_both(&pool, &t, &app).await;
     drop_schema(&pool, &role_schema).await;
     for stmt in [format!("DROP OWNED BY {role}"), format!("DROP ROLE {role}")] {
