@@ -598,63 +598,132 @@ tests:
         exp_alerts:
           - exp_labels: {severity: critical, job: orders/kdedup, instance: a}
 
+  # From here on, the rules join kdedup_config_info. Two kdedup Deployments share
+  # namespace "orders" and so the PodMonitor's job "orders/kdedup": orders-app (pods a, b)
+  # and audit-app (pods c, d), each with its own group, schema and output topic. The
+  # anchored series below are their config info, reused by the later tests.
   - interval: 1m
     input_series:
-      - series: 'kdedup_consumer_lag{job="orders/kdedup", namespace="orders", instance="a", topic="orders", partition="0"}'
+      - &info_a {series: 'kdedup_config_info{job="orders/kdedup", namespace="orders", pod="orders-app-a", instance="a", group_id="orders-app-kdedup", schema="kdedup_orders", scope="orders-app-kdedup", sink="kafka", output_topic="orders.deduped"}', values: '1x150'}
+      - &info_b {series: 'kdedup_config_info{job="orders/kdedup", namespace="orders", pod="orders-app-b", instance="b", group_id="orders-app-kdedup", schema="kdedup_orders", scope="orders-app-kdedup", sink="kafka", output_topic="orders.deduped"}', values: '1x150'}
+      - &info_c {series: 'kdedup_config_info{job="orders/kdedup", namespace="orders", pod="audit-app-c", instance="c", group_id="audit-app-kdedup", schema="kdedup_audit", scope="audit-app-kdedup", sink="kafka", output_topic="audit.deduped"}', values: '1x150'}
+      - &info_d {series: 'kdedup_config_info{job="orders/kdedup", namespace="orders", pod="audit-app-d", instance="d", group_id="audit-app-kdedup", schema="kdedup_audit", scope="audit-app-kdedup", sink="kafka", output_topic="audit.deduped"}', values: '1x150'}
+      # orders-app on topic orders: growing past 1000. audit-app reads orders too: high
+      # but flat, so it must not fire (the old per-job sum grew with orders-app's lag and
+      # fired without saying which group).
+      - series: 'kdedup_consumer_lag{job="orders/kdedup", namespace="orders", pod="orders-app-a", instance="a", topic="orders", partition="0"}'
         values: '0+100x45'
-      - series: 'kdedup_consumer_lag{job="orders/kdedup", namespace="orders", instance="b", topic="orders", partition="1"}'
+      - series: 'kdedup_consumer_lag{job="orders/kdedup", namespace="orders", pod="orders-app-b", instance="b", topic="orders", partition="1"}'
         values: '2000x45'
-      - series: 'kdedup_consumer_lag{job="orders/kdedup", namespace="orders", instance="b", topic="audit", partition="0"}'
+      - series: 'kdedup_consumer_lag{job="orders/kdedup", namespace="orders", pod="audit-app-c", instance="c", topic="orders", partition="0"}'
         values: '5000x45'
+      # Topic payments: each group stays below 1000 (audit-app's grows slowly, orders-app's
+      # is flat); summed per job they would be above it and growing.
+      - series: 'kdedup_consumer_lag{job="orders/kdedup", namespace="orders", pod="orders-app-b", instance="b", topic="payments", partition="0"}'
+        values: '600x45'
+      - series: 'kdedup_consumer_lag{job="orders/kdedup", namespace="orders", pod="audit-app-d", instance="d", topic="payments", partition="0"}'
+        values: '600+5x45'
     alert_rule_test:
+      - eval_time: 10m
+        alertname: KdedupConsumerLagGrowing
+        exp_alerts: []
       - eval_time: 40m
         alertname: KdedupConsumerLagGrowing
         exp_alerts:
-          - exp_labels: {severity: warning, job: orders/kdedup, namespace: orders, topic: orders}
+          - exp_labels: {severity: warning, namespace: orders, job: orders/kdedup, group_id: orders-app-kdedup, schema: kdedup_orders, output_topic: orders.deduped, topic: orders}
 
   - interval: 1m
     input_series:
-      - series: 'kdedup_events_dead_lettered_total{job="orders/kdedup", namespace="orders", instance="a", reason="missing_id"}'
-        values: '0+60x30'
-      - series: 'kdedup_events_dead_lettered_total{job="orders/kdedup", namespace="orders", instance="a", reason="id_too_long"}'
-        values: '0+1x30'
+      - *info_a
+      - *info_b
+      - *info_c
+      - *info_d
+      # orders-app, topic orders: the oldest waiting message is 400s old from minute 6 on.
+      - series: 'kdedup_consumer_lag_seconds{job="orders/kdedup", namespace="orders", pod="orders-app-a", instance="a", topic="orders", partition="0"}'
+        values: '0x5 400x30'
+      - series: 'kdedup_consumer_lag_seconds{job="orders/kdedup", namespace="orders", pod="orders-app-b", instance="b", topic="orders", partition="1"}'
+        values: '0x35'
+      # audit-app, same topic: below 5 minutes, and one 4-minute blip above it.
+      - series: 'kdedup_consumer_lag_seconds{job="orders/kdedup", namespace="orders", pod="audit-app-c", instance="c", topic="orders", partition="0"}'
+        values: '200x35'
+      - series: 'kdedup_consumer_lag_seconds{job="orders/kdedup", namespace="orders", pod="audit-app-d", instance="d", topic="orders", partition="1"}'
+        values: '0x5 900x3 0x26'
     alert_rule_test:
+      - eval_time: 10m
+        alertname: KdedupConsumerLagSecondsHigh
+        exp_alerts: []
+      - eval_time: 25m
+        alertname: KdedupConsumerLagSecondsHigh
+        exp_alerts:
+          - exp_labels: {severity: warning, namespace: orders, job: orders/kdedup, group_id: orders-app-kdedup, schema: kdedup_orders, output_topic: orders.deduped, topic: orders}
+
+  - interval: 1m
+    input_series:
+      - *info_a
+      - *info_c
+      - series: 'kdedup_events_dead_lettered_total{job="orders/kdedup", namespace="orders", pod="orders-app-a", instance="a", reason="missing_id"}'
+        values: '0+60x30'
+      # id_too_long: 0.067/s in each Deployment, 0.13/s summed per job.
+      - series: 'kdedup_events_dead_lettered_total{job="orders/kdedup", namespace="orders", pod="orders-app-a", instance="a", reason="id_too_long"}'
+        values: '0+4x30'
+      - series: 'kdedup_events_dead_lettered_total{job="orders/kdedup", namespace="orders", pod="audit-app-c", instance="c", reason="id_too_long"}'
+        values: '0+4x30'
+    alert_rule_test:
+      - eval_time: 5m
+        alertname: KdedupDeadLetterRateHigh
+        exp_alerts: []
       - eval_time: 25m
         alertname: KdedupDeadLetterRateHigh
         exp_alerts:
-          - exp_labels: {severity: warning, job: orders/kdedup, namespace: orders, reason: missing_id}
+          - exp_labels: {severity: warning, namespace: orders, job: orders/kdedup, group_id: orders-app-kdedup, schema: kdedup_orders, output_topic: orders.deduped, reason: missing_id}
 
   - interval: 1m
     input_series:
-      # Both replicas report the same outbox.
-      - series: 'kdedup_outbox_backlog{job="orders/kdedup", namespace="orders", instance="a"}'
+      - *info_a
+      - *info_b
+      - *info_c
+      - *info_d
+      # Every replica reports its schema's outbox. orders-app: growing, and stale from
+      # minute 6. audit-app: large but flat, and fresh.
+      - series: 'kdedup_outbox_backlog{job="orders/kdedup", namespace="orders", pod="orders-app-a", instance="a"}'
         values: '0+200x45'
-      - series: 'kdedup_outbox_backlog{job="orders/kdedup", namespace="orders", instance="b"}'
+      - series: 'kdedup_outbox_backlog{job="orders/kdedup", namespace="orders", pod="orders-app-b", instance="b"}'
         values: '0+200x45'
-      - series: 'kdedup_outbox_oldest_age_seconds{job="orders/kdedup", namespace="orders", instance="a"}'
+      - series: 'kdedup_outbox_oldest_age_seconds{job="orders/kdedup", namespace="orders", pod="orders-app-a", instance="a"}'
         values: '0+60x45'
-      - series: 'kdedup_outbox_backlog{job="billing/kdedup", namespace="billing", instance="c"}'
+      - series: 'kdedup_outbox_oldest_age_seconds{job="orders/kdedup", namespace="orders", pod="orders-app-b", instance="b"}'
+        values: '0+60x45'
+      - series: 'kdedup_outbox_backlog{job="orders/kdedup", namespace="orders", pod="audit-app-c", instance="c"}'
         values: '5000x45'
-      - series: 'kdedup_outbox_oldest_age_seconds{job="billing/kdedup", namespace="billing", instance="c"}'
+      - series: 'kdedup_outbox_oldest_age_seconds{job="orders/kdedup", namespace="orders", pod="audit-app-c", instance="c"}'
+        values: '2x45'
+      - series: 'kdedup_outbox_backlog{job="orders/kdedup", namespace="orders", pod="audit-app-d", instance="d"}'
+        values: '5000x45'
+      - series: 'kdedup_outbox_oldest_age_seconds{job="orders/kdedup", namespace="orders", pod="audit-app-d", instance="d"}'
         values: '2x45'
     alert_rule_test:
       - eval_time: 40m
         alertname: KdedupOutboxBacklogGrowing
         exp_alerts:
-          - exp_labels: {severity: warning, job: orders/kdedup, namespace: orders}
+          - exp_labels: {severity: warning, namespace: orders, job: orders/kdedup, group_id: orders-app-kdedup, schema: kdedup_orders, output_topic: orders.deduped}
       - eval_time: 3m
         alertname: KdedupOutboxStale
         exp_alerts: []
       - eval_time: 15m
         alertname: KdedupOutboxStale
         exp_alerts:
-          - exp_labels: {severity: warning, job: orders/kdedup, namespace: orders}
+          - exp_labels: {severity: warning, namespace: orders, job: orders/kdedup, group_id: orders-app-kdedup, schema: kdedup_orders, output_topic: orders.deduped}
 
   - interval: 1m
     input_series:
-      - series: 'kdedup_sink_errors_total{job="orders/kdedup", namespace="orders", pod="p", instance="a", sqlstate_class="42"}'
+      # Two Postgres-sink Deployments in one namespace; orders-app's statement fails.
+      - series: 'kdedup_config_info{job="orders/kdedup", namespace="orders", pod="orders-app-p", instance="p", group_id="orders-app-kdedup", schema="kdedup_orders", scope="orders-app-kdedup", sink="postgres", output_topic="shop.orders"}'
+        values: '1x25'
+      - series: 'kdedup_config_info{job="orders/kdedup", namespace="orders", pod="audit-app-q", instance="q", group_id="audit-app-kdedup", schema="kdedup_audit", scope="audit-app-kdedup", sink="postgres", output_topic="shop.audit"}'
+        values: '1x25'
+      - series: 'kdedup_sink_errors_total{job="orders/kdedup", namespace="orders", pod="orders-app-p", instance="p", sqlstate_class="42"}'
         values: '0x5 0+6x20'
-      - series: 'kdedup_sink_errors_total{job="orders/healthy", namespace="orders", pod="q", instance="b", sqlstate_class="42"}'
+      - series: 'kdedup_sink_errors_total{job="orders/kdedup", namespace="orders", pod="audit-app-q", instance="q", sqlstate_class="42"}'
         values: '3x25'
     alert_rule_test:
       - eval_time: 4m
@@ -663,13 +732,15 @@ tests:
       - eval_time: 20m
         alertname: KdedupSinkFailing
         exp_alerts:
-          - exp_labels: {severity: critical, job: orders/kdedup, namespace: orders, sqlstate_class: "42"}
+          - exp_labels: {severity: critical, namespace: orders, job: orders/kdedup, group_id: orders-app-kdedup, schema: kdedup_orders, output_topic: shop.orders, sqlstate_class: "42"}
 
   - interval: 1m
     input_series:
-      - series: 'kdedup_relay_delivery_failures_total{job="orders/kdedup", namespace="orders", pod="p", instance="a"}'
+      - *info_a
+      - *info_c
+      - series: 'kdedup_relay_delivery_failures_total{job="orders/kdedup", namespace="orders", pod="orders-app-a", instance="a"}'
         values: '0x5 0+30x25'
-      - series: 'kdedup_relay_delivery_failures_total{job="orders/healthy", namespace="orders", pod="q", instance="b"}'
+      - series: 'kdedup_relay_delivery_failures_total{job="orders/kdedup", namespace="orders", pod="audit-app-c", instance="c"}'
         values: '7x30'
     alert_rule_test:
       - eval_time: 10m
@@ -678,62 +749,147 @@ tests:
       - eval_time: 25m
         alertname: KdedupRelayFailing
         exp_alerts:
-          - exp_labels: {severity: warning, job: orders/kdedup, namespace: orders}
+          - exp_labels: {severity: warning, namespace: orders, job: orders/kdedup, group_id: orders-app-kdedup, schema: kdedup_orders, output_topic: orders.deduped}
 
   - interval: 1m
     input_series:
-      - series: 'kdedup_relay_active{job="orders/kdedup", namespace="orders", pod="p", instance="a"}'
+      # orders-app and audit-app: one relay each, for their own output topics. Two active
+      # relays in one job is healthy here (the old per-job count fired on it).
+      - *info_a
+      - *info_b
+      - *info_c
+      - *info_d
+      - series: 'kdedup_relay_active{job="orders/kdedup", namespace="orders", pod="orders-app-a", instance="a"}'
         values: '1x20'
-      - series: 'kdedup_relay_active{job="orders/kdedup", namespace="orders", pod="q", instance="b"}'
-        values: '0x5 1x15'
-      - series: 'kdedup_relay_active{job="orders/fine", namespace="orders", pod="r", instance="c"}'
-        values: '1x20'
-      - series: 'kdedup_relay_active{job="orders/fine", namespace="orders", pod="s", instance="d"}'
+      - series: 'kdedup_relay_active{job="orders/kdedup", namespace="orders", pod="orders-app-b", instance="b"}'
         values: '0x20'
+      - series: 'kdedup_relay_active{job="orders/kdedup", namespace="orders", pod="audit-app-c", instance="c"}'
+        values: '1x20'
+      - series: 'kdedup_relay_active{job="orders/kdedup", namespace="orders", pod="audit-app-d", instance="d"}'
+        values: '0x20'
+      # payments-app: pod f drifted to another schema at minute 6 and took a relay of its own.
+      - series: 'kdedup_config_info{job="payments/kdedup", namespace="payments", pod="payments-app-e", instance="e", group_id="payments-kdedup", schema="kdedup_payments", scope="payments-kdedup", sink="kafka", output_topic="payments.deduped"}'
+        values: '1x20'
+      - series: 'kdedup_config_info{job="payments/kdedup", namespace="payments", pod="payments-app-f", instance="f", group_id="payments-kdedup", schema="kdedup_payments_v2", scope="payments-kdedup", sink="kafka", output_topic="payments.deduped"}'
+        values: '1x20'
+      - series: 'kdedup_relay_active{job="payments/kdedup", namespace="payments", pod="payments-app-e", instance="e"}'
+        values: '1x20'
+      - series: 'kdedup_relay_active{job="payments/kdedup", namespace="payments", pod="payments-app-f", instance="f"}'
+        values: '0x5 1x15'
+      # Across namespaces (two jobs): a canary of the ledger in its own namespace and schema
+      # publishes to the same output topic as the ledger.
+      - series: 'kdedup_config_info{job="ledger/kdedup", namespace="ledger", pod="ledger-g", instance="g", group_id="ledger-kdedup", schema="kdedup", scope="ledger-kdedup", sink="kafka", output_topic="ledger.deduped"}'
+        values: '1x20'
+      - series: 'kdedup_config_info{job="ledger-canary/kdedup", namespace="ledger-canary", pod="ledger-h", instance="h", group_id="ledger-canary-kdedup", schema="kdedup", scope="ledger-canary-kdedup", sink="kafka", output_topic="ledger.deduped"}'
+        values: '1x20'
+      - series: 'kdedup_relay_active{job="ledger/kdedup", namespace="ledger", pod="ledger-g", instance="g"}'
+        values: '0x5 1x15'
+      - series: 'kdedup_relay_active{job="ledger-canary/kdedup", namespace="ledger-canary", pod="ledger-h", instance="h"}'
+        values: '0x5 1x15'
     alert_rule_test:
       - eval_time: 4m
+        alertname: KdedupMoreThanOneRelay
+        exp_alerts: []
+      - eval_time: 8m
         alertname: KdedupMoreThanOneRelay
         exp_alerts: []
       - eval_time: 15m
         alertname: KdedupMoreThanOneRelay
         exp_alerts:
-          - exp_labels: {severity: critical, job: orders/kdedup, namespace: orders}
+          - exp_labels: {severity: critical, namespace: payments, job: payments/kdedup, pod: payments-app-e, instance: e, group_id: payments-kdedup, schema: kdedup_payments, output_topic: payments.deduped}
+          - exp_labels: {severity: critical, namespace: payments, job: payments/kdedup, pod: payments-app-f, instance: f, group_id: payments-kdedup, schema: kdedup_payments_v2, output_topic: payments.deduped}
+          - exp_labels: {severity: critical, namespace: ledger, job: ledger/kdedup, pod: ledger-g, instance: g, group_id: ledger-kdedup, schema: kdedup, output_topic: ledger.deduped}
+          - exp_labels: {severity: critical, namespace: ledger-canary, job: ledger-canary/kdedup, pod: ledger-h, instance: h, group_id: ledger-canary-kdedup, schema: kdedup, output_topic: ledger.deduped}
 
   - interval: 1m
     input_series:
-      - series: 'kdedup_ttl_seconds{job="orders/kdedup", namespace="orders", pod="p", instance="a"}'
+      - *info_a
+      - *info_c
+      # orders-app: its rows age to 60s past a 1-day TTL and stay there (pruned).
+      - series: 'kdedup_ttl_seconds{job="orders/kdedup", namespace="orders", pod="orders-app-a", instance="a"}'
         values: '86400x60'
-      - series: 'kdedup_oldest_row_age_seconds{job="orders/kdedup", namespace="orders", pod="p", instance="a"}'
-        values: '86000+60x60'
-      - series: 'kdedup_ttl_seconds{job="orders/pruned", namespace="orders", pod="q", instance="b"}'
-        values: '86400x60'
-      - series: 'kdedup_oldest_row_age_seconds{job="orders/pruned", namespace="orders", pod="q", instance="b"}'
-        values: '86460x60'
+      - series: 'kdedup_oldest_row_age_seconds{job="orders/kdedup", namespace="orders", pod="orders-app-a", instance="a"}'
+        values: '86000+60x6 86460x54'
+      # audit-app: 7-day TTL, 6-day-old rows: healthy.
+      - series: 'kdedup_ttl_seconds{job="orders/kdedup", namespace="orders", pod="audit-app-c", instance="c"}'
+        values: '604800x60'
+      - series: 'kdedup_oldest_row_age_seconds{job="orders/kdedup", namespace="orders", pod="audit-app-c", instance="c"}'
+        values: '518400+60x60'
     alert_rule_test:
-      - eval_time: 50m
-        alertname: KdedupPrunerNotKeepingUp
-        exp_alerts: []
       - eval_time: 59m
         alertname: KdedupPrunerNotKeepingUp
         exp_alerts: []
   - interval: 1m
     input_series:
-      - series: 'kdedup_ttl_seconds{job="orders/kdedup", namespace="orders", pod="p", instance="a"}'
+      - *info_a
+      - *info_c
+      # orders-app: 1-day TTL, rows growing older from just below it: an hour past the
+      # TTL at minute 67, fires 30 minutes later.
+      - series: 'kdedup_ttl_seconds{job="orders/kdedup", namespace="orders", pod="orders-app-a", instance="a"}'
         values: '86400x120'
-      - series: 'kdedup_oldest_row_age_seconds{job="orders/kdedup", namespace="orders", pod="p", instance="a"}'
+      - series: 'kdedup_oldest_row_age_seconds{job="orders/kdedup", namespace="orders", pod="orders-app-a", instance="a"}'
         values: '86000+60x120'
+      # audit-app: 7-day TTL, 6-day-old rows. Per job, the largest age (6 days) against the
+      # largest TTL (7 days) hid orders-app's stopped pruner.
+      - series: 'kdedup_ttl_seconds{job="orders/kdedup", namespace="orders", pod="audit-app-c", instance="c"}'
+        values: '604800x120'
+      - series: 'kdedup_oldest_row_age_seconds{job="orders/kdedup", namespace="orders", pod="audit-app-c", instance="c"}'
+        values: '518400+60x120'
     alert_rule_test:
+      - eval_time: 90m
+        alertname: KdedupPrunerNotKeepingUp
+        exp_alerts: []
       - eval_time: 100m
         alertname: KdedupPrunerNotKeepingUp
         exp_alerts:
-          - exp_labels: {severity: warning, job: orders/kdedup, namespace: orders}
+          - exp_labels: {severity: warning, namespace: orders, job: orders/kdedup, group_id: orders-app-kdedup, schema: kdedup_orders, output_topic: orders.deduped}
 
   - interval: 1m
     input_series:
-      - series: 'kdedup_payload_mismatches_total{job="orders/kdedup", namespace="orders", pod="p", instance="a", action="skipped"}'
+      - *info_a
+      - *info_b
+      - *info_c
+      - *info_d
+      # orders-app: a holds the pruner lock and runs a round a minute; b stands by.
+      - series: 'kdedup_prune_round_duration_seconds_count{job="orders/kdedup", namespace="orders", pod="orders-app-a", instance="a"}'
+        values: '0+1x120'
+      - series: 'kdedup_prune_round_duration_seconds_count{job="orders/kdedup", namespace="orders", pod="orders-app-b", instance="b"}'
+        values: '0x120'
+      # audit-app: KDEDUP_PRUNER=false on both replicas, no round ever.
+      - series: 'kdedup_prune_round_duration_seconds_count{job="orders/kdedup", namespace="orders", pod="audit-app-c", instance="c"}'
+        values: '0x120'
+      - series: 'kdedup_prune_round_duration_seconds_count{job="orders/kdedup", namespace="orders", pod="audit-app-d", instance="d"}'
+        values: '0x120'
+      # billing: its pruner stops after 30 minutes (rounds keep failing).
+      - series: 'kdedup_config_info{job="billing/kdedup", namespace="billing", pod="billing-e", instance="e", group_id="billing-kdedup", schema="kdedup", scope="billing-kdedup", sink="kafka", output_topic="billing.deduped"}'
+        values: '1x120'
+      - series: 'kdedup_prune_round_duration_seconds_count{job="billing/kdedup", namespace="billing", pod="billing-e", instance="e"}'
+        values: '0+1x30 30x90'
+    alert_rule_test:
+      - eval_time: 10m
+        alertname: KdedupPrunerStopped
+        exp_alerts: []
+      - eval_time: 80m
+        alertname: KdedupPrunerStopped
+        exp_alerts:
+          - exp_labels: {severity: warning, namespace: orders, schema: kdedup_audit}
+      - eval_time: 110m
+        alertname: KdedupPrunerStopped
+        exp_alerts:
+          - exp_labels: {severity: warning, namespace: orders, schema: kdedup_audit}
+          - exp_labels: {severity: warning, namespace: billing, schema: kdedup}
+
+  - interval: 1m
+    input_series:
+      - *info_a
+      - *info_c
+      - series: 'kdedup_payload_mismatches_total{job="orders/kdedup", namespace="orders", pod="orders-app-a", instance="a", action="skipped"}'
         values: '0x10 1x20'
-      - series: 'kdedup_payload_mismatches_total{job="orders/kdedup", namespace="orders", pod="p", instance="a", action="dead_lettered"}'
+      - series: 'kdedup_payload_mismatches_total{job="orders/kdedup", namespace="orders", pod="orders-app-a", instance="a", action="dead_lettered"}'
         values: '0x30'
+      # audit-app's mismatches were long ago.
+      - series: 'kdedup_payload_mismatches_total{job="orders/kdedup", namespace="orders", pod="audit-app-c", instance="c", action="skipped"}'
+        values: '3x30'
     alert_rule_test:
       - eval_time: 9m
         alertname: KdedupPayloadMismatch
@@ -741,8 +897,24 @@ tests:
       - eval_time: 15m
         alertname: KdedupPayloadMismatch
         exp_alerts:
-          - exp_labels: {severity: warning, job: orders/kdedup, namespace: orders, action: skipped}
+          - exp_labels: {severity: warning, namespace: orders, job: orders/kdedup, group_id: orders-app-kdedup, schema: kdedup_orders, output_topic: orders.deduped, action: skipped}
 
+  - interval: 1m
+    input_series:
+      # a runs the current build; b an older one without kdedup_config_info.
+      - *info_a
+      - series: 'kdedup_build_info{job="orders/kdedup", namespace="orders", pod="orders-app-a", instance="a", version="0.2.0", rdkafka_version="2.10.0"}'
+        values: '1x30'
+      - series: 'kdedup_build_info{job="orders/kdedup", namespace="orders", pod="orders-app-b", instance="b", version="0.1.0", rdkafka_version="2.10.0"}'
+        values: '1x30'
+    alert_rule_test:
+      - eval_time: 10m
+        alertname: KdedupConfigInfoMissing
+        exp_alerts: []
+      - eval_time: 20m
+        alertname: KdedupConfigInfoMissing
+        exp_alerts:
+          - exp_labels: {severity: warning, namespace: orders, job: orders/kdedup, pod: orders-app-b, instance: b, version: 0.1.0, rdkafka_version: 2.10.0}
   - interval: 1m
     input_series:
       - series: 'kdedup_ttl_seconds{job="orders/kdedup", namespace="orders", pod="p", instance="a"}'
