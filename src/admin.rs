@@ -42,14 +42,22 @@ async fn livez() -> &'static str {
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     let failing = s.health.failing();
-    if failing.is_empty() {
-        (StatusCode::OK, "ready\n".to_string())
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}\n", failing.join(", ")),
-        )
+    let unchecked = s.health.unchecked();
+    if failing.is_empty() && unchecked.is_empty() {
+        return (StatusCode::OK, "ready\n".to_string());
     }
+    let mut body = String::from("not ready:");
+    if !failing.is_empty() {
+        body += &format!(" {}", failing.join(", "));
+    }
+    if !unchecked.is_empty() {
+        body += &format!(
+            "{}not checked yet: {}",
+            if failing.is_empty() { " " } else { "; " },
+            unchecked.join(", ")
+        );
+    }
+    (StatusCode::SERVICE_UNAVAILABLE, body + "\n")
 }
 
 /// Longest a client may take to send a request's headers.

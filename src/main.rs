@@ -98,7 +98,18 @@ async fn migrate(args: DbArgs) -> ExitCode {
     let result = async {
         connect_once(&db).await?;
         let pool = kdedup::store::pool(&db)?;
-        kdedup::store::migrate(&pool, &db.schema).await?;
+        if let Err(e) = kdedup::store::migrate(&pool, &db.schema).await {
+            return Err(match kdedup::store::migration_cannot_heal(&e) {
+                Some(fix) => kdedup::store::MigrateConfigError {
+                    schema: db.schema.clone(),
+                    tries: 1,
+                    cause: e.to_string(),
+                    fix,
+                }
+                .into(),
+                None => anyhow::Error::new(e),
+            });
+        }
         anyhow::Ok(())
     }
     .await;
@@ -215,7 +226,8 @@ async fn connect_once(db: &kdedup::settings::DbSettings) -> anyhow::Result<()> {
 }
 
 /// Exit code of a failed command: `EX_CONFIG` (78) when Postgres refused the connection
-/// settings (TLS, login, database), `EX_USAGE` (64) when the Postgres sink's statement
+/// settings (TLS, login, database) or running sidecars serve a conflicting configuration,
+/// `EX_USAGE` (64) when the Postgres sink's statement
 /// does not work against the database (both no restart fixes); 1 for anything else.
 fn failure_code(e: &anyhow::Error) -> ExitCode {
     if e.chain().any(|c| {
@@ -227,6 +239,9 @@ fn failure_code(e: &anyhow::Error) -> ExitCode {
     if e.chain().any(|c| {
         c.downcast_ref::<kdedup::store::ConnectConfigError>()
             .is_some()
+            || c.downcast_ref::<kdedup::app::drift::DriftError>().is_some()
+            || c.downcast_ref::<kdedup::store::MigrateConfigError>()
+                .is_some()
     }) {
         ExitCode::from(EX_CONFIG as u8)
     } else {

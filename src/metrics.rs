@@ -5,7 +5,7 @@
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -80,10 +80,18 @@ pub struct Metrics {
     pub prune_duration: Histogram,
     pub oldest_row_age: IntGauge,
     pub consumer_lag: IntGaugeVec,
+    /// Age of the oldest input message read and not yet durable, per assigned partition.
+    pub consumer_lag_seconds: GaugeVec,
     pub input_retention: IntGaugeVec,
     pub processed_events_rows: IntGauge,
     pub outbox_oldest_age: IntGauge,
     pub build_info: IntGaugeVec,
+    /// What this process serves (group, schema, scope, sink, output); always 1. Alerts and
+    /// panels join on it to tell two kdedup Deployments of one namespace apart.
+    pub config_info: IntGaugeVec,
+    /// Live sidecars whose configuration conflicts with this one's (another schema for the
+    /// same group or output, another output in this schema): each is a way to forward twice.
+    pub config_conflicts: IntGauge,
     pub latency: HistogramVec,
 }
 
@@ -340,6 +348,17 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            consumer_lag_seconds: reg(
+                &registry,
+                GaugeVec::new(
+                    Opts::new(
+                        "kdedup_consumer_lag_seconds",
+                        "Age (now minus the input timestamp) of the oldest message of the partition read and not yet durable; 0 when none waits. Per assigned partition.",
+                    ),
+                    &["topic", "partition"],
+                )
+                .expect("valid metric"),
+            ),
             input_retention: reg(
                 &registry,
                 IntGaugeVec::new(
@@ -372,6 +391,24 @@ impl Metrics {
                     &["version", "rdkafka_version"],
                 )
                 .expect("valid metric"),
+            ),
+            config_info: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "kdedup_config_info",
+                        "What this sidecar serves; always 1. output is the output topic (kafka sink) or the sink's target (postgres sink).",
+                    ),
+                    &["group_id", "schema", "scope", "sink", "output_topic"],
+                )
+                .expect("valid metric"),
+            ),
+            config_conflicts: reg(
+                &registry,
+                gauge(
+                    "kdedup_config_conflicts",
+                    "Live sidecars whose configuration conflicts with this one's: the same group or output topic gated in another schema, or another output served from this schema. Each one forwards events twice or to the wrong place.",
+                ),
             ),
             latency: reg(
                 &registry,

@@ -103,6 +103,15 @@ impl SinkSettings {
         }
     }
 
+    /// What the sink writes to: the output topic (kafka), the table or `sql` (postgres).
+    pub fn target(&self) -> String {
+        match self {
+            SinkSettings::Kafka { output_topic } => output_topic.clone(),
+            SinkSettings::Postgres(PostgresSinkSettings::Table { table, .. }) => table.clone(),
+            SinkSettings::Postgres(PostgresSinkSettings::Sql(_)) => "sql".to_string(),
+        }
+    }
+
     /// The name of `--sink`, for logs and metrics.
     pub fn name(&self) -> &'static str {
         match self {

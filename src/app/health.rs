@@ -1,18 +1,17 @@
 //! The health loop: refreshes the readiness inputs and the table gauges every 2 s, and
 //! stops the process when the producer failed for good.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::kafka::Producer;
 use prometheus::IntGauge;
-use rdkafka::producer::FutureProducer;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::health::Health;
+use crate::health::{Check, Health};
 use crate::metrics::Metrics;
 use crate::store::{self, stats};
 
@@ -26,7 +25,7 @@ pub(super) struct Fatal {
 /// Refreshes the Postgres and broker readiness inputs every few seconds.
 pub(super) struct HealthChecks {
     pub(super) pool: PgPool,
-    pub(super) producer: FutureProducer,
+    pub(super) producer: Producer,
     /// kdedup's own topics (the output topic of the Kafka sink, the dead-letter topic):
     /// their metadata says whether the cluster answers and whether they exist.
     pub(super) own_topics: Vec<String>,
@@ -61,7 +60,7 @@ pub(super) async fn health_checks(checks: HealthChecks, stop: CancellationToken)
         let pg = tokio::time::timeout(Duration::from_secs(3), store::ping(&pool))
             .await
             .is_ok_and(|r| r.is_ok());
-        record_check(&health.postgres_up, &metrics.postgres_up, pg, "postgres");
+        record_check(&health.postgres, &metrics.postgres_up, pg, "postgres");
         if pg {
             refresh_table_gauges(&pool, &metrics).await;
         }
@@ -70,12 +69,7 @@ pub(super) async fn health_checks(checks: HealthChecks, stop: CancellationToken)
         let (broker, missing) = tokio::task::spawn_blocking(move || own_topics_state(&p, &topics))
             .await
             .unwrap_or((false, Vec::new()));
-        record_check(
-            &health.broker_up,
-            &metrics.broker_up,
-            broker,
-            "kafka cluster",
-        );
+        record_check(&health.broker, &metrics.broker_up, broker, "kafka cluster");
         if broker {
             record_missing_topics(&health, missing);
         }
@@ -83,7 +77,7 @@ pub(super) async fn health_checks(checks: HealthChecks, stop: CancellationToken)
         // An idempotent producer that hit a fatal error (fenced, out-of-order sequence)
         // fails every later produce: dead letters and the relay would retry for ever.
         // librdkafka cannot recover it; a new process can.
-        use rdkafka::producer::Producer;
+        use rdkafka::producer::Producer as _;
         if let Some((code, reason)) = producer.client().fatal_error() {
             error!(code = ?code, reason, "kafka producer hit a fatal error; stopping so that the process restarts");
             *fatal.reason.lock().expect("fatal lock") = Some(format!("{code:?}: {reason}"));
@@ -96,8 +90,8 @@ pub(super) async fn health_checks(checks: HealthChecks, stop: CancellationToken)
 /// Whether the cluster answers, and which of `topics` it says do not exist. Only kdedup's
 /// own topics are asked for: metadata of every topic of a large cluster is a heavy request
 /// to make every 2 s from every replica.
-fn own_topics_state(producer: &FutureProducer, topics: &[String]) -> (bool, Vec<String>) {
-    use rdkafka::producer::Producer;
+fn own_topics_state(producer: &Producer, topics: &[String]) -> (bool, Vec<String>) {
+    use rdkafka::producer::Producer as _;
     use rdkafka::types::RDKafkaRespErr;
     let mut answered = false;
     let mut missing = Vec::new();
@@ -142,8 +136,8 @@ fn record_missing_topics(health: &Health, missing: Vec<String>) {
 
 /// Records one check's result in the readiness flag and its gauge, and logs a change
 /// ("postgres reachable", "kafka cluster unreachable").
-fn record_check(flag: &AtomicBool, gauge: &IntGauge, up: bool, what: &str) {
-    if up != flag.swap(up, Ordering::AcqRel) {
+fn record_check(check: &Check, gauge: &IntGauge, up: bool, what: &str) {
+    if Some(up) != check.set(up) {
         if up {
             info!("{what} reachable")
         } else {

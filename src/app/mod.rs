@@ -6,9 +6,9 @@
 //! then the relay publishes what is left in the outbox, all within `--shutdown-timeout`.
 
 pub mod checks;
+pub mod drift;
 mod health;
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,6 +56,16 @@ pub async fn run(
     for topic in &cfg.kafka.input_topics {
         metrics.events_consumed.with_label_values(&[topic]);
     }
+    metrics
+        .config_info
+        .with_label_values(&[
+            cfg.kafka.group_id.as_str(),
+            cfg.db.schema.as_str(),
+            cfg.gate.scope.describe().as_str(),
+            cfg.sink.name(),
+            cfg.sink.target().as_str(),
+        ])
+        .set(1);
     let health = Arc::new(Health::default());
     let admin_stop = CancellationToken::new();
     let (admin_addr, admin_task) = admin::serve(
@@ -75,11 +85,11 @@ pub async fn run(
         });
     }
 
-    let Some(pool) = connect_postgres(&cfg, &stop).await? else {
+    let Some(pool) = connect_postgres(&cfg, &health, &stop).await? else {
         return Ok(());
     };
     // Ready as far as Postgres goes; the health loop keeps this and the gauge current.
-    health.postgres_up.store(true, Ordering::Release);
+    health.postgres.set(true);
 
     // The Postgres sink's statement is checked before anything consumes: a missing table
     // or grant ends the start here, naming the fix.
@@ -89,6 +99,11 @@ pub async fn run(
         }
         SinkSettings::Kafka { .. } => None,
     };
+
+    // Before anything is consumed: a running sidecar whose configuration conflicts with
+    // this one's (another schema for the same group or output) ends the start here.
+    let registration = drift::Registration::new(&cfg, pool.clone());
+    registration.check_and_register().await?;
 
     let producer = kafka::producer(&cfg.kafka.brokers, &cfg.kafka.properties)?;
     if cfg.kafka.create_topics {
@@ -110,6 +125,7 @@ pub async fn run(
         Arc::new(ConsumerState {
             health: health.clone(),
             metrics: metrics.clone(),
+            pending: Default::default(),
         }),
     )?);
 
@@ -141,6 +157,7 @@ pub async fn run(
         checks_stop.clone(),
     ));
 
+    let heartbeat = tokio::spawn(registration.run(metrics.clone(), checks_stop.clone()));
     let pruner = cfg.prune.clone().map(|settings| {
         tokio::spawn(crate::pruner::run(
             cfg.db.clone(),
@@ -201,6 +218,7 @@ pub async fn run(
     }
     checks_stop.cancel();
     let _ = checks.await;
+    let _ = heartbeat.await;
     if let Some(pruner) = pruner {
         let _ = pruner.await;
     }
@@ -220,6 +238,7 @@ pub async fn run(
 /// when `stop` fired first.
 async fn connect_postgres(
     cfg: &RunSettings,
+    health: &Health,
     stop: &CancellationToken,
 ) -> anyhow::Result<Option<sqlx::PgPool>> {
     // One connection first: settings the server refuses (TLS, login, database) end the
@@ -232,6 +251,7 @@ async fn connect_postgres(
                 break;
             }
             Err(e) => {
+                health.postgres.set(false);
                 let delay = backoff.next_delay();
                 warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
                       database_url = %cfg.db.url,
@@ -244,38 +264,52 @@ async fn connect_postgres(
         }
     }
     let pool = store::pool(&cfg.db)?;
-    if cfg.migrate_on_start {
-        if !retry_until(stop, "applying migrations", || {
-            store::migrate(&pool, &cfg.db.schema)
-        })
-        .await
-        {
-            return Ok(None);
-        }
-        info!(schema = cfg.db.schema, "migrations applied");
+    if cfg.migrate_on_start && !migrate(cfg, &pool, stop).await? {
+        return Ok(None);
     }
     Ok(Some(pool))
 }
 
-/// Retries `op` with backoff until it succeeds (true) or `stop` fires (false).
-async fn retry_until<F, Fut, E>(stop: &CancellationToken, what: &str, mut op: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
-{
+/// How many times a migration failure that cannot heal (a missing privilege, a schema in
+/// an unexpected state) is tried before the start ends with it (exit 78): a few, in case a
+/// DBA is granting the privilege at that moment.
+const MIGRATE_TRIES: u32 = 5;
+
+/// Applies the migrations, retrying with backoff: for ever while the failure can heal (the
+/// database restarting), [`MIGRATE_TRIES`] times when it cannot. `false` when `stop` fired.
+async fn migrate(
+    cfg: &RunSettings,
+    pool: &sqlx::PgPool,
+    stop: &CancellationToken,
+) -> anyhow::Result<bool> {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut tries = 0;
     loop {
-        match op().await {
-            Ok(()) => return true,
-            Err(e) => {
-                let delay = backoff.next_delay();
-                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "{what} failed; retrying");
-                tokio::select! {
-                    _ = stop.cancelled() => return false,
-                    _ = tokio::time::sleep(delay) => {}
-                }
+        let e = match store::migrate(pool, &cfg.db.schema).await {
+            Ok(()) => {
+                info!(schema = cfg.db.schema, "migrations applied");
+                return Ok(true);
             }
+            Err(e) => e,
+        };
+        if let Some(fix) = store::migration_cannot_heal(&e) {
+            tries += 1;
+            if tries >= MIGRATE_TRIES {
+                return Err(store::MigrateConfigError {
+                    schema: cfg.db.schema.clone(),
+                    tries,
+                    cause: e.to_string(),
+                    fix,
+                }
+                .into());
+            }
+        }
+        let delay = backoff.next_delay();
+        warn!(error = %e, schema = cfg.db.schema, retry_in_ms = delay.as_millis() as u64,
+              "applying migrations failed; retrying");
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(delay) => {}
         }
     }
 }

@@ -136,6 +136,7 @@ impl Lane {
                 .await;
                 crash::reached(crash::Point::AfterOffsetCommit);
             }
+            self.consumer.context().state.pending.durable(&next);
             self.durable.lock().expect("durable lock").extend(next);
             self.read_ahead.give_back(cost);
         }

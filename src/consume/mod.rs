@@ -132,6 +132,12 @@ impl Pipeline {
             match next {
                 Ok(m) => {
                     let msg = kafka::input::input_message(&m);
+                    self.consumer.context().state.pending.read(
+                        &msg.topic,
+                        msg.partition,
+                        msg.offset,
+                        msg.timestamp_ms,
+                    );
                     let lane = lane_of(&msg.topic, msg.partition, lanes.len());
                     read_ahead.take(read_ahead_cost(&msg));
                     if lanes[lane].send(msg).is_err() {

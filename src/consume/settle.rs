@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::producer::FutureProducer;
+use crate::kafka::Producer;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -73,7 +73,7 @@ pub struct Gate {
     pub settings: Arc<GateSettings>,
     pub dlq_topic: String,
     pub pool: PgPool,
-    pub dlq: FutureProducer,
+    pub dlq: Producer,
     pub metrics: Metrics,
     pub sink: Arc<dyn Sink>,
     /// The gate statement with the sink's write in it, built once.
@@ -108,7 +108,7 @@ impl Gate {
     pub fn new(
         cfg: &RunSettings,
         pool: PgPool,
-        dlq: FutureProducer,
+        dlq: Producer,
         metrics: Metrics,
         sink: Arc<dyn Sink>,
         origin: Origin,

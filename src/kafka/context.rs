@@ -9,6 +9,8 @@ use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use tracing::{info, warn};
 
+use super::log::ClientLog;
+use super::pending::Pending;
 use crate::health::Health;
 use crate::metrics::Metrics;
 
@@ -17,23 +19,34 @@ pub struct ConsumerState {
     /// `consumer_joined` is set once an assignment arrived (even an empty one).
     pub health: Arc<Health>,
     pub metrics: Metrics,
+    /// Input in the lanes, for the lag in time.
+    pub pending: Arc<Pending>,
 }
 
 /// The consumer's context: logs and records rebalances.
 pub struct KdedupContext {
     pub state: Arc<ConsumerState>,
+    /// librdkafka's errors and log lines, one per kind per 30 s.
+    pub log: ClientLog,
 }
 
 impl ClientContext for KdedupContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.log.client_log(level, fac, log_message);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
-        warn!(error = %error, reason, "kafka client error");
+        self.log.client_error(&error, reason);
     }
 
     /// librdkafka statistics (every `statistics.interval.ms`): lag per assigned partition,
-    /// measured against the stored offset, i.e. against durable work.
+    /// measured against the stored offset, i.e. against durable work, in messages and in
+    /// time (the age of the oldest message read and not yet durable).
     fn stats(&self, stats: rdkafka::Statistics) {
         use prometheus::core::Collector;
         let lag = &self.state.metrics.consumer_lag;
+        let lag_seconds = &self.state.metrics.consumer_lag_seconds;
+        let now_ms = chrono::Utc::now().timestamp_millis();
         let mut live = std::collections::BTreeSet::new();
         for (topic, t) in &stats.topics {
             for (partition, p) in &t.partitions {
@@ -43,6 +56,13 @@ impl ClientContext for KdedupContext {
                 let partition = partition.to_string();
                 lag.with_label_values(&[topic.as_str(), &partition])
                     .set(p.consumer_lag_stored);
+                lag_seconds
+                    .with_label_values(&[topic.as_str(), &partition])
+                    .set(
+                        self.state
+                            .pending
+                            .oldest_age_seconds(topic, p.partition, now_ms),
+                    );
                 live.insert((topic.clone(), partition));
             }
         }
@@ -61,6 +81,7 @@ impl ClientContext for KdedupContext {
                 };
                 if !live.contains(&(topic.to_string(), partition.to_string())) {
                     let _ = lag.remove_label_values(&[topic, partition]);
+                    let _ = lag_seconds.remove_label_values(&[topic, partition]);
                 }
             }
         }

@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
+use crate::kafka::Producer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use tracing::warn;
 
 use super::is_permanent_produce_error;
@@ -17,7 +18,7 @@ use crate::model::{header, InputMessage};
 /// and headers (`kdedup-dlq-stripped`); the source position headers still lead to the
 /// original. Returns whether it went stripped.
 pub async fn send(
-    producer: &FutureProducer,
+    producer: &Producer,
     topic: &str,
     msg: &InputMessage,
     why: &Rejection,

@@ -9,12 +9,14 @@
 pub mod context;
 pub mod dlq;
 pub mod input;
+pub mod log;
+pub mod pending;
 pub mod properties;
 pub mod topics;
 
 use std::sync::Arc;
 
-use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::client::ClientContext;
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::FutureProducer;
@@ -123,12 +125,19 @@ pub fn consumer(
 ) -> Result<Consumer, KafkaSetupError> {
     client(
         &consumer_config(brokers, group_id, props),
-        KdedupContext { state },
+        KdedupContext {
+            state,
+            log: Default::default(),
+        },
     )
 }
 
-pub fn producer(brokers: &str, props: &KafkaProperties) -> Result<FutureProducer, KafkaSetupError> {
-    client(&producer_config(brokers, props), DefaultClientContext)
+/// kdedup's producer (output and dead-letter topics), whose librdkafka errors and log
+/// lines are held to one per kind per 30 s ([`log::ClientLog`]).
+pub type Producer = FutureProducer<log::ClientLog>;
+
+pub fn producer(brokers: &str, props: &KafkaProperties) -> Result<Producer, KafkaSetupError> {
+    client(&producer_config(brokers, props), log::ClientLog::default())
 }
 
 /// True for produce errors that are about the message itself (retrying cannot help).

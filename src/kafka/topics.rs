@@ -2,10 +2,10 @@
 
 use std::time::Duration;
 
+use crate::kafka::log::ClientLog;
+use crate::kafka::Producer;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::producer::FutureProducer;
 use tracing::info;
 
 use super::properties::{ClientKind, KafkaProperties};
@@ -13,12 +13,12 @@ use super::{base_config, client, KafkaSetupError};
 
 /// Partition count of each named topic; `None` when the topic does not exist.
 pub fn partition_count(
-    producer: &FutureProducer,
+    producer: &Producer,
     brokers: &str,
     topic: &str,
     timeout: Duration,
 ) -> Result<Option<usize>, KafkaSetupError> {
-    use rdkafka::producer::Producer;
+    use rdkafka::producer::Producer as _;
     let md = producer
         .client()
         .fetch_metadata(Some(topic), timeout)
@@ -42,9 +42,9 @@ pub async fn ensure_topics(
     partitions: i32,
     replication: i32,
 ) -> Result<(), KafkaSetupError> {
-    let admin: AdminClient<DefaultClientContext> = client(
+    let admin: AdminClient<ClientLog> = client(
         &base_config(brokers, props, ClientKind::Admin),
-        DefaultClientContext,
+        ClientLog::default(),
     )?;
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
@@ -87,9 +87,9 @@ pub async fn topic_config(
     key: &str,
 ) -> Result<Vec<(String, String)>, KafkaSetupError> {
     use rdkafka::admin::ResourceSpecifier;
-    let admin: AdminClient<DefaultClientContext> = client(
+    let admin: AdminClient<ClientLog> = client(
         &base_config(brokers, props, ClientKind::Admin),
-        DefaultClientContext,
+        ClientLog::default(),
     )?;
     let specs: Vec<ResourceSpecifier<'_>> =
         topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();

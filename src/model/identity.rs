@@ -346,6 +346,14 @@ fn json_scalar(
 }
 
 impl ScopeSpec {
+    /// The spec as `--scope` takes it: the literal scope, or `header:<name>`.
+    pub fn describe(&self) -> String {
+        match self {
+            ScopeSpec::Literal(s) => s.clone(),
+            ScopeSpec::Header(h) => format!("header:{h}"),
+        }
+    }
+
     pub fn parse(spec: &str) -> Result<Self, String> {
         let spec = spec.trim();
         if let Some(h) = spec.strip_prefix("header:") {

@@ -187,8 +187,8 @@ async fn serve_metrics(
     stop: &CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let health = Arc::new(crate::health::Health::default());
-    health.postgres_up.store(true, Ordering::Release);
-    health.broker_up.store(true, Ordering::Release);
+    health.postgres.set(true);
+    health.broker.set(true);
     health.consumer_joined.store(true, Ordering::Release);
     let (bound, handle) = crate::admin::serve(addr, metrics.clone(), health, stop.clone())
         .await

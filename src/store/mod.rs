@@ -12,6 +12,7 @@ pub mod inspect;
 pub mod lock;
 pub mod outbox;
 pub mod prune;
+pub mod sidecars;
 pub mod stats;
 
 use std::str::FromStr;
@@ -24,8 +25,15 @@ use tracing::{info, warn};
 
 use crate::settings::DbSettings;
 
-/// Migrations under `migrations/`, compiled into the binary.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+/// Migrations under `migrations/`, compiled into the binary. Migrations applied by a newer
+/// binary are not an error: a rollback to this binary, or an old replica still running in a
+/// rolling update, keeps working on a schema one release ahead (which is why each release's
+/// migrations must be additive, deploy/UPGRADING.md), and [`migrate`] says so.
+fn migrator() -> sqlx::migrate::Migrator {
+    let mut migrator = sqlx::migrate!("./migrations");
+    migrator.set_ignore_missing(true);
+    migrator
+}
 
 /// First key of every advisory lock kdedup takes ("kddp"); the second is per purpose+schema.
 pub const ADVISORY_LOCK_CLASS: i32 = 0x6b64_6470;
@@ -303,8 +311,67 @@ pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), DbError> {
             .await?;
     }
     tx.commit().await?;
-    MIGRATOR.run(pool).await?;
+    let migrator = migrator();
+    migrator.run(pool).await?;
+    let known = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+    let newer: Vec<i64> = sqlx::query_scalar(
+        "SELECT version FROM _sqlx_migrations WHERE version > $1 ORDER BY version",
+    )
+    .bind(known)
+    .fetch_all(pool)
+    .await?;
+    if !newer.is_empty() {
+        warn!(schema, newer_migrations = ?newer, this_binary_knows_up_to = known,
+              "the schema has migrations of a newer kdedup applied; this binary runs on it (migrations are additive), but upgrade it: it does not use what they added");
+    }
     Ok(())
+}
+
+/// Why a failed migration cannot succeed by retrying, and the fix: a privilege the role
+/// lacks, a schema in a state the migrations do not expect, an applied migration that was
+/// changed. `None` for failures that can heal (the connection, a lock timeout).
+pub fn migration_cannot_heal(e: &DbError) -> Option<&'static str> {
+    use sqlx::migrate::MigrateError as M;
+    let db = match e {
+        DbError::Migrate(M::VersionMismatch(_)) => {
+            return Some(
+                "an applied migration differs from the one in this binary (edited after it was applied): \
+                 run the kdedup release that applied it, or restore the schema",
+            )
+        }
+        DbError::Migrate(M::Dirty(_)) => {
+            return Some("a migration was left half applied: see _sqlx_migrations in the schema and restore it")
+        }
+        // Creating the schema, or a migration's own statements.
+        DbError::Sqlx(sqlx::Error::Database(db))
+        | DbError::Migrate(M::Execute(sqlx::Error::Database(db)))
+        | DbError::Migrate(M::ExecuteMigration(sqlx::Error::Database(db), _)) => db,
+        _ => return e.configuration_problem(),
+    };
+    match db.code().as_deref() {
+        Some(sqlstate::INSUFFICIENT_PRIVILEGE) => Some(
+            "kdedup's role lacks a privilege the migrations need (CREATE on the schema, or on the database to create \
+             the schema). Run `kdedup migrate` once as the schema's owner (deploy/kubernetes/jobs has a migration Job) \
+             and set KDEDUP_MIGRATE_ON_START=false, or GRANT CREATE ON SCHEMA <schema> TO <role>",
+        ),
+        Some(code) if code.starts_with("42") => Some(
+            "the schema holds objects the migrations do not expect (a table of the same name, a changed column): \
+             point KDEDUP_DB_SCHEMA at a schema of kdedup's own",
+        ),
+        _ => e.configuration_problem(),
+    }
+}
+
+/// Migrations that cannot succeed as configured: what failed, the cause and the fix.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "applying kdedup's migrations to schema {schema} failed ({tries} tries): {cause}. Fix: {fix}"
+)]
+pub struct MigrateConfigError {
+    pub schema: String,
+    pub tries: u32,
+    pub cause: String,
+    pub fix: &'static str,
 }
 
 /// Whether kdedup's tables exist in the schema (a dry-run replay against a schema no

@@ -20,6 +20,7 @@ mod config;
 #[cfg(feature = "crash-points")]
 mod crash;
 mod deploy;
+mod drift;
 mod faults;
 mod image;
 mod layout;

@@ -16,8 +16,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::kafka::Producer;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use sqlx::PgConnection;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -55,7 +56,7 @@ pub struct Relay {
     pub brokers: String,
     pub output_topic: String,
     pub dlq_topic: String,
-    pub producer: FutureProducer,
+    pub producer: Producer,
     pub metrics: Metrics,
     pub wakeup: Arc<Notify>,
     /// Told when the outbox became empty, so the backlog gauge (written by the health
@@ -75,7 +76,7 @@ impl Relay {
     pub fn new(
         cfg: &RunSettings,
         output_topic: &str,
-        producer: FutureProducer,
+        producer: Producer,
         metrics: Metrics,
         wakeup: Arc<Notify>,
     ) -> Self {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use rdkafka::producer::FutureProducer;
+use crate::kafka::Producer;
 use tracing::warn;
 
 use crate::kafka::{topics, KafkaSetupError};
@@ -11,7 +11,7 @@ use crate::settings::RunSettings;
 
 /// Creates the output topic (for the Kafka sink) and the dead-letter topic with the first
 /// input topic's partition count.
-pub async fn create_topics(cfg: &RunSettings, producer: &FutureProducer) -> anyhow::Result<()> {
+pub async fn create_topics(cfg: &RunSettings, producer: &Producer) -> anyhow::Result<()> {
     let first = cfg.kafka.input_topics[0].clone();
     let (p, brokers) = (producer.clone(), cfg.kafka.brokers.clone());
     let partitions = tokio::task::spawn_blocking(move || {
