@@ -37,6 +37,8 @@ pub struct Health {
     pub postgres: Check,
     pub broker: Check,
     pub consumer_joined: AtomicBool,
+    /// `--migrate-on-start false` and the schema lacks migrations this binary needs.
+    pub schema_not_migrated: AtomicBool,
     /// kdedup's own topics (output, dead-letter) the cluster says do not exist.
     pub missing_topics: std::sync::Mutex<Vec<String>>,
     /// When the consumer last met input it cannot decode. A fetch that cannot be decoded
@@ -64,6 +66,9 @@ impl Health {
             if !check.is_up() && !check.is_unchecked() {
                 failing.push(name);
             }
+        }
+        if self.schema_not_migrated.load(Ordering::Acquire) {
+            failing.push("schema_not_migrated");
         }
         if !self.consumer_joined.load(Ordering::Acquire) {
             failing.push("consumer_group");

@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::admin;
 use crate::consume::hold::Keepalive;
@@ -264,10 +264,57 @@ async fn connect_postgres(
         }
     }
     let pool = store::pool(&cfg.db)?;
-    if cfg.migrate_on_start && !migrate(cfg, &pool, stop).await? {
+    let ready = match cfg.migrate_on_start {
+        true => migrate(cfg, &pool, stop).await?,
+        false => wait_for_migrations(cfg, &pool, health, stop).await,
+    };
+    if !ready {
         return Ok(None);
     }
     Ok(Some(pool))
+}
+
+/// With `--migrate-on-start false`, waits until the schema has every migration this
+/// binary needs (the migration Job may still be running): not ready meanwhile, with an
+/// ERROR naming the fix, as every gate transaction would fail on a missing table or
+/// column. `false` when `stop` fired.
+async fn wait_for_migrations(
+    cfg: &RunSettings,
+    pool: &sqlx::PgPool,
+    health: &Health,
+    stop: &CancellationToken,
+) -> bool {
+    let mut said = None::<std::time::Instant>;
+    loop {
+        match store::unapplied_migrations(pool).await {
+            Ok(missing) if missing.is_empty() => {
+                if said.is_some() {
+                    info!(schema = cfg.db.schema, "the schema is migrated now");
+                }
+                health
+                    .schema_not_migrated
+                    .store(false, std::sync::atomic::Ordering::Release);
+                return true;
+            }
+            Ok(missing) => {
+                health
+                    .schema_not_migrated
+                    .store(true, std::sync::atomic::Ordering::Release);
+                if said.map_or(true, |at| at.elapsed() >= Duration::from_secs(60)) {
+                    error!(schema = cfg.db.schema, missing_migrations = ?missing,
+                           "the schema lacks migrations this kdedup needs and KDEDUP_MIGRATE_ON_START is false: \
+                            waiting for them (not ready). Run `kdedup migrate` (the migration Job) against this schema, \
+                            or set KDEDUP_MIGRATE_ON_START=true");
+                    said = Some(std::time::Instant::now());
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot read the schema's migrations; retrying"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
 }
 
 /// How many times a migration failure that cannot heal (a missing privilege, a schema in

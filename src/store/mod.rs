@@ -327,6 +327,27 @@ pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), DbError> {
     Ok(())
 }
 
+/// Migrations of this binary not applied to the pool's schema (all of them when it has
+/// none): a sidecar started with `--migrate-on-start false` waits for them.
+pub async fn unapplied_migrations(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
+    let applied: Vec<i64> =
+        if sqlx::query_scalar::<_, bool>("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+            .fetch_one(pool)
+            .await?
+        {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(pool)
+                .await?
+        } else {
+            Vec::new()
+        };
+    Ok(migrator()
+        .iter()
+        .map(|m| m.version)
+        .filter(|v| !applied.contains(v))
+        .collect())
+}
+
 /// Why a failed migration cannot succeed by retrying, and the fix: a privilege the role
 /// lacks, a schema in a state the migrations do not expect, an applied migration that was
 /// changed. `None` for failures that can heal (the connection, a lock timeout).

@@ -207,3 +207,46 @@ async fn an_unreachable_broker_does_not_flood_the_log() {
     drop(s);
     drop_schema(&pg().await, &t.schema).await;
 }
+
+/// `KDEDUP_MIGRATE_ON_START=false` on a schema nobody migrated: not ready, an ERROR naming
+/// the fix, and the sidecar goes on by itself once the migration Job has run.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unmigrated_schema_is_waited_for_not_ready() {
+    let kafka = Cluster::shared();
+    let t = names("drift_unmigrated");
+    kafka.create_topic(&t.input, 1).await;
+    let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
+        .set("KDEDUP_MIGRATE_ON_START", "false");
+    let s = Sidecar::start(&cfg, "drift_unmigrated");
+    wait_until(
+        Duration::from_secs(30),
+        "not ready, naming the schema",
+        || {
+            s.get("/readyz")
+                .is_some_and(|(code, body)| code == 503 && body.contains("schema_not_migrated"))
+        },
+    )
+    .await;
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains(r#""level":"ERROR""#)
+            && l.contains("kdedup migrate")
+            && l.contains(&t.schema)),
+        "{log}"
+    );
+    // The migration Job.
+    let (code, _, stderr) = kdedup_command(&cfg, &["migrate"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    s.wait_ready(Duration::from_secs(60)).await;
+    kafka
+        .produce(&t.input, &[In::event(0, "after-migrate", 1)])
+        .await;
+    assert_eq!(
+        kafka
+            .read_topic(&t.output, 1, Duration::from_secs(30))
+            .len(),
+        1
+    );
+    drop(s);
+    drop_schema(&pg().await, &t.schema).await;
+}
