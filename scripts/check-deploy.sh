@@ -805,6 +805,24 @@ tests:
     input_series:
       - *info_a
       - *info_c
+      # a finds a running sidecar that conflicts with it from minute 6; c finds none.
+      - series: 'kdedup_config_conflicts{job="orders/kdedup", namespace="orders", pod="orders-app-a", instance="a"}'
+        values: '0x5 1x15'
+      - series: 'kdedup_config_conflicts{job="orders/kdedup", namespace="orders", pod="audit-app-c", instance="c"}'
+        values: '0x20'
+    alert_rule_test:
+      - eval_time: 7m
+        alertname: KdedupConfigConflict
+        exp_alerts: []
+      - eval_time: 12m
+        alertname: KdedupConfigConflict
+        exp_alerts:
+          - exp_labels: {severity: critical, namespace: orders, job: orders/kdedup, pod: orders-app-a, instance: a, group_id: orders-app-kdedup, schema: kdedup_orders, output_topic: orders.deduped}
+
+  - interval: 1m
+    input_series:
+      - *info_a
+      - *info_c
       # orders-app: its rows age to 60s past a 1-day TTL and stay there (pruned).
       - series: 'kdedup_ttl_seconds{job="orders/kdedup", namespace="orders", pod="orders-app-a", instance="a"}'
         values: '86400x60'
