@@ -17,9 +17,12 @@
 #      migration Job exactly where KDEDUP_MIGRATE_ON_START=false.
 #   3. `promtool check rules` on deploy/prometheus/kdedup-alerts.yaml, `promtool test rules` on
 #      unit tests kept in this script (every alert fires on a bad series and stays quiet on a
-#      healthy one), and the rendered PrometheusRule carries exactly the same rules.
+#      healthy one; two kdedup Deployments in one namespace alert apart), and the rendered
+#      PrometheusRule carries exactly the same rules.
 #   4. The Grafana dashboard parses, is wired to the ${DS_PROMETHEUS} datasource variable, and
 #      every PromQL query in it parses (promtool, with the Grafana variables substituted).
+#      That each query also returns data is tests/it/prometheus.rs' job (a real Prometheus
+#      scraping a real sidecar).
 #
 # Needs kubectl and python3 (3.9+). kubernetes-validate is installed into .tmp/venv on the first
 # run. promtool is taken from PATH, or else from the Debian package `prometheus`, unpacked into
