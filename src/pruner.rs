@@ -9,7 +9,7 @@
 //! absent (`ON CONFLICT ... DO UPDATE ... WHERE expires_at <= now()`), so an id whose TTL
 //! passed is accepted again as new whether or not its row was deleted yet.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
@@ -63,13 +63,25 @@ pub async fn run(
         db,
         standby_retry: settings.interval,
     };
+    // A round that fails for good (a revoked grant, a dropped table) must not reconnect
+    // and fail again in a tight loop: the wait grows up to the prune interval.
+    let mut failed = crate::retry::Backoff::new(
+        Duration::from_millis(500).min(settings.interval),
+        settings.interval,
+    );
     while let Ok(mut conn) = lock.acquire(&stop).await {
         loop {
             match prune_round(&mut conn, Utc::now(), &settings, &metrics, &stop).await {
-                Ok(0) => {}
-                Ok(n) => info!(rows = n, "pruned expired processed_events rows"),
+                Ok(0) => failed.reset(),
+                Ok(n) => {
+                    failed.reset();
+                    info!(rows = n, "pruned expired processed_events rows")
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "prune round failed; reconnecting");
+                    let delay = failed.next_delay();
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "prune round failed; reconnecting");
+                    drop(conn);
+                    sleep_or_stop(delay, &stop).await;
                     break;
                 }
             }

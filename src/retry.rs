@@ -1,4 +1,5 @@
-//! Capped exponential backoff with full jitter, for retries against Postgres and Kafka.
+//! Capped exponential backoff with jitter (each delay drawn from its upper half), for
+//! retries against Postgres and Kafka.
 
 use std::time::Duration;
 

@@ -159,7 +159,12 @@ impl Pipeline {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => {
-                    warn!(error = %e, "kafka consumer error");
+                    // Every 100 ms while the brokers are away: held to one line per kind
+                    // per 30 s, as librdkafka's own errors are.
+                    self.consumer
+                        .context()
+                        .log
+                        .client_error(&e, "consumer poll");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }

@@ -27,8 +27,9 @@ use crate::settings::DbSettings;
 
 /// Migrations under `migrations/`, compiled into the binary. Migrations applied by a newer
 /// binary are not an error: a rollback to this binary, or an old replica still running in a
-/// rolling update, keeps working on a schema one release ahead (which is why each release's
-/// migrations must be additive, deploy/UPGRADING.md), and [`migrate`] says so.
+/// rolling update, keeps working on a schema one release ahead (which is why migrations
+/// from the sidecar registry on must be additive, deploy/UPGRADING.md), and [`migrate`]
+/// says so.
 fn migrator() -> sqlx::migrate::Migrator {
     let mut migrator = sqlx::migrate!("./migrations");
     migrator.set_ignore_missing(true);
@@ -322,7 +323,7 @@ pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), DbError> {
     .await?;
     if !newer.is_empty() {
         warn!(schema, newer_migrations = ?newer, this_binary_knows_up_to = known,
-              "the schema has migrations of a newer kdedup applied; this binary runs on it (migrations are additive), but upgrade it: it does not use what they added");
+              "the schema has migrations of a newer kdedup applied: this binary runs on it when they are additive, as every migration after the sidecar registry is (deploy/UPGRADING.md), but upgrade it: it does not use what they added");
     }
     Ok(())
 }
@@ -372,7 +373,7 @@ pub fn migration_cannot_heal(e: &DbError) -> Option<&'static str> {
     match db.code().as_deref() {
         Some(sqlstate::INSUFFICIENT_PRIVILEGE) => Some(
             "kdedup's role lacks a privilege the migrations need (CREATE on the schema, or on the database to create \
-             the schema). Run `kdedup migrate` once as the schema's owner (deploy/kubernetes/jobs has a migration Job) \
+             the schema). Run `kdedup migrate` once as the schema's owner (deploy/kubernetes/overlays/example/migrate-job.yaml) \
              and set KDEDUP_MIGRATE_ON_START=false, or GRANT CREATE ON SCHEMA <schema> TO <role>",
         ),
         Some(code) if code.starts_with("42") => Some(
