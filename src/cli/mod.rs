@@ -1,7 +1,8 @@
 //! The command line: flags, `KDEDUP_*` environment, validation, exit codes.
 //!
 //! Every flag of `kdedup run` also reads `KDEDUP_<FLAG>` (the other commands' own flags
-//! are command-line only). Any librdkafka property passes through as
+//! are command-line only, but for replay's `KDEDUP_REPLAY_TOPIC` and
+//! `KDEDUP_REPLAY_SERVE_METRICS`). Any librdkafka property passes through as
 //! `KDEDUP_KAFKA_<PROPERTY>` (dots written as underscores) or `--kafka-property k=v`.
 //!
 //! Parsing (clap) only checks shapes; `validate` ([`validate`]) turns the raw flags into
