@@ -21,6 +21,7 @@ mod config;
 mod crash;
 mod deploy;
 mod faults;
+mod http_sink;
 mod image;
 mod layout;
 mod ops;
