@@ -667,6 +667,40 @@ tests:
 
   - interval: 1m
     input_series:
+      - series: 'kdedup_http_failed_total{job="orders/kdedup", namespace="orders", pod="p", instance="a", reason="http_rejected"}'
+        values: '0x5 0+10x30'
+      - series: 'kdedup_events_forwarded_total{job="orders/kdedup", namespace="orders", pod="p", instance="a"}'
+        values: '0+100x35'
+      - series: 'kdedup_http_failed_total{job="orders/healthy", namespace="orders", pod="q", instance="b", reason="http_rejected"}'
+        values: '0x5 0+1x30'
+      - series: 'kdedup_events_forwarded_total{job="orders/healthy", namespace="orders", pod="q", instance="b"}'
+        values: '0+100x35'
+    alert_rule_test:
+      - eval_time: 10m
+        alertname: KdedupHttpFailing
+        exp_alerts: []
+      - eval_time: 30m
+        alertname: KdedupHttpFailing
+        exp_alerts:
+          - exp_labels: {severity: warning, job: orders/kdedup, namespace: orders}
+
+  - interval: 1m
+    input_series:
+      - series: 'kdedup_http_processing_expired_rows{job="orders/kdedup", namespace="orders", pod="p", instance="a"}'
+        values: '0x5 3x25'
+      - series: 'kdedup_http_processing_expired_rows{job="orders/healthy", namespace="orders", pod="q", instance="b"}'
+        values: '0x5 2x5 0x20'
+    alert_rule_test:
+      - eval_time: 12m
+        alertname: KdedupHttpStuckProcessing
+        exp_alerts: []
+      - eval_time: 25m
+        alertname: KdedupHttpStuckProcessing
+        exp_alerts:
+          - exp_labels: {severity: warning, job: orders/kdedup, namespace: orders}
+
+  - interval: 1m
+    input_series:
       - series: 'kdedup_relay_delivery_failures_total{job="orders/kdedup", namespace="orders", pod="p", instance="a"}'
         values: '0x5 0+30x25'
       - series: 'kdedup_relay_delivery_failures_total{job="orders/healthy", namespace="orders", pod="q", instance="b"}'
