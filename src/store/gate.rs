@@ -343,10 +343,10 @@ decided AS (
            pe.source_topic, pe.source_partition, pe.source_offset,
            (pe.event_key IS NOT NULL AND pe.payload_hash IS DISTINCT FROM b.payload_hash)
                AS payload_differs,
-           (g.event_key IS NULL
-               AND (pe.event_key IS NULL OR pe.status IN ('PROCESSING', 'FAILED'))) AS busy,
-           (g.event_key IS NOT NULL AND pe.status = 'PROCESSING'
-               AND pe.expires_at > now()) AS taken_over
+           coalesce(g.event_key IS NULL
+               AND (pe.event_key IS NULL OR pe.status IN ('PROCESSING', 'FAILED')), false) AS busy,
+           coalesce(g.event_key IS NOT NULL AND pe.status = 'PROCESSING'
+               AND pe.expires_at > now(), false) AS taken_over
     FROM batch b
     LEFT JOIN gate g ON g.event_key = b.event_key
     LEFT JOIN processed_events pe ON pe.event_key = b.event_key
@@ -561,8 +561,11 @@ pub async fn gate(
     })
 }
 
-/// The payload hashes of those of `keys` (scope, event_id) the gate holds and has not
-/// expired, by key.
+/// The payload hashes of those of `keys` (scope, event_id) the gate holds, has not
+/// expired and would not hand out again, by key: a row of the HTTP sink that `FAILED`, or
+/// is `PROCESSING` under an expired lease, is taken over by the next copy (see
+/// [`GateStatement::leased`]). The status is read through `to_jsonb`, so a schema from
+/// before the HTTP sink's migration reads as it did.
 pub async fn live_payloads(
     pool: &PgPool,
     keys: &[(String, String)],
@@ -572,8 +575,13 @@ pub async fn live_payloads(
     }
     let event_keys: Vec<Uuid> = keys.iter().map(|(s, i)| event_key(s, i)).collect();
     let rows: Vec<(String, String, Option<Vec<u8>>)> = sqlx::query_as(
-        "SELECT scope, event_id, payload_hash FROM processed_events
-         WHERE event_key = ANY($1) AND expires_at > now()",
+        "SELECT scope, event_id, payload_hash FROM processed_events p
+         WHERE event_key = ANY($1) AND expires_at > now()
+           AND CASE coalesce(to_jsonb(p) ->> 'status', 'PROCESSED')
+                 WHEN 'PROCESSED' THEN true
+                 WHEN 'PROCESSING' THEN (to_jsonb(p) ->> 'lease_expires_at')::timestamptz > now()
+                 ELSE false
+               END",
     )
     .bind(&event_keys)
     .fetch_all(pool)

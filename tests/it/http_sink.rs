@@ -699,3 +699,141 @@ fn http_sink_settings_that_cannot_work_exit_64_naming_the_fix() {
         );
     }
 }
+
+/// The status gate's statements against Postgres alone: who takes a row, when a copy is
+/// busy, a duplicate, or taken over, and which outcomes a lost lease can still write.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_status_gate_takes_over_failed_rows_and_expired_leases_and_waits_on_live_ones() {
+    use kdedup::store::delivery::{self, Final};
+    use kdedup::store::gate::{self, event_key, GateBatch, GateOutcome, GateRow, GateStatement};
+
+    let pool_for_checks = pg().await;
+    let schema = unique("http_gate").to_lowercase();
+    let db = kdedup::settings::DbSettings {
+        url: kdedup::settings::DatabaseUrl::new(database_url()),
+        schema: schema.clone(),
+        max_connections: 2,
+    };
+    let pool = kdedup::store::pool(&db).unwrap();
+    kdedup::store::migrate(&pool, &schema).await.unwrap();
+    let ttl = Duration::from_secs(3600);
+    let row = |id: &str| GateRow {
+        scope: "orders".into(),
+        event_id: id.into(),
+        topic: "in".into(),
+        partition: 0,
+        offset: 1,
+        timestamp_ms: None,
+        payload_hash: vec![1; 16],
+        key: None,
+        value: Some(b"{}".to_vec()),
+        headers: vec![],
+    };
+    let leased = |owner: &str, lease_ms: u64| {
+        GateStatement::leased(owner.to_string(), Duration::from_millis(lease_ms))
+    };
+    let gate = |statement: GateStatement, id: &'static str| {
+        let pool = pool.clone();
+        async move {
+            let mut batch = GateBatch::with_capacity(1);
+            batch.push(row(id));
+            let commit = gate::gate(&pool, &statement, batch.part(0..1, true), ttl)
+                .await
+                .unwrap();
+            (commit.outcomes[0].clone(), commit.taken_over)
+        }
+    };
+    let finished = |id: &str, processed: bool| Final {
+        event_key: event_key("orders", id),
+        processed,
+        attempts: 1,
+        response_status: Some(if processed { 200 } else { 400 }),
+        response_headers: processed.then(|| "{}".to_string()),
+        response_body: processed.then(Vec::new),
+        last_error: (!processed).then(|| "HTTP 400: no".to_string()),
+    };
+
+    // First touch: PROCESSING, leased to a; a copy meets the live lease: busy.
+    assert_eq!(
+        gate(leased("a", 60_000), "x").await,
+        (GateOutcome::Forwarded, 0)
+    );
+    assert_eq!(gate(leased("b", 60_000), "x").await, (GateOutcome::Busy, 0));
+    // FAILED is taken over (it is not a lease takeover).
+    let written = delivery::finish(&pool, "a", &[finished("x", false)])
+        .await
+        .unwrap();
+    assert_eq!(written, vec![event_key("orders", "x")]);
+    assert_eq!(
+        gate(leased("b", 60_000), "x").await,
+        (GateOutcome::Forwarded, 0)
+    );
+    // An expired lease is taken over; the old owner can no longer write its outcome.
+    assert_eq!(gate(leased("a", 1), "y").await, (GateOutcome::Forwarded, 0));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        gate(leased("b", 60_000), "y").await,
+        (GateOutcome::Forwarded, 1)
+    );
+    assert!(delivery::finish(&pool, "a", &[finished("y", true)])
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(
+        delivery::renew(&pool, "a", &[event_key("orders", "y")], ttl)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        delivery::finish(&pool, "b", &[finished("y", true)])
+            .await
+            .unwrap(),
+        vec![event_key("orders", "y")]
+    );
+    // Only PROCESSED suppresses.
+    assert!(matches!(
+        gate(leased("c", 60_000), "y").await.0,
+        GateOutcome::Duplicate { .. }
+    ));
+    // A released lease is taken over at once.
+    assert_eq!(
+        delivery::renew(&pool, "b", &[event_key("orders", "x")], ttl)
+            .await
+            .unwrap(),
+        vec![event_key("orders", "x")]
+    );
+    assert_eq!(
+        delivery::release(&pool, "b", &[(event_key("orders", "x"), 2, None)])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        gate(leased("c", 60_000), "x").await,
+        (GateOutcome::Forwarded, 1)
+    );
+    // The Kafka sink's statement sees a status-gated row as recorded, as before.
+    assert!(matches!(
+        gate(GateStatement::new(None), "x").await.0,
+        GateOutcome::Duplicate { .. }
+    ));
+    let (status, attempts, last_error): (String, i32, Option<String>) = sqlx::query_as(&format!(
+        "SELECT status, attempts, last_error FROM \"{schema}\".processed_events WHERE event_id = 'x'"
+    ))
+    .fetch_one(&pool_for_checks)
+    .await
+    .unwrap();
+    assert_eq!(
+        (status.as_str(), attempts, last_error.as_deref()),
+        ("PROCESSING", 3, Some("HTTP 400: no")),
+        "attempts add up over owners; the last error stays"
+    );
+    assert_eq!(
+        gate_totals(&pool_for_checks, &schema).await,
+        (5, 2),
+        "busy copies are not duplicates: 5 first touches or takeovers, 2 duplicates"
+    );
+    pool.close().await;
+    drop_schema(&pool_for_checks, &schema).await;
+}
