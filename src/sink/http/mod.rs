@@ -127,9 +127,9 @@ impl HttpSink {
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "localhost".into());
         let owner = format!(
-            "{host}/{}/{}",
+            "{host}/{}/{:08x}",
             std::process::id(),
-            &Uuid::new_v4().simple().to_string()[..8]
+            rand::random::<u32>()
         );
         info!(url = %settings.url, owner, concurrency = settings.concurrency, "HTTP sink ready");
         HttpSink {
