@@ -837,3 +837,50 @@ async fn the_status_gate_takes_over_failed_rows_and_expired_leases_and_waits_on_
     pool.close().await;
     drop_schema(&pool_for_checks, &schema).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_verifies_what_its_receiver_applied() {
+    let pool = pg().await;
+    let schema = unique("kdedup_demo_http").to_lowercase();
+    let cfg = SidecarConfig::new("unused", "unused", "unused", &schema);
+    let out = capture(&mut kdedup(
+        &cfg,
+        &[
+            "demo",
+            "--sink",
+            "http",
+            "--events",
+            "3000",
+            "--db-schema",
+            &schema,
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+    ));
+    assert_eq!(out.code, Some(0), "{}", out.text());
+    assert!(
+        out.stdout
+            .contains("3000 requests, 3000 distinct ids, 0 repeats"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("VERIFIED: every distinct id reached"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        summary_value(&out.stdout, "forwarded"),
+        3000,
+        "{}",
+        out.stdout
+    );
+    let processed: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM \"{schema}\".processed_events WHERE status = 'PROCESSED'"
+    ))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(processed, 3000);
+    drop_schema(&pool, &schema).await;
+}
