@@ -132,7 +132,7 @@ async fn each_distinct_id_is_applied_once_in_key_order_with_its_key_headers_and_
 
     // The key is the gate row's key: event_key(scope, event_id), as the SQL function says.
     let keys: HashMap<String, String> = sqlx::query_as::<_, (String, String)>(&format!(
-        "SELECT event_id, event_key('orders', event_id)::text FROM \"{}\".processed_events",
+        "SELECT event_id, \"{0}\".event_key('orders', event_id)::text FROM \"{0}\".processed_events",
         t.schema
     ))
     .fetch_all(&pool)
