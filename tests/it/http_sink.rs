@@ -508,25 +508,36 @@ async fn two_replicas_in_one_group_through_rebalances_never_deliver_a_key_at_the
     let kafka = Cluster::shared();
     let pool = pg().await;
     let app = HttpApp::start().await;
-    app.set_latency(Duration::from_millis(20));
+    // A slow application and few requests in flight: both replicas still have events in
+    // hand when the group rebalances.
+    app.set_latency(Duration::from_millis(100));
     let t = names("http_rebalance");
     kafka.create_topic(&t.input, 4).await;
-    let n = 2000u64;
+    let n = 800u64;
     // Every id twice, on two partitions: copies race between replicas and lanes.
     let msgs: Vec<In> = (0..n)
         .flat_map(|i| [single((i % 4) as i32, i), single(((i + 1) % 4) as i32, i)])
         .collect();
     let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
         .http_sink(&app.url())
+        .set("KDEDUP_HTTP_CONCURRENCY", "8")
         .set("KDEDUP_BATCH_SIZE", "50");
     let (first, rest) = msgs.split_at(msgs.len() / 2);
     kafka.produce(&t.input, first).await;
     let mut a = Sidecar::start(&cfg, "http_rebalance_a");
     wait_until(Duration::from_secs(60), "a delivers", || {
-        app.applied_count() > 100
+        app.applied_count() > 50
     })
     .await;
     let b = Sidecar::start(&cfg, "http_rebalance_b");
+    wait_until(Duration::from_secs(60), "b has partitions", || {
+        b.metric("kdedup_assigned_partitions") > 0.0
+    })
+    .await;
+    assert!(
+        app.applied_count() < n as usize / 2,
+        "a is still busy at the rebalance"
+    );
     kafka.produce(&t.input, rest).await;
     wait_until(Duration::from_secs(60), "b delivers too", || {
         b.metric("kdedup_http_requests_total") > 0.0
