@@ -488,7 +488,17 @@ async fn kill9_with_requests_in_flight_loses_nothing_and_repeats_only_those_in_f
     .await;
     assert_eq!(applied_ids(&app), all_ids(n), "nothing lost");
     assert_eq!(app.applied_count(), n as usize, "each key applied once");
+    assert!(
+        !in_flight_at_kills.is_empty(),
+        "the kills hit no request in flight: the test did not test the window"
+    );
     let repeated = app.repeated_keys();
+    eprintln!(
+        "kill -9 x{lives}: {} keys in flight at the kills, {} sent again, {} lease takeovers in the last life",
+        in_flight_at_kills.len(),
+        repeated.len(),
+        s.metric("kdedup_http_lease_takeovers_total")
+    );
     let beyond: Vec<&String> = repeated.difference(&in_flight_at_kills).collect();
     assert!(
         beyond.is_empty(),
