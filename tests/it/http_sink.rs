@@ -314,6 +314,13 @@ async fn retries_retry_after_refusals_and_a_replay_once_the_application_accepts(
         1.0
     );
     assert_eq!(s.sigterm(Duration::from_secs(20)), Some(0));
+    let (code, text, err) = kdedup_command(&cfg, &["inspect", "e-30"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(text.contains("FAILED: dead-lettered"), "{text}");
+    assert!(
+        text.contains("HTTP 400: event e-30 refused with 400"),
+        "{text}"
+    );
 
     // Fixed: the replay of the dead-letter topic delivers the FAILED ones, once.
     app.accept_all();
@@ -337,6 +344,21 @@ async fn retries_retry_after_refusals_and_a_replay_once_the_application_accepts(
             .collect()
     };
     assert_eq!(keys_of("e-40").len(), 1, "the replay used the same key");
+    let (code, json, err) = kdedup_command(&cfg, &["inspect", "e-40", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let delivery = &json["matches"][0]["delivery"];
+    assert_eq!(json["matches"][0]["status"], "delivered", "{json}");
+    assert_eq!(delivery["attempts"], 5, "4 before, 1 in the replay: {json}");
+    assert_eq!(delivery["response_status"], 201, "{json}");
+    assert!(
+        delivery["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("HTTP 503"),
+        "{json}"
+    );
+    assert_eq!(delivery["response_body"], r#"{"applied":"e-40"}"#, "{json}");
     assert_eq!(
         statuses(&pool, &t.schema).await,
         HashMap::from([("PROCESSED".to_string(), n as i64)])
