@@ -739,6 +739,47 @@ tests:
 
   - interval: 1m
     input_series:
+      # Two HTTP-sink Deployments in one job and namespace; orders-app's app refuses events.
+      - &info_h1 {series: 'kdedup_config_info{job="orders/kdedup", namespace="orders", pod="orders-app-h", instance="h", group_id="orders-app-kdedup", schema="kdedup_orders", scope="orders-app-kdedup", sink="http", output_topic="http://127.0.0.1:8080/events"}', values: '1x40'}
+      - &info_h2 {series: 'kdedup_config_info{job="orders/kdedup", namespace="orders", pod="audit-app-i", instance="i", group_id="audit-app-kdedup", schema="kdedup_audit", scope="audit-app-kdedup", sink="http", output_topic="http://127.0.0.1:8080/audit"}', values: '1x40'}
+      - series: 'kdedup_http_failed_total{job="orders/kdedup", namespace="orders", pod="orders-app-h", instance="h", reason="http_rejected"}'
+        values: '0x5 0+10x30'
+      - series: 'kdedup_events_forwarded_total{job="orders/kdedup", namespace="orders", pod="orders-app-h", instance="h"}'
+        values: '0+100x35'
+      # audit-app: 1 in 101 failed, under the 5% threshold; added to orders-app's (the old
+      # per-job rule), its many successes would have hidden orders-app's failures.
+      - series: 'kdedup_http_failed_total{job="orders/kdedup", namespace="orders", pod="audit-app-i", instance="i", reason="http_rejected"}'
+        values: '0x5 0+1x30'
+      - series: 'kdedup_events_forwarded_total{job="orders/kdedup", namespace="orders", pod="audit-app-i", instance="i"}'
+        values: '0+1000x35'
+    alert_rule_test:
+      - eval_time: 10m
+        alertname: KdedupHttpFailing
+        exp_alerts: []
+      - eval_time: 30m
+        alertname: KdedupHttpFailing
+        exp_alerts:
+          - exp_labels: {severity: warning, namespace: orders, job: orders/kdedup, group_id: orders-app-kdedup, schema: kdedup_orders, output_topic: "http://127.0.0.1:8080/events"}
+
+  - interval: 1m
+    input_series:
+      - *info_h1
+      - *info_h2
+      - series: 'kdedup_http_processing_expired_rows{job="orders/kdedup", namespace="orders", pod="orders-app-h", instance="h"}'
+        values: '0x5 3x25'
+      - series: 'kdedup_http_processing_expired_rows{job="orders/kdedup", namespace="orders", pod="audit-app-i", instance="i"}'
+        values: '0x5 2x5 0x20'
+    alert_rule_test:
+      - eval_time: 12m
+        alertname: KdedupHttpStuckProcessing
+        exp_alerts: []
+      - eval_time: 25m
+        alertname: KdedupHttpStuckProcessing
+        exp_alerts:
+          - exp_labels: {severity: warning, namespace: orders, job: orders/kdedup, group_id: orders-app-kdedup, schema: kdedup_orders, output_topic: "http://127.0.0.1:8080/events"}
+
+  - interval: 1m
+    input_series:
       - *info_a
       - *info_c
       - series: 'kdedup_relay_delivery_failures_total{job="orders/kdedup", namespace="orders", pod="orders-app-a", instance="a"}'

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::kafka::properties::KafkaProperties;
 use crate::metrics::Metrics;
-use crate::settings::{DemoSettings, RunSettings};
+use crate::settings::{DemoSettings, HttpUrl, RunSettings, SinkSettings};
 
 const INPUT: &str = "orders";
 const OUTPUT: &str = "orders.dedup";
@@ -61,20 +61,31 @@ where
     let brokers = cluster.bootstrap_servers();
 
     let metrics_addr = free_or_ephemeral(&args.metrics_addr).await;
-    let cfg = run_settings(&brokers, &metrics_addr, (INPUT, OUTPUT))?;
+    let mut cfg = run_settings(&brokers, &metrics_addr, (INPUT, OUTPUT))?;
+    let receiver = match args.http_sink {
+        true => Some(Receiver::start().await?),
+        false => None,
+    };
+    if let (SinkSettings::Http(http), Some(r)) = (&mut cfg.sink, &receiver) {
+        http.url = HttpUrl::new(r.url());
+    }
 
     println!("kdedup demo");
     println!(
         "  Kafka: embedded mock cluster (3 brokers), topic `{INPUT}` with {PARTITIONS} partitions"
     );
     println!("  Postgres: {url} (schema {schema}, recreated)");
-    let target = match args.postgres_sink {
-        true => {
+    let target = match (&receiver, args.postgres_sink) {
+        (Some(r), _) => {
+            println!("  Sink: http, POST {} (a built-in receiver that applies each Idempotency-Key once)", r.url());
+            format!("the receiver at {}", r.url())
+        }
+        (None, true) => {
             let (app, table) = args.app_table();
             println!("  Sink: postgres, table {app}.{table} (recreated, no unique key: only the gate keeps ids once)");
             format!("{app}.{table}")
         }
-        false => {
+        (None, false) => {
             println!("  Sink: kafka, topic `{OUTPUT}`");
             format!("`{OUTPUT}`")
         }
@@ -111,9 +122,10 @@ where
     };
 
     let expect = metrics.events_forwarded.get() as usize;
-    let verified = match args.postgres_sink {
-        true => read_table(&pool, &args).await?,
-        false => tokio::task::block_in_place(|| read_output(&brokers, expect))?,
+    let verified = match (&receiver, args.postgres_sink) {
+        (Some(r), _) => r.verified(),
+        (None, true) => read_table(&pool, &args).await?,
+        (None, false) => tokio::task::block_in_place(|| read_output(&brokers, expect))?,
     };
     pool.close().await;
     let ok = report(&metrics, &sent, &verified, elapsed, expected_dups, &target);
@@ -217,6 +229,8 @@ fn report(
             "ORDER BROKEN"
         } else if verified.unit == "rows" {
             "columns match the JSON, input order kept per partition"
+        } else if verified.unit == "requests" {
+            "input order kept per key, each key applied once"
         } else {
             "input order kept per partition"
         }
@@ -359,8 +373,89 @@ async fn produce_stream(producer: &FutureProducer, distinct: usize) -> anyhow::R
     Ok(sent)
 }
 
+/// The demo's application for `--sink http`: listens on a free port of 127.0.0.1,
+/// applies each Idempotency-Key once (a repeat is answered 200 and not applied again) and
+/// records, per Kafka key (the JSON's `customer`), the `seq` of what it applied.
+struct Receiver {
+    addr: std::net::SocketAddr,
+    state: std::sync::Arc<std::sync::Mutex<ReceiverState>>,
+}
+
+#[derive(Default)]
+struct ReceiverState {
+    requests: usize,
+    applied: HashSet<String>,
+    ids: HashSet<String>,
+    last_seq: HashMap<String, u64>,
+    in_order: bool,
+}
+
+impl Receiver {
+    async fn start() -> anyhow::Result<Receiver> {
+        use axum::extract::State;
+        use axum::http::{HeaderMap, StatusCode};
+        use axum::routing::post;
+        type Shared = std::sync::Arc<std::sync::Mutex<ReceiverState>>;
+        async fn apply(
+            State(state): State<Shared>,
+            headers: HeaderMap,
+            body: axum::body::Bytes,
+        ) -> StatusCode {
+            let text = |name: &str| {
+                headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let mut s = state.lock().expect("receiver lock");
+            s.requests += 1;
+            if !s.applied.insert(text("idempotency-key")) {
+                return StatusCode::OK;
+            }
+            s.ids.insert(text("kdedup-event-id"));
+            let customer = value["customer"].as_str().unwrap_or_default().to_string();
+            let seq = value["seq"].as_u64().unwrap_or_default();
+            if let Some(prev) = s.last_seq.insert(customer, seq) {
+                if prev >= seq {
+                    s.in_order = false;
+                }
+            }
+            StatusCode::CREATED
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state: Shared = std::sync::Arc::new(std::sync::Mutex::new(ReceiverState {
+            in_order: true,
+            ..Default::default()
+        }));
+        let router = axum::Router::new()
+            .route("/events", post(apply))
+            .with_state(state.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        Ok(Receiver { addr, state })
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/events", self.addr)
+    }
+
+    fn verified(&self) -> Verified {
+        let s = self.state.lock().expect("receiver lock");
+        Verified {
+            unit: "requests",
+            messages: s.requests,
+            distinct: s.ids.len(),
+            in_order: s.in_order,
+        }
+    }
+}
+
 struct Verified {
-    /// `messages` or `rows`.
+    /// `messages`, `rows` or `requests`.
     unit: &'static str,
     messages: usize,
     distinct: usize,

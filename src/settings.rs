@@ -82,6 +82,8 @@ pub enum SinkSettings {
     Kafka { output_topic: String },
     /// The application's own row, written in the gate transaction.
     Postgres(PostgresSinkSettings),
+    /// A POST to the application, guarded by the status gate (`sink::http`).
+    Http(HttpSinkSettings),
 }
 
 impl RunSettings {
@@ -89,7 +91,7 @@ impl RunSettings {
     pub fn sink_postgres(&self) -> Option<&PostgresSinkSettings> {
         match &self.sink {
             SinkSettings::Postgres(p) => Some(p),
-            SinkSettings::Kafka { .. } => None,
+            SinkSettings::Kafka { .. } | SinkSettings::Http(_) => None,
         }
     }
 }
@@ -99,16 +101,19 @@ impl SinkSettings {
     pub fn output_topic(&self) -> Option<&str> {
         match self {
             SinkSettings::Kafka { output_topic } => Some(output_topic),
-            SinkSettings::Postgres(_) => None,
+            SinkSettings::Postgres(_) | SinkSettings::Http(_) => None,
         }
     }
 
-    /// What the sink writes to: the output topic (kafka), the table or `sql` (postgres).
+    /// What the sink writes to: the output topic (kafka), the table or `sql` (postgres), the
+    /// application's URL (http).
     pub fn target(&self) -> String {
         match self {
             SinkSettings::Kafka { output_topic } => output_topic.clone(),
             SinkSettings::Postgres(PostgresSinkSettings::Table { table, .. }) => table.clone(),
             SinkSettings::Postgres(PostgresSinkSettings::Sql(_)) => "sql".to_string(),
+            // Without its query, which may hold a token: this goes into a metric label.
+            SinkSettings::Http(http) => http.url.to_string(),
         }
     }
 
@@ -117,6 +122,59 @@ impl SinkSettings {
         match self {
             SinkSettings::Kafka { .. } => "kafka",
             SinkSettings::Postgres(_) => "postgres",
+            SinkSettings::Http(_) => "http",
+        }
+    }
+}
+
+/// `--sink http`: where and how first-seen events are POSTed.
+#[derive(Debug, Clone)]
+pub struct HttpSinkSettings {
+    /// `--http-url`: an `http://` URL (checked: no user information, no fragment).
+    pub url: HttpUrl,
+    /// Most requests in flight, over every lane and partition.
+    pub concurrency: usize,
+    /// Requests sent for one event before it is `FAILED` (retryable answers only).
+    pub max_attempts: u32,
+    /// One request, answer and body included.
+    pub timeout: Duration,
+    /// First retry delay; doubles per attempt (with jitter) up to `max_backoff`.
+    pub backoff: Duration,
+    /// Longest wait between two attempts, `Retry-After` included.
+    pub max_backoff: Duration,
+    /// How long a `PROCESSING` row stays owned by this replica without a renewal; renewed
+    /// every third of it while the delivery lasts.
+    pub lease: Duration,
+    /// Most response body bytes kept with the row (and in a dead letter's excerpt: less).
+    pub max_response_bytes: usize,
+}
+
+/// The application's URL. `Debug` and `Display` hide the query, which may hold a token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HttpUrl(String);
+
+impl HttpUrl {
+    pub fn new(url: String) -> Self {
+        HttpUrl(url)
+    }
+
+    /// The URL as written, query included: only for the HTTP client.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for HttpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.to_string())
+    }
+}
+
+impl fmt::Display for HttpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.split_once('?') {
+            Some((before, _)) => write!(f, "{before}?<redacted>"),
+            None => f.write_str(&self.0),
         }
     }
 }
@@ -296,9 +354,15 @@ pub struct DemoSettings {
     pub hold: bool,
     /// Demonstrate the Postgres sink (a table) rather than the Kafka sink (a topic).
     pub postgres_sink: bool,
+    /// Demonstrate the HTTP sink (a built-in receiver) rather than the Kafka sink.
+    pub http_sink: bool,
 }
 
 impl DemoSettings {
+    /// The `--http-url` the demo's settings are validated with (`--sink http`), replaced
+    /// by its receiver's own once that listens.
+    pub const RECEIVER_PLACEHOLDER: &'static str = "http://127.0.0.1:9/events";
+
     /// The Postgres sink's table: a schema of its own beside the demo's, as an
     /// application's would be.
     pub fn app_table(&self) -> (String, String) {

@@ -18,6 +18,9 @@
 //! - pgsink: kdedup with the Postgres sink (`KDEDUP_SINK=postgres`, rows into an
 //!   application table) against its own ceiling, L-db (postgres sink): pgbench inserting
 //!   the gate row + application row per event (examples/bench/pgsink.rs).
+//! - httpsink: kdedup with the HTTP sink (`KDEDUP_SINK=http`) posting to an application in
+//!   this process: vs the Kafka sink and vs wrk with a no-op application, and vs
+//!   concurrency / latency with an application that takes 20 ms (examples/bench/httpsink.rs).
 //!
 //! Writes the report to bench/RESULTS.md (full) or .tmp/bench/RESULTS-quick.md (--quick).
 
@@ -40,6 +43,7 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
+mod httpsink;
 mod pgsink;
 mod shapes;
 
@@ -78,7 +82,7 @@ struct Args {
     sweep: bool,
     #[arg(long)]
     no_sweep: bool,
-    /// Run only these scenarios (comma-separated): ldb,lkafka,sweep,e2e,pgsink,naive,prefill,prune,latency,shapes,keys.
+    /// Run only these scenarios (comma-separated): ldb,lkafka,sweep,e2e,pgsink,httpsink,naive,prefill,prune,latency,shapes,keys.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Messages per end-to-end run (default: 20000 quick, 300000 full).
@@ -257,7 +261,7 @@ impl Bench {
         }
 
         let needs_a = [
-            "lkafka", "sweep", "e2e", "pgsink", "naive", "prefill", "prune",
+            "lkafka", "sweep", "e2e", "pgsink", "httpsink", "naive", "prefill", "prune",
         ]
         .iter()
         .any(|s| self.wants(s));
@@ -348,6 +352,9 @@ impl Bench {
         if self.wants("pgsink") {
             self.pgsink_scenario(report, &topic_a, &topic_b, distinct_b)
                 .await?;
+        }
+        if self.wants("httpsink") {
+            self.httpsink_scenario(report, &topic_a).await?;
         }
         if self.wants("naive") {
             for mode in ["outbox", "produce"] {
@@ -2104,6 +2111,8 @@ struct Report {
     latency: Vec<(&'static str, Latency)>,
     shapes: Vec<shapes::ShapeResult>,
     keys: Vec<KeyRun>,
+    /// The HTTP sink scenario.
+    http: httpsink::HttpReport,
     notes: Vec<String>,
     total_seconds: f64,
 }
@@ -2267,6 +2276,7 @@ impl Report {
             latency: Vec::new(),
             shapes: Vec::new(),
             keys: Vec::new(),
+            http: Default::default(),
             notes: Vec::new(),
             total_seconds: 0.0,
         })
@@ -2438,6 +2448,7 @@ impl Report {
         );
 
         self.render_pgsink(&mut s, b);
+        self.render_httpsink(&mut s);
 
         let _ = writeln!(
             s,
@@ -2466,6 +2477,9 @@ impl Report {
             self.pgsink_ratio(),
             pgsink::GOAL,
         );
+        for (what, v, goal) in self.httpsink_targets() {
+            target(&mut s, &what, v, goal);
+        }
         target(
             &mut s,
             "kdedup ≥ 20 × naive (forward by outbox)",

@@ -26,6 +26,7 @@ use crate::kafka::{self, ConsumerState};
 use crate::metrics::Metrics;
 use crate::retry::Backoff;
 use crate::settings::{RunSettings, SinkSettings};
+use crate::sink::http::HttpSink;
 use crate::sink::kafka::relay::Relay;
 use crate::sink::kafka::KafkaSink;
 use crate::sink::{postgres, Sink};
@@ -97,7 +98,7 @@ pub async fn run(
         SinkSettings::Postgres(settings) => {
             Some(postgres::prepare(settings, &cfg.db, &metrics).await?)
         }
-        SinkSettings::Kafka { .. } => None,
+        SinkSettings::Kafka { .. } | SinkSettings::Http(_) => None,
     };
 
     // Before anything is consumed: a running sidecar whose configuration conflicts with
@@ -187,6 +188,15 @@ pub async fn run(
         }
         (SinkSettings::Postgres(_), Some(sink)) => (Arc::new(sink), None),
         (SinkSettings::Postgres(_), None) => unreachable!("prepared above"),
+        (SinkSettings::Http(settings), _) => {
+            let sink = HttpSink::new(settings, pool.clone(), &metrics);
+            // The gauge behind the "stuck in PROCESSING" alert; stopped with the relay.
+            let watch = tokio::spawn(
+                sink.clone()
+                    .watch_leases(Duration::from_secs(15), relay_stop.clone()),
+            );
+            (Arc::new(sink), Some(watch))
+        }
     };
     let pipeline = Pipeline {
         gate: Gate {

@@ -88,9 +88,10 @@ pub struct RunArgs {
     #[arg(long, env = "KDEDUP_INPUT_TOPICS")]
     pub input_topics: Option<String>,
 
-    /// Where first-seen events go: `kafka` (an outbox row relayed to --output-topic) or
+    /// Where first-seen events go: `kafka` (an outbox row relayed to --output-topic),
     /// `postgres` (the application's own row, written in the gate transaction:
-    /// --sink-table or --sink-sql).
+    /// --sink-table or --sink-sql) or `http` (a POST to --http-url with an
+    /// Idempotency-Key, guarded by a status gate).
     #[arg(long, env = "KDEDUP_SINK", value_enum, default_value_t = SinkKind::Kafka)]
     pub sink: SinkKind,
 
@@ -124,6 +125,9 @@ pub struct RunArgs {
     /// `update` (the existing row, found by primary key, takes the event's values).
     #[arg(long, env = "KDEDUP_SINK_ON_CONFLICT", value_enum, default_value_t = SinkOnConflict::Error)]
     pub sink_on_conflict: SinkOnConflict,
+
+    #[command(flatten)]
+    pub http: HttpFlags,
 
     /// Dead-letter topic for events without a usable id [default: <first input topic>.dlq].
     #[arg(long, env = "KDEDUP_DLQ_TOPIC")]
@@ -231,6 +235,64 @@ pub struct RunArgs {
     pub kafka_property: Vec<String>,
 }
 
+/// `--sink http`'s flags.
+#[derive(Debug, Clone, Args)]
+pub struct HttpFlags {
+    /// --sink http: the application's URL, e.g. http://127.0.0.1:8080/events (http only:
+    /// the application is on localhost in the pod).
+    #[arg(long, env = "KDEDUP_HTTP_URL")]
+    pub http_url: Option<String>,
+
+    /// --sink http: most requests in flight, across and within partitions (events with
+    /// the same Kafka key are still sent one at a time, in input order).
+    #[arg(long, env = "KDEDUP_HTTP_CONCURRENCY", default_value_t = 64)]
+    pub http_concurrency: usize,
+
+    /// --sink http: requests sent for one event (timeouts, connection errors, 408, 409,
+    /// 429, 5xx) before it is FAILED and dead-lettered as http_failed.
+    #[arg(long, env = "KDEDUP_HTTP_MAX_ATTEMPTS", default_value_t = 12)]
+    pub http_max_attempts: u32,
+
+    /// --sink http: longest one request may take, answer and body included. Below
+    /// --shutdown-timeout, so that a request in flight at SIGTERM can finish.
+    #[arg(long, env = "KDEDUP_HTTP_TIMEOUT", default_value = "10s")]
+    pub http_timeout: String,
+
+    /// --sink http: first retry delay; doubles per attempt, with jitter.
+    #[arg(long, env = "KDEDUP_HTTP_BACKOFF", default_value = "200ms")]
+    pub http_backoff: String,
+
+    /// --sink http: longest wait between two attempts, a Retry-After included.
+    #[arg(long, env = "KDEDUP_HTTP_MAX_BACKOFF", default_value = "30s")]
+    pub http_max_backoff: String,
+
+    /// --sink http: how long an event's PROCESSING row belongs to this replica without a
+    /// renewal (renewed every third of it while the delivery lasts). After a crash, a
+    /// copy of the event waits up to this long before another replica takes it over.
+    #[arg(long, env = "KDEDUP_HTTP_LEASE", default_value = "30s")]
+    pub http_lease: String,
+
+    /// --sink http: most bytes of a successful response's body stored with the row.
+    #[arg(long, env = "KDEDUP_HTTP_MAX_RESPONSE_BYTES", default_value_t = 4096)]
+    pub http_max_response_bytes: usize,
+}
+
+impl Default for HttpFlags {
+    /// The defaults the flags have (for settings built without a command line).
+    fn default() -> Self {
+        HttpFlags {
+            http_url: None,
+            http_concurrency: 64,
+            http_max_attempts: 12,
+            http_timeout: "10s".into(),
+            http_backoff: "200ms".into(),
+            http_max_backoff: "30s".into(),
+            http_lease: "30s".into(),
+            http_max_response_bytes: 4096,
+        }
+    }
+}
+
 /// TTL pruner settings.
 #[derive(Debug, Clone, Args)]
 pub struct PruneFlags {
@@ -288,8 +350,9 @@ pub struct DemoArgs {
     #[arg(long)]
     pub hold: bool,
 
-    /// The sink to demonstrate: `kafka` (an output topic, read back) or `postgres` (a table
-    /// `<schema>_app.orders`, read back).
+    /// The sink to demonstrate: `kafka` (an output topic, read back), `postgres` (a table
+    /// `<schema>_app.orders`, read back) or `http` (a built-in receiver on localhost that
+    /// applies each Idempotency-Key once).
     #[arg(long, value_enum, default_value_t = SinkKind::Kafka)]
     pub sink: SinkKind,
 }
@@ -299,6 +362,7 @@ pub struct DemoArgs {
 pub enum SinkKind {
     Kafka,
     Postgres,
+    Http,
 }
 
 /// `--sink-on-conflict`.

@@ -19,7 +19,7 @@ use crate::kafka::Producer;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 use super::events;
 use super::hold::Keepalive;
@@ -167,11 +167,17 @@ impl Gate {
             summary.dead_lettered += rejected.len();
         }
 
-        let outcomes = self.gate_with_retry(&candidates, stop).await?;
+        let gated_since = Instant::now();
+        let mut outcomes = self.gate_with_retry(&candidates, stop).await?;
         if let Some(k) = &self.keepalive {
             k.resume().await;
         }
-        let late_rejects = self.record_outcomes(candidates, outcomes, &mut summary);
+        // A sink whose delivery ends after the gate (HTTP) delivers now: the batch's
+        // offsets wait for every outcome to be written.
+        let delivered = self
+            .deliver(&candidates, &mut outcomes, gated_since, stop)
+            .await?;
+        let late_rejects = self.record_outcomes(candidates, outcomes, delivered, &mut summary);
         // Mismatches found by the gate (and rows Postgres refused) are dead-lettered after
         // its commit; a crash before this produce redelivers the message, and the gate
         // finds the mismatch (or the refusal) again.
@@ -256,17 +262,126 @@ impl Gate {
         (candidates, rejected)
     }
 
+    /// Delivers the rows the gate committed as first sightings ([`Sink::deliver`]; a
+    /// no-op for the sinks whose write committed with the gate), and meanwhile gates the
+    /// rows another delivery holds ([`GateOutcome::Busy`], status-gated sinks only) again
+    /// until that delivery ended: a row it finished is a duplicate, one it gave up (FAILED,
+    /// or its lease ran out) is taken over here and delivered in the next round. So one
+    /// event is never delivered by two at the same time, and a copy held elsewhere does
+    /// not hold back the rest of the batch (two lanes or replicas each holding a copy the
+    /// other waits for cannot block each other). Returns, per row of `candidates`, why
+    /// its delivery failed for good, if it did.
+    async fn deliver(
+        &self,
+        candidates: &GateBatch,
+        outcomes: &mut [RowResult],
+        gated_since: Instant,
+        stop: &CancellationToken,
+    ) -> Result<Vec<Option<Rejection>>, Abandoned> {
+        let rows = candidates.rows();
+        let mut failed: Vec<Option<Rejection>> = (0..rows.len()).map(|_| None).collect();
+        let forwarded = |o: &RowResult| matches!(o, Ok(GateOutcome::Forwarded));
+        let mut pending: Vec<usize> = (0..rows.len())
+            .filter(|&i| forwarded(&outcomes[i]))
+            .collect();
+        let mut since = gated_since;
+        loop {
+            let busy: Vec<usize> = (0..rows.len())
+                .filter(|&i| matches!(outcomes[i], Ok(GateOutcome::Busy)))
+                .collect();
+            if pending.is_empty() && busy.is_empty() {
+                return Ok(failed);
+            }
+            let regated_since = Instant::now();
+            let (delivered, regated) = tokio::join!(
+                self.sink
+                    .deliver(pending.iter().map(|&i| &rows[i]).collect(), since, stop),
+                self.wait_while_busy(candidates, busy, stop),
+            );
+            let mut stopped = delivered.is_none();
+            for (&i, why) in pending.iter().zip(delivered.into_iter().flatten()) {
+                failed[i] = why;
+            }
+            pending.clear();
+            match regated {
+                Ok(regated) => {
+                    for (i, o) in regated {
+                        if forwarded(&o) {
+                            pending.push(i);
+                        }
+                        outcomes[i] = o;
+                    }
+                }
+                Err(Abandoned) => stopped = true,
+            }
+            since = regated_since;
+            if stopped {
+                // Rows just taken over are given up again (stop has fired).
+                let taken = pending.iter().map(|&i| &rows[i]).collect();
+                let _ = self.sink.deliver(taken, since, stop).await;
+                return Err(Abandoned);
+            }
+        }
+    }
+
+    /// Gates `busy` again every [`BUSY_RECHECK`] until none is held by another delivery;
+    /// their new outcomes.
+    async fn wait_while_busy(
+        &self,
+        candidates: &GateBatch,
+        mut busy: Vec<usize>,
+        stop: &CancellationToken,
+    ) -> Result<Vec<(usize, RowResult)>, Abandoned> {
+        let mut resolved = Vec::new();
+        let mut rounds = 0u32;
+        while !busy.is_empty() {
+            if rounds % 40 == 0 {
+                let first = &candidates.rows()[busy[0]];
+                info!(
+                    rows = busy.len(),
+                    event_id = first.event_id,
+                    scope = first.scope,
+                    topic = first.topic,
+                    partition = first.partition,
+                    offset = first.offset,
+                    "events held by another delivery (a live lease): waiting for it to end"
+                );
+            }
+            rounds += 1;
+            if !self.idle(BUSY_RECHECK, stop).await {
+                return Err(Abandoned);
+            }
+            let mut again = GateBatch::with_capacity(busy.len());
+            for &i in &busy {
+                again.push(candidates.rows()[i].clone());
+            }
+            let regated = self.gate_with_retry(&again, stop).await?;
+            let mut still = Vec::new();
+            for (i, o) in busy.into_iter().zip(regated) {
+                match o {
+                    Ok(GateOutcome::Busy) => still.push(i),
+                    o => resolved.push((i, o)),
+                }
+            }
+            busy = still;
+        }
+        Ok(resolved)
+    }
+
     /// Counts, logs and summarises what the gate decided; returns the rows to dead-letter
-    /// after the commit (mismatches, rows Postgres refused).
+    /// after the commit (mismatches, rows Postgres refused, deliveries that failed for
+    /// good: `failed`, one per row).
     fn record_outcomes(
         &self,
         candidates: GateBatch,
         outcomes: Vec<RowResult>,
+        failed: Vec<Option<Rejection>>,
         summary: &mut BatchSummary,
     ) -> Vec<(InputMessage, Rejection)> {
         let committed_at = chrono::Utc::now().timestamp_millis();
         let mut late_rejects: Vec<(InputMessage, Rejection)> = Vec::new();
-        for (row, outcome) in candidates.into_rows().into_iter().zip(outcomes) {
+        for ((row, outcome), failed) in candidates.into_rows().into_iter().zip(outcomes).zip(failed)
+        {
             let outcome = match outcome {
                 Ok(outcome) => outcome,
                 Err(refused) => {
@@ -309,6 +424,12 @@ impl Gate {
                         committed_at_ms: committed_at,
                     }
                     .emit(&self.metrics);
+                    if let Some(why) = failed {
+                        late_rejects.push((row_to_message(row), why));
+                    }
+                }
+                GateOutcome::Busy => {
+                    debug_assert!(false, "busy rows are gated again until they are not");
                 }
                 GateOutcome::Mismatch { first } => {
                     summary.mismatched += 1;
@@ -440,6 +561,9 @@ impl Gate {
                     self.metrics
                         .gate_duration
                         .observe(started.elapsed().as_secs_f64());
+                    if commit.taken_over > 0 {
+                        self.sink.taken_over(commit.taken_over);
+                    }
                     if let Some(w) = commit.written {
                         self.metrics.sink_rows_written.inc_by(w.rows);
                         self.metrics
@@ -539,6 +663,9 @@ impl Gate {
         }
     }
 }
+
+/// How long a row held by another delivery waits before it is gated again.
+const BUSY_RECHECK: Duration = Duration::from_millis(250);
 
 /// The input message a gate row was made from.
 fn row_to_message(row: GateRow) -> InputMessage {

@@ -83,6 +83,18 @@ fn record<'a>(
             value: Some(sqlstate.as_bytes()),
         });
     }
+    if let Some((status, body)) = why.http_answer() {
+        if let Some(status) = status {
+            hs = hs.insert(Header {
+                key: header::DLQ_HTTP_STATUS,
+                value: Some(status.to_string().as_bytes()),
+            });
+        }
+        hs = hs.insert(Header {
+            key: header::DLQ_HTTP_BODY,
+            value: Some(body.as_bytes()),
+        });
+    }
     let mut record = FutureRecord::to(topic).headers(hs);
     if let Some(k) = &msg.key {
         record = record.key(k);

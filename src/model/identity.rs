@@ -110,6 +110,31 @@ pub enum Rejection {
         scope: String,
         event_id: String,
     },
+    /// `--sink http`: the application refused the event (a 4xx other than 408, 409 and
+    /// 429), or every one of `--http-max-attempts` requests failed.
+    #[error("{}", http_failure_text(.rejected, .attempts, .status, .error))]
+    HttpFailed {
+        /// Refused at once (`http_rejected`), not out of attempts (`http_failed`).
+        rejected: bool,
+        attempts: u32,
+        /// The last answer's status, if there was an answer.
+        status: Option<u16>,
+        /// The last answer's body excerpt, or the I/O error (bounded).
+        error: String,
+        scope: String,
+        event_id: String,
+    },
+}
+
+fn http_failure_text(rejected: &bool, attempts: &u32, status: &Option<u16>, error: &str) -> String {
+    let answer = match status {
+        Some(s) => format!("HTTP {s}: {error}"),
+        None => error.to_string(),
+    };
+    match rejected {
+        true => format!("the application refused the event ({answer})"),
+        false => format!("no request of {attempts} succeeded; the last: {answer}"),
+    }
 }
 
 impl Rejection {
@@ -124,6 +149,9 @@ impl Rejection {
             }
             | Rejection::SinkRejected {
                 scope, event_id, ..
+            }
+            | Rejection::HttpFailed {
+                scope, event_id, ..
             } => (Some(scope), Some(event_id)),
             _ => (None, None),
         }
@@ -134,6 +162,15 @@ impl Rejection {
         match self {
             Rejection::DatabaseRefused { sqlstate, .. }
             | Rejection::SinkRejected { sqlstate, .. } => Some(sqlstate),
+            _ => None,
+        }
+    }
+
+    /// The last HTTP status and body excerpt (or error) of an `http_*` dead letter, for
+    /// the `kdedup-dlq-http-status` and `kdedup-dlq-http-body` headers.
+    pub fn http_answer(&self) -> Option<(Option<u16>, &str)> {
+        match self {
+            Rejection::HttpFailed { status, error, .. } => Some((*status, error)),
             _ => None,
         }
     }
@@ -156,6 +193,10 @@ impl Rejection {
             Rejection::SinkRejected { .. } | Rejection::NotAJsonObject { .. } => "sink_rejected",
             Rejection::OutputRefused { .. } => "output_refused",
             Rejection::CloudEventIncomplete { .. } => "missing_id",
+            Rejection::HttpFailed { rejected: true, .. } => "http_rejected",
+            Rejection::HttpFailed {
+                rejected: false, ..
+            } => "http_failed",
         }
     }
 }

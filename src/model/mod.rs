@@ -17,6 +17,11 @@ pub mod header {
     pub const DLQ_ERROR: &str = "kdedup-dlq-error";
     /// The SQLSTATE of a `db_refused` or `sink_rejected` dead letter.
     pub const DLQ_SQLSTATE: &str = "kdedup-dlq-sqlstate";
+    /// The last HTTP status of an `http_failed` or `http_rejected` dead letter (absent
+    /// when there was no answer: a timeout, a connection error).
+    pub const DLQ_HTTP_STATUS: &str = "kdedup-dlq-http-status";
+    /// The last answer's body excerpt (or the I/O error) of such a dead letter, bounded.
+    pub const DLQ_HTTP_BODY: &str = "kdedup-dlq-http-body";
     pub const SOURCE_TOPIC: &str = "kdedup-source-topic";
     pub const SOURCE_PARTITION: &str = "kdedup-source-partition";
     pub const SOURCE_OFFSET: &str = "kdedup-source-offset";

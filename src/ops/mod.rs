@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use crate::settings::{DbSettings, InspectSettings};
 pub use crate::store::inspect::{
-    inspect, stats, Inspection, ScopeCounters, Sighting, Stats, EXACT_COUNT_LIMIT,
+    inspect, stats, Delivery, Inspection, ScopeCounters, Sighting, Stats, EXACT_COUNT_LIMIT,
 };
 
 /// `kdedup inspect`: the id is not in `processed_events`.
@@ -157,12 +157,13 @@ pub fn inspect_text(r: &Inspection) -> String {
         if r.sightings.len() == 1 { "" } else { "s" }
     );
     for s in &r.sightings {
-        let status = match s.queued_since {
-            Some(t) => format!(
+        let status = match (&s.delivery, s.queued_since) {
+            (Some(d), _) => delivery_status(d, r.now),
+            (None, Some(t)) => format!(
                 "queued for output (outbox row waiting for the relay since {})",
                 when(t, r.now)
             ),
-            None => "forwarded (no outbox row left: the relay published it)".to_string(),
+            (None, None) => "forwarded (no outbox row left: the relay published it)".to_string(),
         };
         let expires = if s.expired(r.now) {
             format!(
@@ -176,26 +177,82 @@ pub fn inspect_text(r: &Inspection) -> String {
             Some(h) => format!("{} (SHA-256, first {} bytes)", hex(h), h.len()),
             None => "none".to_string(),
         };
-        out.push('\n');
-        out.push_str(&aligned(
-            &[
-                ("scope", printable(&s.scope)),
-                ("status", status),
-                ("first seen", when(s.first_seen_at, r.now)),
-                (
-                    "source",
-                    format!(
-                        "{} partition {} offset {}",
-                        s.source_topic, s.source_partition, s.source_offset
-                    ),
+        let mut lines = vec![
+            ("scope", printable(&s.scope)),
+            ("status", status),
+            ("first seen", when(s.first_seen_at, r.now)),
+            (
+                "source",
+                format!(
+                    "{} partition {} offset {}",
+                    s.source_topic, s.source_partition, s.source_offset
                 ),
-                ("expires", expires),
-                ("payload hash", hash),
-            ],
-            2,
-        ));
+            ),
+            ("expires", expires),
+            ("payload hash", hash),
+        ];
+        if let Some(d) = &s.delivery {
+            lines.extend(delivery_lines(d, r.now));
+        }
+        out.push('\n');
+        out.push_str(&aligned(&lines, 2));
     }
     out
+}
+
+/// The status line of an HTTP delivery.
+fn delivery_status(d: &Delivery, now: DateTime<Utc>) -> String {
+    match d.status.as_str() {
+        "PROCESSED" => "PROCESSED: delivered over HTTP".to_string(),
+        "FAILED" => {
+            "FAILED: dead-lettered; a replay (or a later copy) delivers it again with the same key"
+                .to_string()
+        }
+        _ => match d.lease_expires_at {
+            Some(t) if t > now => format!(
+                "PROCESSING: being delivered by {} (lease until {})",
+                printable(d.lease_owner.as_deref().unwrap_or("?")),
+                when(t, now)
+            ),
+            Some(t) => format!(
+                "PROCESSING, lease expired {}: the next copy of the event takes it over",
+                when(t, now)
+            ),
+            None => "PROCESSING".to_string(),
+        },
+    }
+}
+
+/// Most characters of a stored answer's body `inspect` prints (`--json` has all of it).
+const BODY_SHOWN: usize = 300;
+
+/// Attempts, last error and the stored answer of an HTTP delivery.
+fn delivery_lines(d: &Delivery, now: DateTime<Utc>) -> Vec<(&'static str, String)> {
+    let mut lines = vec![("attempts", d.attempts.to_string())];
+    if let Some(e) = &d.last_error {
+        lines.push(("last error", printable(e)));
+    }
+    if let Some(status) = d.response_status {
+        let headers = d
+            .response_headers
+            .as_ref()
+            .map(|h| format!(", headers {h}"))
+            .unwrap_or_default();
+        lines.push(("answer", format!("HTTP {status}{headers}")));
+    }
+    if let Some(body) = &d.response_body {
+        let text = String::from_utf8_lossy(body);
+        let shown: String = text.chars().take(BODY_SHOWN).collect();
+        let more = if shown.len() < text.len() { " ..." } else { "" };
+        lines.push((
+            "answer body",
+            format!("{} ({} bytes){more}", printable(&shown), body.len()),
+        ));
+    }
+    if let Some(t) = d.finished_at {
+        lines.push(("finished", when(t, now)));
+    }
+    lines
 }
 
 /// `text` with control characters escaped (`\u{1b}`, `\n`, ...): a scope comes from a
@@ -234,6 +291,17 @@ pub fn inspect_json(r: &Inspection) -> Value {
             "expired": s.expired(r.now),
             "payload_hash": s.payload_hash.as_deref().map(hex),
             "queued_since": s.queued_since.map(rfc3339),
+            "delivery": s.delivery.as_ref().map(|d| json!({
+                "status": d.status,
+                "attempts": d.attempts,
+                "last_error": d.last_error,
+                "lease_owner": d.lease_owner,
+                "lease_expires_at": d.lease_expires_at.map(rfc3339),
+                "response_status": d.response_status,
+                "response_headers": d.response_headers,
+                "response_body": d.response_body.as_deref().map(|b| String::from_utf8_lossy(b).into_owned()),
+                "finished_at": d.finished_at.map(rfc3339),
+            })),
         })).collect::<Vec<_>>(),
     })
 }
@@ -389,7 +457,62 @@ mod tests {
             first_seen_at: t(-192),
             expires_at: t(expires_in),
             queued_since: queued.then(|| t(-12)),
+            delivery: None,
         }
+    }
+
+    #[test]
+    fn inspect_shows_an_http_delivery_with_its_attempts_error_and_answer() {
+        let mut s = sighting(false, 3600);
+        s.delivery = Some(Delivery {
+            status: "PROCESSED".into(),
+            attempts: 3,
+            last_error: Some("HTTP 503: busy".into()),
+            lease_owner: None,
+            lease_expires_at: None,
+            response_status: Some(201),
+            response_headers: Some(json!({"x-app": "applied"})),
+            response_body: Some(b"{\"ok\":true}".to_vec()),
+            finished_at: Some(t(-5)),
+        });
+        let mut failed = sighting(false, 3600);
+        failed.delivery = Some(Delivery {
+            status: "PROCESSING".into(),
+            attempts: 1,
+            last_error: None,
+            lease_owner: Some("pod-1/7/ab".into()),
+            lease_expires_at: Some(t(-30)),
+            response_status: None,
+            response_headers: None,
+            response_body: None,
+            finished_at: None,
+        });
+        let r = Inspection {
+            event_id: "ev-1".into(),
+            scope: None,
+            schema: "kdedup".into(),
+            now: t(0),
+            sightings: vec![s, failed],
+        };
+        let text = inspect_text(&r);
+        assert!(text.contains("PROCESSED: delivered over HTTP"), "{text}");
+        assert!(text.contains("attempts      3"), "{text}");
+        assert!(text.contains("last error    HTTP 503: busy"), "{text}");
+        assert!(
+            text.contains("HTTP 201, headers {\"x-app\":\"applied\"}"),
+            "{text}"
+        );
+        assert!(text.contains("{\"ok\":true} (11 bytes)"), "{text}");
+        assert!(text.contains("lease expired"), "{text}");
+        let j = inspect_json(&r);
+        assert_eq!(j["matches"][0]["status"], "delivered");
+        assert_eq!(j["matches"][0]["delivery"]["attempts"], 3);
+        assert_eq!(
+            j["matches"][0]["delivery"]["response_body"],
+            "{\"ok\":true}"
+        );
+        assert_eq!(j["matches"][1]["status"], "being delivered");
+        assert_eq!(j["matches"][0]["queued_since"], Value::Null);
     }
 
     #[test]

@@ -36,6 +36,7 @@ use crate::metrics::Metrics;
 use crate::model::InputMessage;
 use crate::settings::SinkSettings;
 use crate::settings::{ConsumeSettings, ReplaySettings, RunSettings};
+use crate::sink::http::HttpSink;
 use crate::sink::kafka::relay::Relay;
 use crate::sink::kafka::KafkaSink;
 use crate::sink::{postgres, Sink};
@@ -249,6 +250,9 @@ async fn replay(
         SinkSettings::Postgres(settings) => {
             Arc::new(postgres::prepare(settings, &cfg.db, metrics).await?)
         }
+        // FAILED rows are taken over by the gate and delivered again (same key);
+        // PROCESSED ones are duplicates.
+        SinkSettings::Http(settings) => Arc::new(HttpSink::new(settings, pool.clone(), metrics)),
     };
     let max_message_bytes = crate::sink::kafka::topics::input_size_limit(&cfg).await;
     let gate = Gate::new(

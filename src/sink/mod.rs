@@ -8,18 +8,28 @@
 //!   the gate statement over the batch's first-seen rows (see [`crate::store::gate`]), or a
 //!   statement of its own right after it (see [`crate::store::app_rows`]);
 //! - which events it can take at all ([`Sink::admit`]), checked before the gate;
-//! - what happens once that transaction committed ([`Sink::committed`]), such as waking
-//!   a background task that finishes the delivery.
+//! - what happens once that transaction committed: [`Sink::deliver`], the delivery the
+//!   batch waits for before its offsets are stored (the HTTP sink's requests), and
+//!   [`Sink::committed`], such as waking a background task that finishes the delivery.
 //!
 //! Sinks: [`kafka`], an outbox row relayed to the output topic by [`kafka::relay`];
-//! [`postgres`], the application's own row.
+//! [`postgres`], the application's own row; [`http`], a POST to the application behind a
+//! status gate.
 
+pub mod http;
 pub mod kafka;
 pub mod postgres;
 
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
 use crate::model::identity::Rejection;
 use crate::model::InputMessage;
-use crate::store::gate::GateStatement;
+use crate::store::gate::{GateRow, GateStatement};
+
+/// What [`Sink::deliver`] made of each first-seen row, in the order given: `None`
+/// delivered, `Some(why)` failed for good (its final status written; to be dead-lettered).
+pub type Delivered = Vec<Option<Rejection>>;
 
 /// One way of forwarding first-seen events. Shared by the gate lanes of `kdedup run` and
 /// by `kdedup replay`.
@@ -36,4 +46,26 @@ pub trait Sink: Send + Sync {
     /// A gate transaction just committed `first_seen` first sightings (called only when
     /// there was at least one).
     fn committed(&self, first_seen: usize);
+
+    /// The rows the gate just committed as first sightings, delivered before the batch's
+    /// offsets are stored: returns once each has its final outcome written, or `None`
+    /// when `stop` ended the delivery first (the batch is then abandoned and redelivered).
+    /// Called with `stop` already fired, it gives the rows up without delivering them.
+    /// `gated_since`: an instant before the first gate statement of the batch began (a
+    /// status-gated sink's leases started after it). The sinks whose forwarding write
+    /// committed with the gate have nothing to do.
+    fn deliver<'a>(
+        &'a self,
+        first_seen: Vec<&'a GateRow>,
+        _gated_since: std::time::Instant,
+        _stop: &'a CancellationToken,
+    ) -> BoxFuture<'a, Option<Delivered>> {
+        Box::pin(std::future::ready(Some(
+            first_seen.iter().map(|_| None).collect(),
+        )))
+    }
+
+    /// The gate took over `rows` from deliveries whose lease had expired (status-gated
+    /// sinks only).
+    fn taken_over(&self, _rows: usize) {}
 }

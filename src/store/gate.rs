@@ -163,6 +163,11 @@ pub enum GateOutcome {
     Duplicate { first: Option<Position> },
     /// Already recorded with a different payload: not a duplicate but a producer bug.
     Mismatch { first: Position },
+    /// Leased statements only ([`GateStatement::leased`]): recorded, but not final, and
+    /// not taken over: another delivery holds a live lease on it (or its row is not
+    /// visible to this statement yet). Gate it again once that delivery may have ended;
+    /// it is never delivered at the same time.
+    Busy,
 }
 
 /// What the commit of one gate part did besides deciding.
@@ -172,6 +177,8 @@ pub struct GateCommit {
     pub outcomes: Vec<GateOutcome>,
     /// The sink statement's run, when there is one and the part had first sightings.
     pub written: Option<Written>,
+    /// Leased statements: rows taken over from a `PROCESSING` row whose lease expired.
+    pub taken_over: usize,
 }
 
 /// The gate statement for one sink, built once at start.
@@ -181,6 +188,8 @@ pub struct GateStatement {
     /// A statement run after the gate statement in the same transaction, over the rows
     /// it inserted (see [`super::app_rows`]).
     after: Option<String>,
+    /// The lease of a status-gated sink ([`GateStatement::leased`]): owner and length.
+    lease: Option<(String, Duration)>,
 }
 
 impl GateStatement {
@@ -192,8 +201,26 @@ impl GateStatement {
             .map(|cte| format!("forwarded AS (\n{cte}\n),\n"))
             .unwrap_or_default();
         GateStatement {
-            sql: format!("{GATE_HEAD}{forward}{GATE_DECIDED}{GATE_COUNTED}{GATE_SELECT}"),
+            sql: format!(
+                "{GATE_BATCH}{GATE_HEAD}{forward}{GATE_DECIDED}{GATE_COUNTED}{GATE_SELECT}"
+            ),
             after: None,
+            lease: None,
+        }
+    }
+
+    /// The status gate of a sink whose forwarding write cannot join the transaction (the
+    /// HTTP sink): a first sighting is inserted `PROCESSING`, leased to `owner` for
+    /// `lease`, and so is a row taken over: one `FAILED`, or `PROCESSING` with an expired
+    /// lease. Only a `PROCESSED` row (or one of another sink, status NULL) is a duplicate;
+    /// a `PROCESSING` row with a live lease is [`GateOutcome::Busy`].
+    pub fn leased(owner: String, lease: Duration) -> Self {
+        GateStatement {
+            sql: format!(
+                "{GATE_BATCH}{GATE_HEAD_LEASED}{GATE_DECIDED_LEASED}{GATE_COUNTED}{GATE_SELECT}"
+            ),
+            after: None,
+            lease: Some((owner, lease)),
         }
     }
 
@@ -205,8 +232,9 @@ impl GateStatement {
     /// (and replicas) of one scope would write their rows one at a time.
     pub fn followed_by(statement: String) -> Self {
         GateStatement {
-            sql: format!("{GATE_HEAD}{GATE_DECIDED}{GATE_SELECT}"),
+            sql: format!("{GATE_BATCH}{GATE_HEAD}{GATE_DECIDED}{GATE_SELECT}"),
             after: Some(statement),
+            lease: None,
         }
     }
 
@@ -223,7 +251,7 @@ impl GateStatement {
 
 // Gate rows are inserted in event_key order: two replicas inserting overlapping ids then lock
 // them in the same order, which rules out deadlocks between their transactions.
-const GATE_HEAD: &str = r#"
+const GATE_BATCH: &str = r#"
 WITH batch AS (
     SELECT *
     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int4[], $5::int8[], $6::int8[],
@@ -232,7 +260,9 @@ WITH batch AS (
          AS b(scope, event_id, source_topic, source_partition, source_offset,
               source_timestamp_ms, payload_hash, key, value, headers, event_key, ord)
 ),
-gate AS (
+"#;
+
+const GATE_HEAD: &str = r#"gate AS (
     INSERT INTO processed_events
         (event_key, scope, event_id, source_topic, source_partition, source_offset,
          payload_hash, first_seen_at, expires_at)
@@ -260,11 +290,66 @@ decided AS (
            g.event_key IS NOT NULL AS inserted,
            pe.source_topic, pe.source_partition, pe.source_offset,
            (pe.event_key IS NOT NULL AND pe.payload_hash IS DISTINCT FROM b.payload_hash)
-               AS payload_differs
+               AS payload_differs,
+           false AS busy, false AS taken_over
     FROM batch b
     LEFT JOIN gate g ON g.event_key = b.event_key
     LEFT JOIN processed_events pe
            ON g.event_key IS NULL AND pe.event_key = b.event_key
+)"#;
+
+// The status gate (GateStatement::leased): as GATE_HEAD, after the same GATE_BATCH, but the row starts PROCESSING
+// with a lease ($15 owner, $16 seconds), and a conflict also takes over a FAILED row or a
+// PROCESSING row whose lease expired. A takeover keeps the first sighting's position and
+// the attempts so far; only an expired TTL starts the row afresh. ON CONFLICT DO UPDATE
+// evaluates the WHERE against the latest committed version of the row (waiting for a
+// replica's transaction that holds it), so two replicas never both take one row.
+const GATE_HEAD_LEASED: &str = r#"gate AS (
+    INSERT INTO processed_events AS p
+        (event_key, scope, event_id, source_topic, source_partition, source_offset,
+         payload_hash, first_seen_at, expires_at, status, lease_owner, lease_expires_at)
+    SELECT event_key, scope, event_id, source_topic, source_partition, source_offset,
+           payload_hash, now(), now() + make_interval(secs => $11),
+           'PROCESSING', $15, now() + make_interval(secs => $16)
+    FROM batch
+    ORDER BY event_key
+    ON CONFLICT (event_key) DO UPDATE
+        SET source_topic = CASE WHEN p.expires_at <= now() THEN EXCLUDED.source_topic ELSE p.source_topic END,
+            source_partition = CASE WHEN p.expires_at <= now() THEN EXCLUDED.source_partition ELSE p.source_partition END,
+            source_offset = CASE WHEN p.expires_at <= now() THEN EXCLUDED.source_offset ELSE p.source_offset END,
+            payload_hash = CASE WHEN p.expires_at <= now() THEN EXCLUDED.payload_hash ELSE p.payload_hash END,
+            first_seen_at = CASE WHEN p.expires_at <= now() THEN EXCLUDED.first_seen_at ELSE p.first_seen_at END,
+            attempts = CASE WHEN p.expires_at <= now() THEN 0 ELSE p.attempts END,
+            expires_at = CASE WHEN p.expires_at <= now() THEN EXCLUDED.expires_at ELSE p.expires_at END,
+            status = 'PROCESSING',
+            lease_owner = EXCLUDED.lease_owner,
+            lease_expires_at = EXCLUDED.lease_expires_at,
+            finished_at = NULL
+        WHERE p.expires_at <= now()
+           OR p.status = 'FAILED'
+           OR (p.status = 'PROCESSING' AND p.lease_expires_at <= now())
+    RETURNING event_key
+),
+"#;
+
+// pe is the row as this statement's snapshot saw it, before the insert: for a row taken
+// over, what it was taken from. A row not inserted is a duplicate only when its final
+// status is visible (PROCESSED, or NULL: another sink's row); anything else (a live lease,
+// a row taken by a replica a moment ago, a row this snapshot cannot see yet) is busy.
+const GATE_DECIDED_LEASED: &str = r#"
+decided AS (
+    SELECT b.ord, b.scope,
+           g.event_key IS NOT NULL AS inserted,
+           pe.source_topic, pe.source_partition, pe.source_offset,
+           (pe.event_key IS NOT NULL AND pe.payload_hash IS DISTINCT FROM b.payload_hash)
+               AS payload_differs,
+           coalesce(g.event_key IS NULL
+               AND (pe.event_key IS NULL OR pe.status IN ('PROCESSING', 'FAILED')), false) AS busy,
+           coalesce(g.event_key IS NOT NULL AND pe.status = 'PROCESSING'
+               AND pe.expires_at > now(), false) AS taken_over
+    FROM batch b
+    LEFT JOIN gate g ON g.event_key = b.event_key
+    LEFT JOIN processed_events pe ON pe.event_key = b.event_key
 )"#;
 
 // Running totals for `kdedup stats`, one upsert per scope in this batch. A duplicate is a
@@ -279,7 +364,7 @@ counted AS (
     INSERT INTO gate_counters AS c (scope, duplicates, forwarded)
     SELECT scope, sum(duplicates)::int8, sum(forwarded)::int8
     FROM (
-        SELECT scope, (NOT inserted AND NOT payload_differs)::int AS duplicates,
+        SELECT scope, (NOT inserted AND NOT payload_differs AND NOT busy)::int AS duplicates,
                inserted::int AS forwarded
         FROM decided
         UNION ALL
@@ -295,7 +380,8 @@ counted AS (
 )"#;
 
 const GATE_SELECT: &str = r#"
-SELECT ord, inserted, source_topic, source_partition, source_offset, payload_differs
+SELECT ord, inserted, source_topic, source_partition, source_offset, payload_differs,
+       busy, taken_over
 FROM decided
 ORDER BY ord
 "#;
@@ -311,8 +397,18 @@ ON CONFLICT (scope) DO UPDATE
         forwarded = c.forwarded + EXCLUDED.forwarded,
         updated_at = now()";
 
-/// `(ord, inserted, first topic, first partition, first offset, payload differs)`.
-type GateResultRow = (i64, bool, Option<String>, Option<i32>, Option<i64>, bool);
+/// `(ord, inserted, first topic, first partition, first offset, payload differs, busy,
+/// taken over)`.
+type GateResultRow = (
+    i64,
+    bool,
+    Option<String>,
+    Option<i32>,
+    Option<i64>,
+    bool,
+    bool,
+    bool,
+);
 
 /// Runs the gate for `part` in one transaction (with the statement that follows it, if
 /// any) and commits it. A failure of the following statement is [`DbError::Sink`].
@@ -327,6 +423,7 @@ pub async fn gate(
         return Ok(GateCommit {
             outcomes: Vec::new(),
             written: None,
+            taken_over: 0,
         });
     }
     // With a following statement, the gate statement needs no keys, values or headers:
@@ -369,7 +466,11 @@ pub async fn gate(
         }
     }
     let mut tx = pool.begin().await?;
-    let result: Vec<GateResultRow> = sqlx::query_as(&statement.sql)
+    let (owner, lease_secs) = match &statement.lease {
+        Some((owner, lease)) => (Some(owner.as_str()), Some(lease.as_secs_f64())),
+        None => (None, None),
+    };
+    let mut query = sqlx::query_as(&statement.sql)
         .bind(&scopes)
         .bind(&ids)
         .bind(&topics)
@@ -383,9 +484,11 @@ pub async fn gate(
         .bind(ttl.as_secs_f64())
         .bind(&dup_scopes)
         .bind(&dup_counts)
-        .bind(&event_keys)
-        .fetch_all(&mut *tx)
-        .await?;
+        .bind(&event_keys);
+    if statement.lease.is_some() {
+        query = query.bind(owner).bind(lease_secs);
+    }
+    let result: Vec<GateResultRow> = query.fetch_all(&mut *tx).await?;
     debug_assert_eq!(result.len(), rows.len());
     let mut written = None;
     if let Some(after) = &statement.after {
@@ -402,7 +505,7 @@ pub async fn gate(
             written = Some(w);
         }
         let mut totals: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
-        for ((_, inserted, _, _, _, differs), row) in result.iter().zip(rows) {
+        for ((_, inserted, _, _, _, differs, _, _), row) in result.iter().zip(rows) {
             let t = totals.entry(row.scope.as_str()).or_default();
             match (inserted, differs) {
                 (true, _) => t.1 += 1,
@@ -425,31 +528,44 @@ pub async fn gate(
     crate::crash::gate_delay().await;
     crate::crash::reached(crate::crash::Point::BeforeDbCommit);
     tx.commit().await?;
+    let taken_over = result.iter().filter(|r| r.7).count();
     let outcomes = result
         .into_iter()
-        .map(|(_, inserted, topic, partition, offset, differs)| {
-            if inserted {
-                return GateOutcome::Forwarded;
-            }
-            let first = match (topic, partition, offset) {
-                (Some(topic), Some(partition), Some(offset)) => Some(Position {
-                    topic,
-                    partition,
-                    offset,
-                }),
-                _ => None,
-            };
-            match first {
-                Some(first) if differs => GateOutcome::Mismatch { first },
-                first => GateOutcome::Duplicate { first },
-            }
-        })
+        .map(
+            |(_, inserted, topic, partition, offset, differs, busy, _)| {
+                if inserted {
+                    return GateOutcome::Forwarded;
+                }
+                if busy {
+                    return GateOutcome::Busy;
+                }
+                let first = match (topic, partition, offset) {
+                    (Some(topic), Some(partition), Some(offset)) => Some(Position {
+                        topic,
+                        partition,
+                        offset,
+                    }),
+                    _ => None,
+                };
+                match first {
+                    Some(first) if differs => GateOutcome::Mismatch { first },
+                    first => GateOutcome::Duplicate { first },
+                }
+            },
+        )
         .collect();
-    Ok(GateCommit { outcomes, written })
+    Ok(GateCommit {
+        outcomes,
+        written,
+        taken_over,
+    })
 }
 
-/// The payload hashes of those of `keys` (scope, event_id) the gate holds and has not
-/// expired, by key.
+/// The payload hashes of those of `keys` (scope, event_id) the gate holds, has not
+/// expired and would not hand out again, by key: a row of the HTTP sink that `FAILED`, or
+/// is `PROCESSING` under an expired lease, is taken over by the next copy (see
+/// [`GateStatement::leased`]). The status is read through `to_jsonb`, so a schema from
+/// before the HTTP sink's migration reads as it did.
 pub async fn live_payloads(
     pool: &PgPool,
     keys: &[(String, String)],
@@ -459,8 +575,13 @@ pub async fn live_payloads(
     }
     let event_keys: Vec<Uuid> = keys.iter().map(|(s, i)| event_key(s, i)).collect();
     let rows: Vec<(String, String, Option<Vec<u8>>)> = sqlx::query_as(
-        "SELECT scope, event_id, payload_hash FROM processed_events
-         WHERE event_key = ANY($1) AND expires_at > now()",
+        "SELECT scope, event_id, payload_hash FROM processed_events p
+         WHERE event_key = ANY($1) AND expires_at > now()
+           AND CASE coalesce(to_jsonb(p) ->> 'status', 'PROCESSED')
+                 WHEN 'PROCESSED' THEN true
+                 WHEN 'PROCESSING' THEN (to_jsonb(p) ->> 'lease_expires_at')::timestamptz > now()
+                 ELSE false
+               END",
     )
     .bind(&event_keys)
     .fetch_all(pool)

@@ -31,6 +31,23 @@ pub struct Sighting {
     pub expires_at: DateTime<Utc>,
     /// When its outbox row was written, while the relay has not published it yet.
     pub queued_since: Option<DateTime<Utc>>,
+    /// The HTTP sink's status gate, for a row that sink wrote.
+    pub delivery: Option<Delivery>,
+}
+
+/// The HTTP sink's record of a delivery (migration 4).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// `PROCESSING`, `PROCESSED` or `FAILED`.
+    pub status: String,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub lease_owner: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub response_status: Option<i32>,
+    pub response_headers: Option<serde_json::Value>,
+    pub response_body: Option<Vec<u8>>,
+    pub finished_at: Option<DateTime<Utc>>,
 }
 
 impl Sighting {
@@ -39,13 +56,28 @@ impl Sighting {
     }
 
     pub fn status(&self) -> &'static str {
-        if self.queued_since.is_some() {
-            "queued for output"
-        } else {
-            "forwarded"
+        match &self.delivery {
+            Some(d) if d.status == "PROCESSED" => "delivered",
+            Some(d) if d.status == "FAILED" => "delivery failed",
+            Some(_) => "being delivered",
+            None if self.queued_since.is_some() => "queued for output",
+            None => "forwarded",
         }
     }
 }
+
+type DeliveryRow = (
+    String,
+    String,
+    i32,
+    Option<String>,
+    Option<String>,
+    Option<DateTime<Utc>>,
+    Option<i32>,
+    Option<String>,
+    Option<Vec<u8>>,
+    Option<DateTime<Utc>>,
+);
 
 /// What `kdedup inspect` found.
 #[derive(Debug, Clone)]
@@ -198,6 +230,45 @@ pub async fn inspect(
             .await?
         }
     };
+    // The HTTP sink's columns, in a schema migrated far enough to have them.
+    let has_status: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM information_schema.columns
+                        WHERE table_schema = current_schema()
+                          AND table_name = 'processed_events' AND column_name = 'status')",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let mut deliveries: std::collections::HashMap<String, Delivery> = Default::default();
+    if has_status {
+        let scopes: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+        let found: Vec<DeliveryRow> = sqlx::query_as(
+            "SELECT scope, status, attempts, last_error, lease_owner, lease_expires_at,
+                    response_status, response_headers::text, response_body, finished_at
+             FROM processed_events
+             WHERE event_key = ANY (SELECT event_key(s, $2) FROM UNNEST($1::text[]) AS s)
+               AND status IS NOT NULL",
+        )
+        .bind(&scopes)
+        .bind(event_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (scope, status, attempts, last_error, owner, lease, rs, rh, rb, finished) in found {
+            deliveries.insert(
+                scope,
+                Delivery {
+                    status,
+                    attempts,
+                    last_error,
+                    lease_owner: owner,
+                    lease_expires_at: lease,
+                    response_status: rs,
+                    response_headers: rh.and_then(|h| serde_json::from_str(&h).ok()),
+                    response_body: rb,
+                    finished_at: finished,
+                },
+            );
+        }
+    }
     tx.rollback().await?;
     Ok(Inspection {
         event_id: event_id.to_string(),
@@ -208,6 +279,7 @@ pub async fn inspect(
             .into_iter()
             .map(
                 |(scope, topic, partition, offset, hash, first_seen, expires, queued)| Sighting {
+                    delivery: deliveries.remove(&scope),
                     scope,
                     source_topic: topic,
                     source_partition: partition,

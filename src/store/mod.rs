@@ -3,10 +3,12 @@
 //! All kdedup tables live in one schema (`--db-schema`), reached through the connection's
 //! `search_path`, so the SQL never names the schema and the application's tables are never
 //! touched. Statements live in the submodule of the table they serve: [`gate`] (the gate
-//! statement), [`outbox`] (the Kafka sink's outbox), [`prune`], [`stats`] (gauges),
+//! statement), [`delivery`] (the HTTP sink's status gate after the gate: final statuses,
+//! leases), [`outbox`] (the Kafka sink's outbox), [`prune`], [`stats`] (gauges),
 //! [`inspect`] (`kdedup inspect` / `kdedup stats`), and [`lock`] (one active relay or pruner per schema).
 
 pub mod app_rows;
+pub mod delivery;
 pub mod gate;
 pub mod inspect;
 pub mod lock;

@@ -52,6 +52,7 @@ async fn a_broker_outage_loses_nothing_and_the_relay_resumes() {
         sink_sql: None,
         sink_column: Vec::new(),
         sink_on_conflict: SinkOnConflict::Error,
+        http: Default::default(),
         dlq_topic: None,
         db: DbArgs {
             database_url: Some(database_url()),

@@ -22,6 +22,7 @@ mod crash;
 mod deploy;
 mod drift;
 mod faults;
+mod http_sink;
 mod image;
 mod layout;
 mod ops;

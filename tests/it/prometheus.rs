@@ -58,7 +58,12 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    fn start(target_port: u16, name: &str) -> Prometheus {
+    fn start(target_ports: &[u16], name: &str) -> Prometheus {
+        let targets = target_ports
+            .iter()
+            .map(|p| format!("'127.0.0.1:{p}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let port = free_port();
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join(".tmp/test-prometheus")
@@ -70,7 +75,7 @@ impl Prometheus {
             format!(
                 "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
                  scrape_configs:\n  - job_name: kdedup\n    scrape_interval: 1s\n    static_configs:\n      \
-                 - targets: ['127.0.0.1:{target_port}']\n"
+                 - targets: [{targets}]\n"
             ),
         )
         .unwrap();
@@ -246,7 +251,7 @@ async fn sidecar_with_traffic(test: &str, distinct: usize) -> (Sidecar, Names, u
 #[tokio::test(flavor = "multi_thread")]
 async fn a_real_prometheus_scrapes_the_duplicate_count() {
     let (sidecar, t, duplicates) = sidecar_with_traffic("prom_scrape", 300).await;
-    let mut prometheus = Prometheus::start(sidecar.metrics_port, "prom_scrape");
+    let mut prometheus = Prometheus::start(&[sidecar.metrics_port], "prom_scrape");
     prometheus.wait_ready(Duration::from_secs(30)).await;
 
     prometheus
@@ -548,12 +553,17 @@ fn resolve_variables(
         values.sort();
         let first = values
             .first()
+            .cloned()
             .ok_or_else(|| format!("variable {name}: {definition} finds no value"))?;
+        // A multi-value variable is shown with every value selected (Grafana's "All"):
+        // `(a|b)`, each value regex-escaped.
         let multi = v["multi"] == true || v["includeAll"] == true;
         let value = if multi {
-            grafana_regex_escape(first)
+            values.dedup();
+            let all: Vec<String> = values.iter().map(|v| grafana_regex_escape(v)).collect();
+            format!("({})", all.join("|"))
         } else {
-            first.clone()
+            first
         };
         vars.push((name, value));
     }
@@ -665,13 +675,27 @@ async fn every_dashboard_panel_shows_data_from_a_real_sidecar() {
             .set("KDEDUP_PRUNE_INTERVAL", "1s"),
         "prom_dash",
     );
-    let mut prometheus = Prometheus::start(sidecar.metrics_port, "prom_dash");
+    // The HTTP sink's panels need a sidecar of that sink: a second Deployment, pushing to
+    // an application that answers one event with a 500 first (a retry).
+    let app = HttpApp::start().await;
+    app.fail_id("h-3", 500, 1, None);
+    let h = names("prom_dash_http");
+    kafka.create_topic(&h.input, 1).await;
+    let http_sidecar = Sidecar::start(
+        &SidecarConfig::new(&h.group, &h.input, &h.output, &h.schema).http_sink(&app.url()),
+        "prom_dash_http",
+    );
+    let mut prometheus = Prometheus::start(
+        &[sidecar.metrics_port, http_sidecar.metrics_port],
+        "prom_dash",
+    );
     prometheus.wait_ready(Duration::from_secs(30)).await;
     sidecar.wait_ready(Duration::from_secs(60)).await;
+    http_sidecar.wait_ready(Duration::from_secs(60)).await;
     // Scraped before any work, so that every counter and histogram below rises inside
     // Prometheus' data and rate() sees it.
     prometheus
-        .wait_for_value("up{job=\"kdedup\"}", 1.0, Duration::from_secs(30))
+        .wait_for_value("min(up{job=\"kdedup\"})", 1.0, Duration::from_secs(30))
         .await;
     let text = sidecar.metrics_text();
     assert!(
@@ -685,6 +709,8 @@ async fn every_dashboard_panel_shows_data_from_a_real_sidecar() {
     msgs.push(In::event(1, "ev-1", 999_999));
     let total = msgs.len();
     kafka.produce(&t.input, &msgs).await;
+    let pushed: Vec<In> = (0..20).map(|i| In::event(0, &format!("h-{i}"), i)).collect();
+    kafka.produce(&h.input, &pushed).await;
     // Rows that expired a day ago, for the pruner (every second) to delete.
     let pool = pg().await;
     sqlx::query(&format!(
@@ -703,6 +729,8 @@ async fn every_dashboard_panel_shows_data_from_a_real_sidecar() {
             && sidecar.metric("kdedup_events_dead_lettered_total") >= 1.0
             && sidecar.metric("kdedup_payload_mismatches_total") >= 1.0
             && sidecar.metric("kdedup_rows_pruned_total") >= 100.0
+            && http_sidecar.metric("kdedup_events_forwarded_total") >= 20.0
+            && http_sidecar.metric("kdedup_http_retries_total") >= 1.0
     })
     .await;
 
@@ -792,5 +820,7 @@ async fn every_dashboard_panel_shows_data_from_a_real_sidecar() {
 
     drop(prometheus);
     drop(sidecar);
+    drop(http_sidecar);
     drop_schema(&pool, &t.schema).await;
+    drop_schema(&pool, &h.schema).await;
 }

@@ -88,6 +88,7 @@ impl DemoArgs {
             metrics_addr: self.metrics_addr,
             hold: self.hold,
             postgres_sink: self.sink == super::super::SinkKind::Postgres,
+            http_sink: self.sink == super::super::SinkKind::Http,
         })
     }
 }
@@ -127,6 +128,7 @@ pub fn demo_run_settings(
         sink_sql: None,
         sink_column: Vec::new(),
         sink_on_conflict: super::super::SinkOnConflict::Error,
+        http: Default::default(),
         dlq_topic: None,
         db: DbArgs {
             database_url: Some(demo.db.url.expose().to_string()),
@@ -176,6 +178,14 @@ pub fn demo_run_settings(
         ]
         .map(String::from)
         .to_vec();
+    }
+    if demo.http_sink {
+        // The demo's receiver is started later, on a port of its own; `demo::run` puts
+        // its URL in place of this one.
+        run_args.sink = super::super::SinkKind::Http;
+        run_args.output_topic = None;
+        run_args.http.http_url = Some(DemoSettings::RECEIVER_PLACEHOLDER.into());
+        run_args.http.http_timeout = "2s".into();
     }
     // Only -X properties here: the demo must not pick up a real cluster's KDEDUP_KAFKA_*.
     let no_env: std::collections::BTreeMap<String, String> = Default::default();

@@ -5,11 +5,13 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+mod http_app;
 mod kafka;
 mod proxy;
 mod sidecar;
 mod tansu;
 
+pub use http_app::{HttpApp, Mode, Received};
 pub use kafka::*;
 pub use proxy::Proxy;
 pub use sidecar::*;

@@ -59,6 +59,20 @@ impl SidecarConfig {
     }
 }
 
+impl SidecarConfig {
+    /// The HTTP sink posting to `url`, no output topic; short timeouts, backoffs and
+    /// leases, so that retries and takeovers happen within a test.
+    pub fn http_sink(self, url: &str) -> Self {
+        self.unset("KDEDUP_OUTPUT_TOPIC")
+            .set("KDEDUP_SINK", "http")
+            .set("KDEDUP_HTTP_URL", url)
+            .set("KDEDUP_HTTP_TIMEOUT", "1s")
+            .set("KDEDUP_HTTP_BACKOFF", "50ms")
+            .set("KDEDUP_HTTP_MAX_BACKOFF", "1s")
+            .set("KDEDUP_HTTP_LEASE", "4s")
+    }
+}
+
 /// `kdedup <args>` with exactly `cfg`'s environment (and PATH), not yet started.
 pub fn kdedup(cfg: &SidecarConfig, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kdedup"));
@@ -302,6 +316,14 @@ impl Sidecar {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// The process has not exited.
+    pub fn child_running(&self) -> bool {
+        // `try_wait` needs `&mut`; /proc tells without reaping.
+        std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
     }
 
     pub fn kill9(&mut self) {

@@ -1,0 +1,795 @@
+//! The HTTP sink: each first-seen event is POSTed to the application (as Dapr and
+//! Knative deliver to an app on localhost), behind a status gate, since a request cannot
+//! join the gate transaction.
+//!
+//! Contract:
+//! - **Lock on first touch.** The gate commits the event's row `PROCESSING`, leased to
+//!   this replica ([`crate::store::gate::GateStatement::leased`]), before any request
+//!   leaves. Only `PROCESSED` suppresses a later copy. A copy meeting a live lease held
+//!   elsewhere waits until that delivery ended ([`crate::store::gate::GateOutcome::Busy`]);
+//!   it is never sent at the same time.
+//! - **Always a final status.** `PROCESSED` on a 2xx (with the answer's status, headers
+//!   and bounded body), `FAILED` on a refusal or once out of attempts (then dead-lettered
+//!   as `http_rejected` / `http_failed`). A stop gives the lease up (it expires at once);
+//!   a crash leaves it to expire. Either way the offset was not stored, the event comes
+//!   back, and the gate takes the row over: the delivery is retried with the same key.
+//! - **Idempotency-Key** is the row's key ([`crate::store::gate::event_key`]): the same on
+//!   every attempt of every replica, distinct across scopes. The one window in which the
+//!   application sees an event twice is a crash after a request and before its
+//!   `PROCESSED` was written; it then sees the same key.
+//! - **Order and concurrency.** Events of one batch with the same Kafka key (a null key:
+//!   the same partition) are sent one at a time, in input order; the rest go at once, at
+//!   most `--http-concurrency` requests in flight over every lane. A retrying event holds
+//!   back the later events of its key; the batch's offsets wait until every event of it
+//!   is final, so the next batch of that lane's partitions waits too.
+//! - **Leases** last `--http-lease` and are renewed while a batch is delivered, for the
+//!   rows not final yet. A request starts only while at least `--http-timeout` of the
+//!   lease is left, so none can still be running when another replica may take over.
+//! - **Postgres cost.** Per event delivered: the gate's insert (one statement per batch)
+//!   and one update to the final status (one statement for whatever outcomes came in
+//!   while the previous one was written). A delivery longer than a third of the lease
+//!   adds a renewal (one statement per batch per renewal).
+
+mod metrics;
+pub mod request;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use prometheus::IntCounter;
+use sqlx::PgPool;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+pub use self::metrics::HttpMetrics;
+use self::request::Verdict;
+use super::{Delivered, Sink};
+use crate::metrics::Metrics;
+use crate::model::header;
+use crate::model::identity::Rejection;
+use crate::retry::Backoff;
+use crate::settings::HttpSinkSettings;
+use crate::store::delivery::{self, Final};
+use crate::store::gate::{event_key, GateRow, GateStatement};
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Logs about one event's delivery with the fields every event line carries.
+macro_rules! row_event {
+    ($level:ident, $row:expr, $($rest:tt)+) => {
+        $level!(
+            event_id = $row.event_id,
+            scope = $row.scope,
+            topic = $row.topic,
+            partition = $row.partition,
+            offset = $row.offset,
+            $($rest)+
+        )
+    };
+}
+
+/// Most bytes of an error answer kept in `last_error` and the dead letter's headers.
+const ERROR_EXCERPT_BYTES: usize = 512;
+
+/// Most bytes of an answer's body read (the rest is dropped, and the connection with it):
+/// enough that ordinary answers are read whole and their connection reused.
+const BODY_READ_LIMIT: usize = 64 * 1024;
+
+/// The HTTP sink of one process (shared by its lanes, or by a replay).
+#[derive(Clone)]
+pub struct HttpSink {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: HttpSinkSettings,
+    uri: hyper::Uri,
+    client: HttpClient,
+    /// `--http-concurrency`, over every lane.
+    permits: Semaphore,
+    pool: PgPool,
+    /// This process's lease owner name: host, pid and a random part, so a restarted
+    /// process does not mistake its predecessor's leases for its own.
+    owner: String,
+    metrics: HttpMetrics,
+    /// `kdedup_events_forwarded_total`: a `PROCESSED` written.
+    forwarded: IntCounter,
+}
+
+impl HttpSink {
+    /// The sink for `settings`, its metrics registered on `metrics`' registry.
+    pub fn new(settings: &HttpSinkSettings, pool: PgPool, metrics: &Metrics) -> Self {
+        let uri: hyper::Uri = settings
+            .url
+            .expose()
+            .parse()
+            .expect("--http-url is checked at validation");
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(settings.timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(settings.concurrency)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into());
+        let owner = format!(
+            "{host}/{}/{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        info!(url = %settings.url, owner, concurrency = settings.concurrency, "HTTP sink ready");
+        HttpSink {
+            inner: Arc::new(Inner {
+                settings: settings.clone(),
+                uri,
+                client,
+                permits: Semaphore::new(settings.concurrency),
+                pool,
+                owner,
+                metrics: HttpMetrics::register(metrics),
+                forwarded: metrics.events_forwarded.clone(),
+            }),
+        }
+    }
+
+    /// The gate statement of this sink: the status gate, leased to this process.
+    pub fn gate_statement(&self) -> GateStatement {
+        GateStatement::leased(self.inner.owner.clone(), self.inner.settings.lease)
+    }
+
+    /// Exports the `PROCESSING` rows past their lease every `every`, until `stop`.
+    pub async fn watch_leases(self, every: Duration, stop: CancellationToken) {
+        loop {
+            match delivery::expired_leases(&self.inner.pool).await {
+                Ok(n) => self.inner.metrics.processing_expired.set(n),
+                Err(e) => debug!(error = %e, "cannot count expired leases"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+}
+
+impl Sink for HttpSink {
+    fn statement(&self) -> GateStatement {
+        self.gate_statement()
+    }
+
+    fn committed(&self, _first_seen: usize) {
+        // Counted as forwarded when PROCESSED is written, not at the gate.
+    }
+
+    fn taken_over(&self, rows: usize) {
+        self.inner.metrics.lease_takeovers.inc_by(rows as u64);
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        first_seen: Vec<&'a GateRow>,
+        gated_since: Instant,
+        stop: &'a CancellationToken,
+    ) -> BoxFuture<'a, Option<Delivered>> {
+        Box::pin(self.inner.deliver(first_seen, gated_since, stop))
+    }
+}
+
+/// How one event's delivery ended, as far as this process goes.
+#[derive(Debug)]
+enum Outcome {
+    /// A 2xx.
+    Processed {
+        attempts: u32,
+        status: u16,
+        headers: String,
+        body: Vec<u8>,
+    },
+    /// Refused (`rejected`) or out of attempts.
+    Failed {
+        attempts: u32,
+        rejected: bool,
+        status: Option<u16>,
+        error: String,
+    },
+    /// A stop came first (before the first attempt, or between two).
+    Stopped {
+        attempts: u32,
+        last_error: Option<String>,
+    },
+    /// Another replica took the row over before this one sent anything more (this one's
+    /// lease expired): that replica delivers it.
+    Lost,
+}
+
+/// This process's lease on a batch's rows: until when a request may still start.
+struct LeaseClock {
+    /// A request may start while this is at least `--http-timeout` away.
+    safe_until: Mutex<Instant>,
+    /// Rows still held and not final, by index in the batch.
+    held: Mutex<HashSet<usize>>,
+    renewed: tokio::sync::Notify,
+}
+
+impl LeaseClock {
+    fn safe_until(&self) -> Instant {
+        *self.safe_until.lock().expect("lease lock")
+    }
+
+    fn holds(&self, i: usize) -> bool {
+        self.held.lock().expect("lease lock").contains(&i)
+    }
+}
+
+impl Inner {
+    /// Margin kept between the lease's end as this process counts it and as Postgres
+    /// does (clocks, the time a statement takes).
+    fn margin(&self) -> Duration {
+        (self.settings.lease / 10).min(Duration::from_secs(2))
+    }
+
+    async fn deliver(
+        &self,
+        rows: Vec<&GateRow>,
+        gated_since: Instant,
+        stop: &CancellationToken,
+    ) -> Option<Delivered> {
+        if rows.is_empty() {
+            return Some(Vec::new());
+        }
+        let keys: Vec<Uuid> = rows
+            .iter()
+            .map(|r| event_key(&r.scope, &r.event_id))
+            .collect();
+        let lease = LeaseClock {
+            safe_until: Mutex::new(gated_since + self.settings.lease - self.margin()),
+            held: Mutex::new((0..rows.len()).collect()),
+            renewed: tokio::sync::Notify::new(),
+        };
+        let mut outcomes: Vec<Option<Outcome>> = (0..rows.len()).map(|_| None).collect();
+        let (done_tx, done_rx) = mpsc::unbounded_channel::<(usize, Outcome)>();
+        let chains = futures::future::join_all(chains(&rows).into_iter().map(|chain| {
+            let done = done_tx.clone();
+            let (rows, keys, lease) = (&rows, &keys, &lease);
+            async move {
+                let mut stopped = false;
+                for i in chain {
+                    let outcome = match stopped {
+                        true => Outcome::Stopped {
+                            attempts: 0,
+                            last_error: None,
+                        },
+                        false => self.deliver_one(rows[i], keys[i], i, lease, stop).await,
+                    };
+                    stopped |= matches!(outcome, Outcome::Stopped { .. });
+                    let _ = done.send((i, outcome));
+                }
+            }
+        }));
+        drop(done_tx);
+        let work = async {
+            tokio::join!(
+                chains,
+                self.write_outcomes(done_rx, &keys, &lease, &mut outcomes)
+            )
+        };
+        tokio::select! {
+            _ = work => {}
+            _ = self.renew(&keys, &lease, stop) => unreachable!("renews until the work is done"),
+        }
+        self.finish_stopped(&rows, &keys, &mut outcomes, stop).await
+    }
+
+    /// Writes outcomes as they come, grouped: one statement for whatever came in while
+    /// the previous one ran. Retried until written (a stop included: the drain writes
+    /// the outcomes of the requests it let finish).
+    async fn write_outcomes(
+        &self,
+        mut done: mpsc::UnboundedReceiver<(usize, Outcome)>,
+        keys: &[Uuid],
+        lease: &LeaseClock,
+        outcomes: &mut [Option<Outcome>],
+    ) {
+        while let Some(first) = done.recv().await {
+            let mut batch = vec![first];
+            while let Ok(more) = done.try_recv() {
+                batch.push(more);
+            }
+            let finals: Vec<Final> = batch
+                .iter()
+                .filter_map(|(i, o)| final_of(keys[*i], o))
+                .collect();
+            if !finals.is_empty() {
+                let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+                let written = loop {
+                    match delivery::finish(&self.pool, &self.owner, &finals).await {
+                        Ok(written) => break written,
+                        Err(e) => {
+                            let delay = backoff.next_delay();
+                            warn!(error = %e, rows = finals.len(), retry_in_ms = delay.as_millis() as u64,
+                                  "writing delivery outcomes failed; retrying");
+                            tokio::time::sleep(delay).await;
+                        }
+                    }
+                };
+                let written: HashSet<Uuid> = written.into_iter().collect();
+                for (i, o) in batch.iter_mut() {
+                    if final_of(keys[*i], o).is_none() {
+                        continue;
+                    }
+                    if !written.contains(&keys[*i]) {
+                        self.metrics.leases_lost.inc();
+                        *o = Outcome::Lost;
+                        continue;
+                    }
+                    match o {
+                        Outcome::Processed { .. } => self.forwarded.inc(),
+                        Outcome::Failed { rejected, .. } => {
+                            let reason = if *rejected {
+                                "http_rejected"
+                            } else {
+                                "http_failed"
+                            };
+                            self.metrics.failed.with_label_values(&[reason]).inc();
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            let mut held = lease.held.lock().expect("lease lock");
+            for (i, o) in batch {
+                if !matches!(o, Outcome::Stopped { .. }) {
+                    held.remove(&i);
+                }
+                outcomes[i] = Some(o);
+            }
+        }
+    }
+
+    /// Renews the lease on the rows still held whenever less than two thirds of it is
+    /// left; never returns (dropped when the batch's work is done).
+    async fn renew(&self, keys: &[Uuid], lease: &LeaseClock, stop: &CancellationToken) {
+        let length = self.settings.lease;
+        let mut backoff = Backoff::new(Duration::from_millis(100), length / 10);
+        loop {
+            let due = lease.safe_until() + self.margin() - length * 2 / 3;
+            tokio::time::sleep_until(due.into()).await;
+            let held: Vec<usize> = lease
+                .held
+                .lock()
+                .expect("lease lock")
+                .iter()
+                .copied()
+                .collect();
+            if held.is_empty() || (stop.is_cancelled() && lease.safe_until() <= Instant::now()) {
+                // Nothing to renew, or stopping with a lease that has run out: nothing
+                // will be sent any more.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            let held_keys: Vec<Uuid> = held.iter().map(|&i| keys[i]).collect();
+            let sent = Instant::now();
+            match delivery::renew(&self.pool, &self.owner, &held_keys, length).await {
+                Ok(still) => {
+                    backoff.reset();
+                    let still: HashSet<Uuid> = still.into_iter().collect();
+                    let mut h = lease.held.lock().expect("lease lock");
+                    for i in held {
+                        if !still.contains(&keys[i]) {
+                            h.remove(&i);
+                        }
+                    }
+                    drop(h);
+                    *lease.safe_until.lock().expect("lease lock") = sent + length - self.margin();
+                    lease.renewed.notify_waiters();
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    warn!(error = %e, rows = held_keys.len(), retry_in_ms = delay.as_millis() as u64,
+                          "renewing delivery leases failed; no request starts until it succeeds");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// Waits until a request may start under the lease: true when it may, false when the
+    /// row is no longer held (taken over) or `stop` fired.
+    async fn lease_allows_request(
+        &self,
+        lease: &LeaseClock,
+        i: usize,
+        stop: &CancellationToken,
+    ) -> Result<(), Outcome> {
+        loop {
+            if !lease.holds(i) {
+                return Err(Outcome::Lost);
+            }
+            if lease.safe_until() >= Instant::now() + self.settings.timeout {
+                return Ok(());
+            }
+            let renewed = lease.renewed.notified();
+            tokio::select! {
+                _ = stop.cancelled() => return Err(Outcome::Stopped { attempts: 0, last_error: None }),
+                _ = renewed => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    }
+
+    /// One event, attempt after attempt, until it has an outcome.
+    async fn deliver_one(
+        &self,
+        row: &GateRow,
+        key: Uuid,
+        i: usize,
+        lease: &LeaseClock,
+        stop: &CancellationToken,
+    ) -> Outcome {
+        let s = &self.settings;
+        let body = Bytes::copy_from_slice(row.value.as_deref().unwrap_or_default());
+        let (mapped, left_out) = request::mapped_headers(&row.headers);
+        if left_out > 0 {
+            self.metrics.headers_left_out.inc_by(left_out as u64);
+        }
+        let idempotency_key = hyper::header::HeaderValue::from_str(&key.to_string())
+            .expect("a uuid is a header value");
+        let event_id = request::header_text(&row.event_id);
+        let source = request::header_text(&row.position().to_string());
+        let mut backoff = Backoff::new(s.backoff, s.max_backoff);
+        let mut attempts = 0u32;
+        let mut last_error: Option<String> = None;
+        loop {
+            if stop.is_cancelled() {
+                return Outcome::Stopped {
+                    attempts,
+                    last_error,
+                };
+            }
+            let permit = tokio::select! {
+                p = self.permits.acquire() => p.expect("the semaphore is never closed"),
+                _ = stop.cancelled() => return Outcome::Stopped { attempts, last_error },
+            };
+            if let Err(outcome) = self.lease_allows_request(lease, i, stop).await {
+                return match outcome {
+                    Outcome::Stopped { .. } => Outcome::Stopped {
+                        attempts,
+                        last_error,
+                    },
+                    other => other,
+                };
+            }
+            let mut req = hyper::Request::post(self.uri.clone())
+                .header(request::IDEMPOTENCY_KEY, idempotency_key.clone())
+                .header(header::EVENT_ID, event_id.clone())
+                .header(header::SOURCE, source.clone());
+            for (name, value) in &mapped {
+                req = req.header(name, value);
+            }
+            let req = req
+                .body(Full::new(body.clone()))
+                .expect("every part of the request is checked");
+            self.metrics.in_flight.inc();
+            let started = Instant::now();
+            // Not cancelled by a stop: a request in flight finishes (within the timeout)
+            // and its outcome is written.
+            let answer = tokio::time::timeout(s.timeout, self.send(req)).await;
+            self.metrics.in_flight.dec();
+            drop(permit);
+            attempts += 1;
+            self.metrics
+                .request_duration
+                .observe(started.elapsed().as_secs_f64());
+            // The status of this attempt's answer, when it had one and is retried.
+            let last_status: Option<u16>;
+            let (retry_reason, delay) = match answer {
+                Ok(Ok((status, headers, body))) => {
+                    self.metrics
+                        .requests
+                        .with_label_values(&[request::status_class(status)])
+                        .inc();
+                    match request::verdict(status) {
+                        Verdict::Delivered => {
+                            let keep = body.len().min(s.max_response_bytes);
+                            row_event!(debug, row, status, attempts, "delivered");
+                            return Outcome::Processed {
+                                attempts,
+                                status,
+                                headers: request::headers_json(&headers),
+                                body: body[..keep].to_vec(),
+                            };
+                        }
+                        Verdict::Rejected => {
+                            row_event!(warn, row, status, attempts,
+                                  "the application refused the event; FAILED, to the dead-letter topic");
+                            return Outcome::Failed {
+                                attempts,
+                                rejected: true,
+                                status: Some(status),
+                                error: request::excerpt(&body, ERROR_EXCERPT_BYTES),
+                            };
+                        }
+                        Verdict::Retry { honour_retry_after } => {
+                            last_status = Some(status);
+                            last_error = Some(format!(
+                                "HTTP {status}: {}",
+                                request::excerpt(&body, ERROR_EXCERPT_BYTES)
+                            ));
+                            let after = honour_retry_after
+                                .then(|| headers.get(hyper::header::RETRY_AFTER))
+                                .flatten()
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(|v| request::retry_after(v, SystemTime::now()));
+                            match after {
+                                Some(after) => ("retry_after", after.min(s.max_backoff)),
+                                None => ("status", backoff.next_delay()),
+                            }
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    self.metrics.requests.with_label_values(&["error"]).inc();
+                    last_status = None;
+                    last_error = Some(request::excerpt(e.as_bytes(), ERROR_EXCERPT_BYTES));
+                    ("error", backoff.next_delay())
+                }
+                Err(_elapsed) => {
+                    self.metrics.requests.with_label_values(&["timeout"]).inc();
+                    last_status = None;
+                    last_error = Some(format!("no answer within {:?}", s.timeout));
+                    ("timeout", backoff.next_delay())
+                }
+            };
+            if attempts >= s.max_attempts {
+                let status = last_status;
+                // The status is a field of its own; the error keeps the answer's excerpt.
+                let error = match (&last_error, status) {
+                    (Some(e), Some(s)) => e
+                        .strip_prefix(&format!("HTTP {s}: "))
+                        .unwrap_or(e)
+                        .to_string(),
+                    (Some(e), None) => e.clone(),
+                    (None, _) => String::new(),
+                };
+                row_event!(
+                    warn,
+                    row,
+                    attempts,
+                    status,
+                    "no attempt succeeded; FAILED, to the dead-letter topic"
+                );
+                return Outcome::Failed {
+                    attempts,
+                    rejected: false,
+                    status,
+                    error,
+                };
+            }
+            self.metrics
+                .retries
+                .with_label_values(&[retry_reason])
+                .inc();
+            row_event!(
+                debug,
+                row,
+                attempts,
+                reason = retry_reason,
+                retry_in_ms = delay.as_millis() as u64,
+                "delivery attempt failed; retrying with the same key"
+            );
+            tokio::select! {
+                _ = stop.cancelled() => return Outcome::Stopped { attempts, last_error },
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Sends `req`; the answer's status, headers and body (at most [`BODY_READ_LIMIT`]
+    /// bytes read), or the error as text.
+    async fn send(
+        &self,
+        req: hyper::Request<Full<Bytes>>,
+    ) -> Result<(u16, hyper::HeaderMap, Vec<u8>), String> {
+        let resp = self
+            .client
+            .request(req)
+            .await
+            .map_err(|e| error_chain(&e))?;
+        let (parts, mut body) = resp.into_parts();
+        let mut buf = Vec::new();
+        while buf.len() < BODY_READ_LIMIT {
+            match body.frame().await {
+                None => break,
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        buf.extend_from_slice(data);
+                    }
+                }
+                Some(Err(e)) => return Err(error_chain(&e)),
+            }
+        }
+        Ok((parts.status.as_u16(), parts.headers, buf))
+    }
+
+    /// Gives up the leases of the deliveries a stop cut short; the batch's result, or
+    /// `None` when any was cut short.
+    async fn finish_stopped(
+        &self,
+        rows: &[&GateRow],
+        keys: &[Uuid],
+        outcomes: &mut [Option<Outcome>],
+        stop: &CancellationToken,
+    ) -> Option<Delivered> {
+        let stopped: Vec<(Uuid, i32, Option<String>)> = outcomes
+            .iter()
+            .zip(keys)
+            .filter_map(|(o, k)| match o {
+                Some(Outcome::Stopped {
+                    attempts,
+                    last_error,
+                }) => Some((*k, *attempts as i32, last_error.clone())),
+                _ => None,
+            })
+            .collect();
+        if !stopped.is_empty() {
+            debug_assert!(stop.is_cancelled());
+            match delivery::release(&self.pool, &self.owner, &stopped).await {
+                Ok(n) => info!(
+                    rows = n,
+                    "stopping: leases of undelivered events given up; they are redelivered"
+                ),
+                Err(e) => warn!(error = %e, rows = stopped.len(),
+                                "stopping: cannot give up the leases of undelivered events; they are taken over once the leases expire"),
+            }
+            return None;
+        }
+        Some(
+            outcomes
+                .iter_mut()
+                .zip(rows)
+                .map(|(o, row)| match o.take() {
+                    Some(Outcome::Failed {
+                        attempts,
+                        rejected,
+                        status,
+                        error,
+                    }) => Some(Rejection::HttpFailed {
+                        rejected,
+                        attempts,
+                        status,
+                        error,
+                        scope: row.scope.clone(),
+                        event_id: row.event_id.clone(),
+                    }),
+                    _ => None,
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The final status write for an outcome, if it has one.
+fn final_of(event_key: Uuid, o: &Outcome) -> Option<Final> {
+    match o {
+        Outcome::Processed {
+            attempts,
+            status,
+            headers,
+            body,
+        } => Some(Final {
+            event_key,
+            processed: true,
+            attempts: *attempts as i32,
+            response_status: Some(i32::from(*status)),
+            response_headers: Some(headers.clone()),
+            response_body: Some(body.clone()),
+            last_error: None,
+        }),
+        Outcome::Failed {
+            attempts,
+            status,
+            error,
+            ..
+        } => Some(Final {
+            event_key,
+            processed: false,
+            attempts: *attempts as i32,
+            response_status: status.map(i32::from),
+            response_headers: None,
+            response_body: None,
+            last_error: Some(match status {
+                Some(s) => format!("HTTP {s}: {error}"),
+                None => error.clone(),
+            }),
+        }),
+        Outcome::Stopped { .. } | Outcome::Lost => None,
+    }
+}
+
+/// The batch's events in delivery chains: one chain per Kafka key (a null key: per
+/// partition), each in input order. Chains run side by side.
+fn chains(rows: &[&GateRow]) -> Vec<Vec<usize>> {
+    #[derive(Hash, PartialEq, Eq)]
+    enum ChainKey<'a> {
+        Key(&'a [u8]),
+        Partition(&'a str, i32),
+    }
+    let mut index: HashMap<ChainKey<'_>, usize> = HashMap::new();
+    let mut chains: Vec<Vec<usize>> = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        let k = match &r.key {
+            Some(k) => ChainKey::Key(k),
+            None => ChainKey::Partition(&r.topic, r.partition),
+        };
+        let c = *index.entry(k).or_insert_with(|| {
+            chains.push(Vec::new());
+            chains.len() - 1
+        });
+        chains[c].push(i);
+    }
+    chains
+}
+
+/// An error and its causes, one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(partition: i32, offset: i64, key: Option<&str>) -> GateRow {
+        GateRow {
+            scope: "s".into(),
+            event_id: format!("e{offset}"),
+            topic: "t".into(),
+            partition,
+            offset,
+            timestamp_ms: None,
+            payload_hash: vec![],
+            key: key.map(|k| k.as_bytes().to_vec()),
+            value: None,
+            headers: vec![],
+        }
+    }
+
+    #[test]
+    fn chains_keep_input_order_per_key_and_per_partition_for_null_keys() {
+        let rows = [
+            row(0, 1, Some("a")),
+            row(0, 2, Some("b")),
+            row(0, 3, None),
+            row(1, 1, Some("a")),
+            row(1, 2, None),
+            row(0, 4, None),
+            row(0, 5, Some("b")),
+        ];
+        let refs: Vec<&GateRow> = rows.iter().collect();
+        assert_eq!(
+            chains(&refs),
+            vec![vec![0, 3], vec![1, 6], vec![2, 5], vec![4]]
+        );
+    }
+}
