@@ -927,3 +927,60 @@ async fn the_demo_verifies_what_its_receiver_applied() {
     assert_eq!(processed, 3000);
     drop_schema(&pool, &schema).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cloudevents_arrive_in_http_binary_mode_from_either_kafka_mode() {
+    let kafka = Cluster::shared();
+    let pool = pg().await;
+    let app = HttpApp::start().await;
+    let t = names("http_ce");
+    kafka.create_topic(&t.input, 1).await;
+    let binary = In {
+        partition: Some(0),
+        key: None,
+        value: Some(br#"{"amount":1}"#.to_vec()),
+        headers: vec![
+            ("ce_specversion".into(), b"1.0".to_vec()),
+            ("ce_id".into(), b"b-1".to_vec()),
+            ("ce_source".into(), b"/orders".to_vec()),
+            ("ce_type".into(), b"order.created".to_vec()),
+            ("content-type".into(), b"application/json".to_vec()),
+        ],
+    };
+    let structured = In {
+        partition: Some(0),
+        key: None,
+        value: Some(
+            br#"{"specversion":"1.0","id":"s-1","source":"/orders","type":"order.paid","datacontenttype":"application/json","data":{"amount":2}}"#
+                .to_vec(),
+        ),
+        headers: vec![("content-type".into(), b"application/cloudevents+json".to_vec())],
+    };
+    kafka.produce(&t.input, &[binary, structured]).await;
+    let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
+        .http_sink(&app.url())
+        .set("KDEDUP_ID_FROM", "cloudevents");
+    let s = Sidecar::start(&cfg, "http_ce");
+    wait_until(Duration::from_secs(60), "both delivered", || {
+        app.applied_count() == 2
+    })
+    .await;
+    let received = app.received();
+    for (r, id, typ, body) in [
+        (&received[0], "b-1", "order.created", r#"{"amount":1}"#),
+        (&received[1], "s-1", "order.paid", r#"{"amount":2}"#),
+    ] {
+        assert_eq!(r.headers["ce-id"], id);
+        assert_eq!(r.headers["ce-source"], "/orders");
+        assert_eq!(r.headers["ce-specversion"], "1.0");
+        assert_eq!(r.headers["ce-type"], typ);
+        assert_eq!(r.content_type, "application/json");
+        assert_eq!(
+            String::from_utf8_lossy(&r.body),
+            body,
+            "the data is the body"
+        );
+    }
+    drop(s);
+    drop_schema(&pool, &t.schema).await;
+}

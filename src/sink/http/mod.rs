@@ -441,11 +441,19 @@ impl Inner {
         stop: &CancellationToken,
     ) -> Outcome {
         let s = &self.settings;
-        let body = Bytes::copy_from_slice(row.value.as_deref().unwrap_or_default());
-        let (mapped, left_out) = request::mapped_headers(&row.headers);
+        let value = row.value.as_deref().unwrap_or_default();
+        let (mut mapped, left_out) = request::mapped_headers(&row.headers);
         if left_out > 0 {
             self.metrics.headers_left_out.inc_by(left_out as u64);
         }
+        let body = match request::structured_cloudevent(&row.headers, value) {
+            Some((ce, data)) => {
+                mapped.retain(|(name, _)| name != hyper::header::CONTENT_TYPE);
+                mapped.extend(ce);
+                Bytes::from(data)
+            }
+            None => Bytes::copy_from_slice(value),
+        };
         let idempotency_key = hyper::header::HeaderValue::from_str(&key.to_string())
             .expect("a uuid is a header value");
         let event_id = request::header_text(&row.event_id);

@@ -8,9 +8,11 @@
 //!   distinct across scopes;
 //! - `kdedup-event-id` and `kdedup-source` (`topic/partition/offset`), as on the Kafka
 //!   output; an event id byte outside visible ASCII is sent as `%XX` (and `%` as `%25`);
-//! - CloudEvents in Kafka binary mode (`ce_<attribute>` headers) become HTTP binary mode
-//!   (`ce-<attribute>`); structured mode (a JSON body) passes unchanged, which HTTP
-//!   structured mode is;
+//! - CloudEvents arrive in HTTP binary mode: from Kafka binary mode, each `ce_<attribute>`
+//!   header becomes `ce-<attribute>`; from structured mode (`content-type:
+//!   application/cloudevents+json`), each attribute becomes a `ce-<attribute>` header
+//!   ([`structured_cloudevent`]), `datacontenttype` the `Content-Type`, and `data` (or the
+//!   decoded `data_base64`) the body;
 //! - every other input header whose name is an HTTP field name and whose value is a
 //!   field value, under its own name, except the ones that would change the request
 //!   itself (framing, connection, host) or that kdedup sets (`idempotency-key`,
@@ -21,6 +23,9 @@ use std::time::{Duration, SystemTime};
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 
 use crate::model::headers::Headers;
+
+/// Headers of a request, in the order they are sent.
+pub type HeaderList = Vec<(HeaderName, HeaderValue)>;
 
 /// `Idempotency-Key`.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -48,7 +53,7 @@ const NOT_PASSED: [&str; 14] = [
 
 /// The headers of an event's request, besides `Idempotency-Key` and the `kdedup-*` ones;
 /// and how many input headers were left out.
-pub fn mapped_headers(input: &Headers) -> (Vec<(HeaderName, HeaderValue)>, usize) {
+pub fn mapped_headers(input: &Headers) -> (HeaderList, usize) {
     let mut out = Vec::with_capacity(input.len() + 1);
     let mut left_out = 0;
     let mut content_type = None;
@@ -81,6 +86,81 @@ pub fn mapped_headers(input: &Headers) -> (Vec<(HeaderName, HeaderValue)>, usize
         content_type.unwrap_or(HeaderValue::from_static(DEFAULT_CONTENT_TYPE)),
     ));
     (out, left_out)
+}
+
+/// A structured-mode CloudEvent (the input's `content-type` is
+/// `application/cloudevents+json`) in HTTP binary mode: the `ce-*` headers and the
+/// `Content-Type`, and the body. `None` when the value is not one (no `specversion`, not a
+/// JSON object) or cannot be carried in binary mode (an attribute that is not a string,
+/// number or boolean, an invalid `data_base64`): it then passes as it is, which is HTTP
+/// structured mode.
+pub fn structured_cloudevent(input: &Headers, value: &[u8]) -> Option<(HeaderList, Vec<u8>)> {
+    use base64::Engine as _;
+    let content_type = input
+        .iter()
+        .rev()
+        .find(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+        .and_then(|(_, v)| v.as_deref())?;
+    let content_type = String::from_utf8_lossy(content_type).to_ascii_lowercase();
+    if !content_type
+        .trim_start()
+        .starts_with("application/cloudevents+json")
+    {
+        return None;
+    }
+    let serde_json::Value::Object(event) = serde_json::from_slice(value).ok()? else {
+        return None;
+    };
+    event.get("specversion")?.as_str()?;
+    let data_type = event
+        .get("datacontenttype")
+        .and_then(|v| v.as_str())
+        .unwrap_or("application/json")
+        .to_string();
+    let mut headers = vec![(CONTENT_TYPE, HeaderValue::from_str(&data_type).ok()?)];
+    for (name, v) in &event {
+        if matches!(name.as_str(), "data" | "data_base64" | "datacontenttype") {
+            continue;
+        }
+        let text = match v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::Bool(b) => b.to_string(),
+            serde_json::Value::Null => continue,
+            _ => return None,
+        };
+        let header =
+            HeaderName::from_bytes(format!("ce-{}", name.to_ascii_lowercase()).as_bytes()).ok()?;
+        headers.push((header, ce_value(&text)));
+    }
+    let json_data = {
+        let t = data_type.to_ascii_lowercase();
+        let media = t.split(';').next().unwrap_or_default().trim().to_string();
+        media == "application/json" || media == "text/json" || media.ends_with("+json")
+    };
+    let body = match (event.get("data"), event.get("data_base64")) {
+        (_, Some(b64)) => base64::engine::general_purpose::STANDARD
+            .decode(b64.as_str()?)
+            .ok()?,
+        (Some(serde_json::Value::String(s)), None) if !json_data => s.clone().into_bytes(),
+        (Some(data), None) => serde_json::to_vec(data).ok()?,
+        (None, None) => Vec::new(),
+    };
+    Some((headers, body))
+}
+
+/// A CloudEvents attribute as an HTTP header value (CloudEvents HTTP binding 3.1.3.2):
+/// printable ASCII as it is; space, `"`, `%` and everything else percent-encoded as UTF-8.
+fn ce_value(text: &str) -> HeaderValue {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x21..0x7f).contains(&b) && b != b'"' && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    HeaderValue::from_str(&out).expect("printable ASCII only")
 }
 
 /// `text` as a header value: visible ASCII and spaces as they are, `%` and every other
@@ -201,6 +281,48 @@ mod tests {
         assert_eq!(find(&out, "content-type"), Some("application/json"));
         assert_eq!(find(&out, "traceparent"), Some("00-abc-def-01"));
         assert_eq!(find(&out, "ce_id"), None);
+    }
+
+    #[test]
+    fn a_structured_cloudevent_is_delivered_in_binary_mode() {
+        let input = h(&[(
+            "content-type",
+            "application/cloudevents+json; charset=utf-8",
+        )]);
+        let event = br#"{"specversion":"1.0","id":"A 1%","source":"/orders","type":"order.created",
+            "time":"2026-12-03T10:00:00Z","datacontenttype":"application/json","seq":7,
+            "data":{"amount":42}}"#;
+        let (headers, body) = structured_cloudevent(&input, event).expect("a CloudEvent");
+        assert_eq!(find(&headers, "content-type"), Some("application/json"));
+        assert_eq!(find(&headers, "ce-specversion"), Some("1.0"));
+        assert_eq!(find(&headers, "ce-id"), Some("A%201%25"), "percent-encoded");
+        assert_eq!(find(&headers, "ce-source"), Some("/orders"));
+        assert_eq!(find(&headers, "ce-type"), Some("order.created"));
+        assert_eq!(find(&headers, "ce-seq"), Some("7"), "an extension");
+        assert_eq!(find(&headers, "ce-data"), None);
+        assert_eq!(find(&headers, "ce-datacontenttype"), None);
+        assert_eq!(body, br#"{"amount":42}"#.to_vec());
+
+        let text = br#"{"specversion":"1.0","id":"2","source":"s","type":"t","datacontenttype":"text/plain","data":"hello"}"#;
+        let (headers, body) = structured_cloudevent(&input, text).unwrap();
+        assert_eq!(find(&headers, "content-type"), Some("text/plain"));
+        assert_eq!(body, b"hello".to_vec(), "text data as it is");
+
+        let binary = br#"{"specversion":"1.0","id":"3","source":"s","type":"t","datacontenttype":"application/octet-stream","data_base64":"AAEC"}"#;
+        let (_, body) = structured_cloudevent(&input, binary).unwrap();
+        assert_eq!(body, vec![0, 1, 2], "data_base64 decoded");
+
+        let no_type = br#"{"specversion":"1.0","id":"4","source":"s","type":"t","data":"x"}"#;
+        let (headers, body) = structured_cloudevent(&input, no_type).unwrap();
+        assert_eq!(find(&headers, "content-type"), Some("application/json"));
+        assert_eq!(body, br#""x""#.to_vec(), "JSON data stays JSON");
+
+        assert!(
+            structured_cloudevent(&h(&[("content-type", "application/json")]), event).is_none()
+        );
+        assert!(structured_cloudevent(&input, b"not json").is_none());
+        assert!(structured_cloudevent(&input, br#"{"id":"no specversion"}"#).is_none());
+        assert!(structured_cloudevent(&input, br#"{"specversion":"1.0","ext":{"a":1}}"#).is_none());
     }
 
     #[test]
