@@ -42,6 +42,9 @@ pub struct BatchSummary {
     pub first_seen: usize,
     pub duplicates: usize,
     pub dead_lettered: usize,
+    /// First sightings whose delivery ended `FAILED` (HTTP sink): counted in `first_seen`
+    /// (their gate row committed) and in `dead_lettered`, but not delivered.
+    pub delivery_failed: usize,
     /// Same id as an earlier event, different payload (dead-lettered too with `dlq`).
     pub mismatched: usize,
 }
@@ -425,6 +428,7 @@ impl Gate {
                     }
                     .emit(&self.metrics);
                     if let Some(why) = failed {
+                        summary.delivery_failed += 1;
                         late_rejects.push((row_to_message(row), why));
                     }
                 }
@@ -622,7 +626,7 @@ impl Gate {
         for (msg, why) in rejected {
             let (scope, event_id) = why.identity();
             warn!(event_id, scope, topic = msg.topic, partition = msg.partition, offset = msg.offset,
-                  reason = why.reason(), error = %why, "still no usable event id; left where it is");
+                  reason = why.reason(), error = %why, "still not taken (no usable event id, or the sink refused it); left where it is");
         }
         Ok(())
     }

@@ -352,7 +352,7 @@ async fn replay(
                 .settle_without_dead_letters(batch, &stop)
                 .await
                 .map_err(|_| anyhow::anyhow!("replay stopped"))?;
-            summary.forwarded += s.first_seen;
+            summary.forwarded += s.first_seen - s.delivery_failed;
             summary.duplicates += s.duplicates;
             summary.unusable += s.dead_lettered;
             summary.mismatched += s.mismatched;
@@ -433,7 +433,7 @@ fn print_summary(topic: &str, dry_run: bool, summary: &ReplaySummary) {
     println!("  {verb:<24} {:>8}", summary.forwarded);
     println!("  duplicates (cause=replay){:>8}", summary.duplicates);
     println!(
-        "  still without a usable id{:>8}   (left where they are)",
+        "  not taken                {:>8}   (no usable id, or the sink refused it: left where they are)",
         summary.unusable
     );
     if summary.mismatched > 0 {
