@@ -354,17 +354,26 @@ impl Gate {
         let mut resolved = Vec::new();
         let mut rounds = 0u32;
         while !busy.is_empty() {
+            // A copy of an event still being delivered (a duplicate in the lane's next
+            // batch) is common and short: a line at INFO only after 10 s of waiting.
             if rounds % 40 == 0 {
                 let first = &candidates.rows()[busy[0]];
-                info!(
-                    rows = busy.len(),
-                    event_id = first.event_id,
-                    scope = first.scope,
-                    topic = first.topic,
-                    partition = first.partition,
-                    offset = first.offset,
-                    "events held by another delivery (a live lease): waiting for it to end"
-                );
+                let waited_s = f64::from(rounds) * BUSY_RECHECK.as_secs_f64();
+                if rounds == 0 {
+                    debug!(
+                        rows = busy.len(),
+                        event_id = first.event_id,
+                        scope = first.scope,
+                        topic = first.topic,
+                        partition = first.partition,
+                        offset = first.offset,
+                        "events held by another delivery (a live lease): waiting for it to end"
+                    );
+                } else {
+                    info!(rows = busy.len(), event_id = first.event_id, scope = first.scope,
+                          topic = first.topic, partition = first.partition, offset = first.offset,
+                          waited_s, "events still held by another delivery (a live lease): waiting for it to end");
+                }
             }
             rounds += 1;
             if !self.idle(BUSY_RECHECK, stop).await {
