@@ -104,10 +104,115 @@ pub(super) struct Lane {
     pub(super) read_ahead: Arc<ReadAhead>,
     /// Offsets made durable so far, per partition, for the reader's final commit.
     pub(super) durable: Arc<std::sync::Mutex<BTreeMap<(String, i32), i64>>>,
+    /// The batch being collected, kept here so that collecting can be interrupted and
+    /// resumed without losing what it took ([`Lane::collect_batch`] is cancel-safe).
+    pub(super) collecting: Collecting,
+}
+
+/// A batch being collected: its messages, bytes, and when its linger time ends.
+#[derive(Default)]
+pub(super) struct Collecting {
+    batch: Vec<InputMessage>,
+    bytes: usize,
+    deadline: Option<tokio::time::Instant>,
+}
+
+/// Batches a pipelined lane has in hand at once: one being delivered, the next being
+/// gated (and delivered as far as its keys allow).
+const PIPELINE_DEPTH: usize = 2;
+
+/// A batch a pipelined lane settles in a task of its own, with what storing its offsets
+/// needs.
+struct InHand {
+    settled: tokio::task::JoinHandle<Result<super::settle::BatchSummary, Abandoned>>,
+    next: BTreeMap<(String, i32), i64>,
+    cost: usize,
 }
 
 impl Lane {
-    pub(super) async fn run(mut self, stop: CancellationToken) {
+    pub(super) async fn run(self, stop: CancellationToken) {
+        match self.gate.sink.pipelined() {
+            true => self.run_pipelined(stop).await,
+            false => self.run_one_at_a_time(stop).await,
+        }
+    }
+
+    /// Stores a settled batch's offsets (and passes its crash points).
+    async fn batch_durable(&self, next: BTreeMap<(String, i32), i64>) {
+        crash::reached(crash::Point::AfterDbCommit);
+        store_offsets(&self.consumer, &next);
+        // That crash point is about offsets the coordinator has, not only stored ones
+        // (auto-commit sends those within a second): commit them first.
+        if crash::armed(crash::Point::AfterOffsetCommit) {
+            let consumer = self.consumer.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                consumer.commit_consumer_state(CommitMode::Sync)
+            })
+            .await;
+            crash::reached(crash::Point::AfterOffsetCommit);
+        }
+        self.consumer.context().state.pending.durable(&next);
+        self.durable.lock().expect("durable lock").extend(next);
+    }
+
+    /// A sink that delivers after the gate ([`crate::sink::Sink::pipelined`]): the next
+    /// batch is collected and gated once the previous one's deliveries are registered,
+    /// while they run; offsets are still stored batch after batch, each once it is
+    /// settled, so they never pass a message that is not final. At most
+    /// [`PIPELINE_DEPTH`] batches are in hand.
+    async fn run_pipelined(mut self, stop: CancellationToken) {
+        let mut in_hand: std::collections::VecDeque<InHand> = Default::default();
+        // The last batch's deliveries are registered (or it ended without any).
+        let mut registered: Option<tokio::sync::oneshot::Receiver<()>> = None;
+        let (mut stopping, mut reader_done, mut abandoned) = (false, false, false);
+        loop {
+            if in_hand.is_empty() && (stopping || reader_done) {
+                break;
+            }
+            let may_collect =
+                !stopping && !reader_done && registered.is_none() && in_hand.len() < PIPELINE_DEPTH;
+            tokio::select! {
+                biased;
+                _ = stop.cancelled(), if !stopping => stopping = true,
+                settled = async { (&mut in_hand.front_mut().expect("not empty").settled).await },
+                    if !in_hand.is_empty() => {
+                    let InHand { next, cost, .. } = in_hand.pop_front().expect("not empty");
+                    match settled.expect("settling does not panic") {
+                        Ok(_) if !abandoned => self.batch_durable(next).await,
+                        Ok(_) => {}
+                        Err(Abandoned) => {
+                            info!("stop requested; unfinished batch abandoned, it will be redelivered");
+                            // Nothing after it may be stored either.
+                            abandoned = true;
+                            stopping = true;
+                        }
+                    }
+                    self.read_ahead.give_back(cost);
+                }
+                _ = async { registered.as_mut().expect("some").await }, if registered.is_some() => {
+                    registered = None;
+                }
+                batch = self.collect_batch(), if may_collect => {
+                    if batch.is_empty() {
+                        reader_done = true;
+                        continue;
+                    }
+                    let next = next_offsets(&batch);
+                    let cost: usize = batch.iter().map(read_ahead_cost).sum();
+                    self.gate.metrics.batch_size.observe(batch.len() as f64);
+                    let (delivering, rx) = tokio::sync::oneshot::channel();
+                    registered = Some(rx);
+                    let (gate, stop) = (self.gate.clone(), stop.clone());
+                    let settled = tokio::spawn(async move {
+                        gate.settle_pipelined(batch, &stop, delivering).await
+                    });
+                    in_hand.push_back(InHand { settled, next, cost });
+                }
+            }
+        }
+    }
+
+    async fn run_one_at_a_time(mut self, stop: CancellationToken) {
         loop {
             let batch = tokio::select! {
                 biased;
@@ -124,33 +229,19 @@ impl Lane {
                 info!("stop requested; unfinished batch abandoned, it will be redelivered");
                 break;
             }
-            crash::reached(crash::Point::AfterDbCommit);
-            store_offsets(&self.consumer, &next);
-            // That crash point is about offsets the coordinator has, not only stored ones
-            // (auto-commit sends those within a second): commit them first.
-            if crash::armed(crash::Point::AfterOffsetCommit) {
-                let consumer = self.consumer.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    consumer.commit_consumer_state(CommitMode::Sync)
-                })
-                .await;
-                crash::reached(crash::Point::AfterOffsetCommit);
-            }
-            self.consumer.context().state.pending.durable(&next);
-            self.durable.lock().expect("durable lock").extend(next);
+            self.batch_durable(next).await;
             self.read_ahead.give_back(cost);
         }
     }
 
     /// Waits for a first message, then fills the batch until it is full or the linger
     /// time since that first message has passed. Empty when the reader has stopped.
+    /// Cancel-safe: a call dropped half-way leaves what it took for the next call.
     async fn collect_batch(&mut self) -> Vec<InputMessage> {
         let cfg = &self.settings;
-        let mut batch = Vec::new();
-        let mut bytes = 0usize;
-        let mut deadline: Option<tokio::time::Instant> = None;
-        while batch.len() < cfg.batch_size && bytes < cfg.batch_max_bytes {
-            let next = match deadline {
+        let c = &mut self.collecting;
+        while c.batch.len() < cfg.batch_size && c.bytes < cfg.batch_max_bytes {
+            let next = match c.deadline {
                 None => self.rx.recv().await,
                 Some(d) => match tokio::time::timeout_at(d, self.rx.recv()).await {
                     Ok(next) => next,
@@ -158,11 +249,12 @@ impl Lane {
                 },
             };
             let Some(msg) = next else { break };
-            bytes += msg.size();
-            batch.push(msg);
-            deadline.get_or_insert_with(|| tokio::time::Instant::now() + cfg.batch_linger);
+            c.bytes += msg.size();
+            c.batch.push(msg);
+            c.deadline
+                .get_or_insert_with(|| tokio::time::Instant::now() + cfg.batch_linger);
         }
-        batch
+        std::mem::take(c).batch
     }
 }
 

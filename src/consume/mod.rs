@@ -81,6 +81,7 @@ impl Pipeline {
                 rx,
                 read_ahead: read_ahead.clone(),
                 durable: durable.clone(),
+                collecting: Default::default(),
             };
             workers.push(tokio::spawn(lane.run(stop.clone())));
         }

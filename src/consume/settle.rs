@@ -138,7 +138,20 @@ impl Gate {
         batch: Vec<InputMessage>,
         stop: &CancellationToken,
     ) -> Result<BatchSummary, Abandoned> {
-        self.settle_inner(batch, stop, true).await
+        self.settle_inner(batch, stop, true, None).await
+    }
+
+    /// [`Gate::settle`] for a lane that settles its next batch while this one is still
+    /// being delivered (a pipelined sink, see [`Sink::pipelined`]): `delivering` is sent
+    /// (or dropped) once this batch's deliveries are registered with the sink, so that
+    /// the next batch's, registered after them, keep their keys' input order.
+    pub async fn settle_pipelined(
+        &self,
+        batch: Vec<InputMessage>,
+        stop: &CancellationToken,
+        delivering: tokio::sync::oneshot::Sender<()>,
+    ) -> Result<BatchSummary, Abandoned> {
+        self.settle_inner(batch, stop, true, Some(delivering)).await
     }
 
     /// Like [`Gate::settle`], but messages without a usable id are only counted and logged
@@ -149,7 +162,7 @@ impl Gate {
         batch: Vec<InputMessage>,
         stop: &CancellationToken,
     ) -> Result<BatchSummary, Abandoned> {
-        self.settle_inner(batch, stop, false).await
+        self.settle_inner(batch, stop, false, None).await
     }
 
     async fn settle_inner(
@@ -157,6 +170,7 @@ impl Gate {
         batch: Vec<InputMessage>,
         stop: &CancellationToken,
         produce_dead_letters: bool,
+        delivering: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Result<BatchSummary, Abandoned> {
         let started = Instant::now();
         let mut summary = BatchSummary::default();
@@ -178,7 +192,7 @@ impl Gate {
         // A sink whose delivery ends after the gate (HTTP) delivers now: the batch's
         // offsets wait for every outcome to be written.
         let delivered = self
-            .deliver(&candidates, &mut outcomes, gated_since, stop)
+            .deliver(&candidates, &mut outcomes, gated_since, stop, delivering)
             .await?;
         let late_rejects = self.record_outcomes(candidates, outcomes, delivered, &mut summary);
         // Mismatches found by the gate (and rows Postgres refused) are dead-lettered after
@@ -280,6 +294,7 @@ impl Gate {
         outcomes: &mut [RowResult],
         gated_since: Instant,
         stop: &CancellationToken,
+        mut delivering: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Result<Vec<Option<Rejection>>, Abandoned> {
         let rows = candidates.rows();
         let mut failed: Vec<Option<Rejection>> = (0..rows.len()).map(|_| None).collect();
@@ -296,11 +311,15 @@ impl Gate {
                 return Ok(failed);
             }
             let regated_since = Instant::now();
-            let (delivered, regated) = tokio::join!(
+            // The sink registers the deliveries when it is called (their keys' order).
+            let delivery =
                 self.sink
-                    .deliver(pending.iter().map(|&i| &rows[i]).collect(), since, stop),
-                self.wait_while_busy(candidates, busy, stop),
-            );
+                    .deliver(pending.iter().map(|&i| &rows[i]).collect(), since, stop);
+            if let Some(registered) = delivering.take() {
+                let _ = registered.send(());
+            }
+            let (delivered, regated) =
+                tokio::join!(delivery, self.wait_while_busy(candidates, busy, stop));
             let mut stopped = delivered.is_none();
             for (&i, why) in pending.iter().zip(delivered.into_iter().flatten()) {
                 failed[i] = why;
@@ -338,17 +357,26 @@ impl Gate {
         let mut resolved = Vec::new();
         let mut rounds = 0u32;
         while !busy.is_empty() {
+            // A copy of an event still being delivered (a duplicate in the lane's next
+            // batch) is common and short: a line at INFO only after 10 s of waiting.
             if rounds % 40 == 0 {
                 let first = &candidates.rows()[busy[0]];
-                info!(
-                    rows = busy.len(),
-                    event_id = first.event_id,
-                    scope = first.scope,
-                    topic = first.topic,
-                    partition = first.partition,
-                    offset = first.offset,
-                    "events held by another delivery (a live lease): waiting for it to end"
-                );
+                let waited_s = f64::from(rounds) * BUSY_RECHECK.as_secs_f64();
+                if rounds == 0 {
+                    debug!(
+                        rows = busy.len(),
+                        event_id = first.event_id,
+                        scope = first.scope,
+                        topic = first.topic,
+                        partition = first.partition,
+                        offset = first.offset,
+                        "events held by another delivery (a live lease): waiting for it to end"
+                    );
+                } else {
+                    info!(rows = busy.len(), event_id = first.event_id, scope = first.scope,
+                          topic = first.topic, partition = first.partition, offset = first.offset,
+                          waited_s, "events still held by another delivery (a live lease): waiting for it to end");
+                }
             }
             rounds += 1;
             if !self.idle(BUSY_RECHECK, stop).await {

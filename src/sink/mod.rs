@@ -68,4 +68,13 @@ pub trait Sink: Send + Sync {
     /// The gate took over `rows` from deliveries whose lease had expired (status-gated
     /// sinks only).
     fn taken_over(&self, _rows: usize) {}
+
+    /// Whether a gate lane may gate its next batch while this sink still delivers the
+    /// previous one ([`Sink::deliver`] registers each call's deliveries when it is
+    /// called and keeps each key's deliveries in the order of those calls). Offsets are
+    /// still stored batch after batch, each once it is final. The sinks whose write
+    /// commits with the gate are not: their batches commit one after the other.
+    fn pipelined(&self) -> bool {
+        false
+    }
 }

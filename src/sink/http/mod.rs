@@ -17,11 +17,14 @@
 //!   every attempt of every replica, distinct across scopes. The one window in which the
 //!   application sees an event twice is a crash after a request and before its
 //!   `PROCESSED` was written; it then sees the same key.
-//! - **Order and concurrency.** Events of one batch with the same Kafka key (a null key:
-//!   the same partition) are sent one at a time, in input order; the rest go at once, at
-//!   most `--http-concurrency` requests in flight over every lane. A retrying event holds
-//!   back the later events of its key; the batch's offsets wait until every event of it
-//!   is final, so the next batch of that lane's partitions waits too.
+//! - **Order and concurrency.** Events with the same Kafka key (a null key: the same
+//!   partition) are sent one at a time, in input order; the rest go at once, at most
+//!   `--http-concurrency` requests in flight over every lane. A lane gates its next batch
+//!   while the previous one is delivered ([`Sink::pipelined`]: two batches in hand); each
+//!   call of [`Sink::deliver`] registers its chains when it is made, after the chains of
+//!   the same keys registered before it ([`Tail`]), so a retrying event holds back only
+//!   the later events of its key, in its batch and the next. A batch's offsets are stored
+//!   once every event of it is final, and only after the batch before it.
 //! - **Leases** last `--http-lease` and are renewed while a batch is delivered, for the
 //!   rows not final yet. A request starts only while at least `--http-timeout` of the
 //!   lease is left, so none can still be running when another replica may take over.
@@ -103,6 +106,10 @@ struct Inner {
     metrics: HttpMetrics,
     /// `kdedup_events_forwarded_total`: a `PROCESSED` written.
     forwarded: IntCounter,
+    /// The last registered chain of each key, until it ended: a lane delivers its next
+    /// batch while the previous one is still delivered ([`Sink::pipelined`]), and a
+    /// key's events wait for that key's earlier ones.
+    tails: Mutex<HashMap<ChainKey, Arc<Tail>>>,
 }
 
 impl HttpSink {
@@ -142,6 +149,7 @@ impl HttpSink {
                 owner,
                 metrics: HttpMetrics::register(metrics),
                 forwarded: metrics.events_forwarded.clone(),
+                tails: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -185,7 +193,14 @@ impl Sink for HttpSink {
         gated_since: Instant,
         stop: &'a CancellationToken,
     ) -> BoxFuture<'a, Option<Delivered>> {
-        Box::pin(self.inner.deliver(first_seen, gated_since, stop))
+        // Registered now, not when the future first runs: the order of the calls is the
+        // order of each key's deliveries.
+        let chains = self.inner.register(&first_seen);
+        Box::pin(self.inner.deliver(first_seen, chains, gated_since, stop))
+    }
+
+    fn pipelined(&self) -> bool {
+        true
     }
 }
 
@@ -242,9 +257,28 @@ impl Inner {
         (self.settings.lease / 10).min(Duration::from_secs(2))
     }
 
+    /// The chains of `rows`, each after the chain of its key registered before it.
+    fn register(&self, rows: &[&GateRow]) -> Vec<Chain> {
+        let mut tails = self.tails.lock().expect("tails lock");
+        chains(rows)
+            .into_iter()
+            .map(|(key, rows)| {
+                let tail = Arc::new(Tail::default());
+                let after = tails.insert(key.clone(), tail.clone());
+                Chain {
+                    key,
+                    rows,
+                    after,
+                    tail,
+                }
+            })
+            .collect()
+    }
+
     async fn deliver(
         &self,
         rows: Vec<&GateRow>,
+        chains: Vec<Chain>,
         gated_since: Instant,
         stop: &CancellationToken,
     ) -> Option<Delivered> {
@@ -262,12 +296,20 @@ impl Inner {
         };
         let mut outcomes: Vec<Option<Outcome>> = (0..rows.len()).map(|_| None).collect();
         let (done_tx, done_rx) = mpsc::unbounded_channel::<(usize, Outcome)>();
-        let chains = futures::future::join_all(chains(&rows).into_iter().map(|chain| {
+        let chains = futures::future::join_all(chains.into_iter().map(|chain| {
             let done = done_tx.clone();
             let (rows, keys, lease) = (&rows, &keys, &lease);
             async move {
+                let _end = EndTail {
+                    inner: self,
+                    key: &chain.key,
+                    tail: &chain.tail,
+                };
+                if let Some(after) = &chain.after {
+                    after.wait().await;
+                }
                 let mut stopped = false;
-                for i in chain {
+                for &i in &chain.rows {
                     let outcome = match stopped {
                         true => Outcome::Stopped {
                             attempts: 0,
@@ -728,28 +770,85 @@ fn final_of(event_key: Uuid, o: &Outcome) -> Option<Final> {
     }
 }
 
-/// The batch's events in delivery chains: one chain per Kafka key (a null key: per
-/// partition), each in input order. Chains run side by side.
-fn chains(rows: &[&GateRow]) -> Vec<Vec<usize>> {
-    #[derive(Hash, PartialEq, Eq)]
-    enum ChainKey<'a> {
-        Key(&'a [u8]),
-        Partition(&'a str, i32),
-    }
-    let mut index: HashMap<ChainKey<'_>, usize> = HashMap::new();
-    let mut chains: Vec<Vec<usize>> = Vec::new();
+/// What orders a delivery chain: events with the same Kafka key, or (a null key) of the
+/// same partition, are delivered one after the other, in input order.
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+enum ChainKey {
+    Key(Vec<u8>),
+    Partition(String, i32),
+}
+
+/// The batch's events in delivery chains: one chain per [`ChainKey`], each in input
+/// order. Chains run side by side.
+fn chains(rows: &[&GateRow]) -> Vec<(ChainKey, Vec<usize>)> {
+    let mut index: HashMap<ChainKey, usize> = HashMap::new();
+    let mut chains: Vec<(ChainKey, Vec<usize>)> = Vec::new();
     for (i, r) in rows.iter().enumerate() {
         let k = match &r.key {
-            Some(k) => ChainKey::Key(k),
-            None => ChainKey::Partition(&r.topic, r.partition),
+            Some(k) => ChainKey::Key(k.clone()),
+            None => ChainKey::Partition(r.topic.clone(), r.partition),
         };
-        let c = *index.entry(k).or_insert_with(|| {
-            chains.push(Vec::new());
+        let c = *index.entry(k.clone()).or_insert_with(|| {
+            chains.push((k, Vec::new()));
             chains.len() - 1
         });
-        chains[c].push(i);
+        chains[c].1.push(i);
     }
     chains
+}
+
+/// The end of one registered chain, which the next chain of its key (from a later
+/// batch of the same lane) waits for.
+#[derive(Default)]
+struct Tail {
+    ended: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Tail {
+    async fn wait(&self) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let notified = self.notify.notified();
+            if self.ended.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// One chain of a call to [`Sink::deliver`], registered when the call was made.
+struct Chain {
+    key: ChainKey,
+    rows: Vec<usize>,
+    /// The previous chain of this key, still running when this one was registered.
+    after: Option<Arc<Tail>>,
+    tail: Arc<Tail>,
+}
+
+/// Ends a chain's tail however the chain ends (and forgets it, unless a later chain of
+/// its key has registered since).
+struct EndTail<'a> {
+    inner: &'a Inner,
+    key: &'a ChainKey,
+    tail: &'a Arc<Tail>,
+}
+
+impl Drop for EndTail<'_> {
+    fn drop(&mut self) {
+        self.tail
+            .ended
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.tail.notify.notify_waiters();
+        let mut tails = self.inner.tails.lock().expect("tails lock");
+        if tails
+            .get(self.key)
+            .is_some_and(|t| Arc::ptr_eq(t, self.tail))
+        {
+            tails.remove(self.key);
+        }
+    }
 }
 
 /// An error and its causes, one line.
@@ -795,9 +894,7 @@ mod tests {
             row(0, 5, Some("b")),
         ];
         let refs: Vec<&GateRow> = rows.iter().collect();
-        assert_eq!(
-            chains(&refs),
-            vec![vec![0, 3], vec![1, 6], vec![2, 5], vec![4]]
-        );
+        let found: Vec<Vec<usize>> = chains(&refs).into_iter().map(|(_, c)| c).collect();
+        assert_eq!(found, vec![vec![0, 3], vec![1, 6], vec![2, 5], vec![4]]);
     }
 }
