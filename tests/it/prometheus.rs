@@ -745,6 +745,18 @@ async fn every_dashboard_panel_shows_data_from_a_real_sidecar() {
             && sidecar.metric("kdedup_rows_pruned_total") >= 100.0
     })
     .await;
+    // More HTTP deliveries, so that both sidecars' work is inside the panels' one-minute
+    // rate windows when the queries run, however long the Kafka sidecar's took.
+    let more: Vec<In> = (20..30)
+        .map(|i| In::event(0, &format!("h-{i}"), i))
+        .collect();
+    kafka.produce(&h.input, &more).await;
+    wait_until(
+        Duration::from_secs(60),
+        "the HTTP sidecar's second round",
+        || http_sidecar.metric("kdedup_events_forwarded_total") >= 30.0,
+    )
+    .await;
 
     // Scrapes, the lag statistics (every 5s) and the table gauges (every 2s) trail the
     // work by seconds: ask again until every panel shows data, or name those that do not.
