@@ -20,6 +20,23 @@
 //! `consume` (`consume/mod.rs`, the reader; `consume/lanes.rs`; `consume/settle.rs`); the
 //! sink seam is `sink/mod.rs`; configuration is [`cli`] and [`settings`].
 
+/// Logs about one gate row (`store::gate::GateRow`) with the fields every event line
+/// carries: the event id, its scope and its position, so `grep event_id=X` finds the whole
+/// story. Defined before the modules so that the gate's events and the HTTP sink share it
+/// (the relay's outbox rows name their fields differently and have their own).
+macro_rules! row_event {
+    ($level:ident, $row:expr, $($rest:tt)+) => {
+        $level!(
+            event_id = $row.event_id,
+            scope = $row.scope,
+            topic = $row.topic,
+            partition = $row.partition,
+            offset = $row.offset,
+            $($rest)+
+        )
+    };
+}
+
 pub mod app;
 pub mod cli;
 pub mod demo;

@@ -10,20 +10,6 @@ use crate::model::{InputMessage, Position};
 use crate::settings::PayloadMismatch;
 use crate::store::gate::GateRow;
 
-/// Logs about one gate row with the fields every event line carries.
-macro_rules! row_event {
-    ($level:ident, $row:expr, $($rest:tt)+) => {
-        $level!(
-            event_id = $row.event_id,
-            scope = $row.scope,
-            topic = $row.topic,
-            partition = $row.partition,
-            offset = $row.offset,
-            $($rest)+
-        )
-    };
-}
-
 /// A first sighting, committed with the sink's forwarding write.
 pub(super) struct FirstSeen<'a> {
     pub row: &'a GateRow,

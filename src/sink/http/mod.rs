@@ -66,20 +66,6 @@ use crate::store::gate::{event_key, GateRow, GateStatement};
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
-/// Logs about one event's delivery with the fields every event line carries.
-macro_rules! row_event {
-    ($level:ident, $row:expr, $($rest:tt)+) => {
-        $level!(
-            event_id = $row.event_id,
-            scope = $row.scope,
-            topic = $row.topic,
-            partition = $row.partition,
-            offset = $row.offset,
-            $($rest)+
-        )
-    };
-}
-
 /// Most bytes of an error answer kept in `last_error` and the dead letter's headers.
 const ERROR_EXCERPT_BYTES: usize = 512;
 
