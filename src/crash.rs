@@ -2,8 +2,8 @@
 //!
 //! A SIGKILL from outside lands at a random moment; the steps that matter for
 //! correctness are narrower than that (between the gate's statement and its COMMIT,
-//! between the COMMIT and the offset commit, between the broker's ack and the outbox
-//! delete). With the `crash-points` feature, `KDEDUP_CRASH_AT=<point>[:<n>]` aborts the
+//! between the COMMIT and the offset commit, between the broker's ack and the relay's
+//! checkpoint). With the `crash-points` feature, `KDEDUP_CRASH_AT=<point>[:<n>]` aborts the
 //! process the `n`-th time (default 1st) it reaches `<point>`: no drain, no offset commit,
 //! no destructor, as a SIGKILL would. Without the feature [`reached`] compiles to nothing.
 
@@ -16,7 +16,8 @@ pub enum Point {
     AfterDbCommit,
     /// The batch's offsets were committed to the group coordinator (synchronously).
     AfterOffsetCommit,
-    /// The broker acknowledged a relay round; its outbox rows were not deleted.
+    /// The broker acknowledged the relay's sends; the checkpoint recording them was not
+    /// written.
     RelayAfterAck,
 }
 

@@ -65,6 +65,10 @@ pub struct Metrics {
     pub sink_errors: IntCounterVec,
     pub outbox_backlog: IntGauge,
     pub relay_active: IntGauge,
+    pub relay_streams: IntGauge,
+    pub relay_takeovers: IntCounter,
+    pub relay_rows_read_back: IntCounter,
+    pub outbox_slots_truncated: IntCounter,
     pub relay_failures: IntCounter,
     /// Input fetches librdkafka could not decode (a compression codec it lacks, a corrupt
     /// batch): the partition makes no progress until it can.
@@ -244,14 +248,42 @@ impl Metrics {
                 &registry,
                 gauge(
                     "kdedup_outbox_backlog",
-                    "Outbox rows committed but not yet acknowledged by the broker (every replica reads the shared outbox).",
+                    "Outbox rows committed but not yet published, over all streams of the schema (every replica reads the same figure).",
                 ),
             ),
             relay_active: reg(
                 &registry,
                 gauge(
                     "kdedup_relay_active",
-                    "1 when this process holds the relay lock and publishes, 0 on standby.",
+                    "1 when this process's relay holds at least one outbox stream and publishes it.",
+                ),
+            ),
+            relay_streams: reg(
+                &registry,
+                gauge(
+                    "kdedup_relay_streams",
+                    "Outbox streams (input partitions) this process's relay holds and publishes.",
+                ),
+            ),
+            relay_takeovers: reg(
+                &registry,
+                counter(
+                    "kdedup_relay_takeovers_total",
+                    "Streams taken over: the output topic's tail read back so that nothing is published twice (at start, after a rebalance, after a failed produce).",
+                ),
+            ),
+            relay_rows_read_back: reg(
+                &registry,
+                counter(
+                    "kdedup_relay_rows_read_back_total",
+                    "Outbox rows the relay read back from Postgres instead of taking them from the gate lanes in memory (take-overs, gaps, a relay that fell behind).",
+                ),
+            ),
+            outbox_slots_truncated: reg(
+                &registry,
+                counter(
+                    "kdedup_outbox_slots_truncated_total",
+                    "Outbox slots emptied with TRUNCATE once every row in them was published.",
                 ),
             ),
             relay_failures: reg(
@@ -273,7 +305,7 @@ impl Metrics {
                 Histogram::with_opts(
                     HistogramOpts::new(
                         "kdedup_relay_publish_duration_seconds",
-                        "Time for one relay round: read outbox rows, produce, await acks, delete.",
+                        "Time from the relay's send of an outbox row to the broker's acknowledgement.",
                     )
                     .buckets(seconds_buckets.clone()),
                 )

@@ -252,8 +252,12 @@ pub enum OnConflict {
 /// The Kafka sink's relay.
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
-    /// Run the relay in this process (one per schema publishes; others stand by).
+    /// Run the relay in this process: it publishes the streams of the partitions this
+    /// process gates, and adopts streams nobody publishes.
     pub enabled: bool,
+    /// How long the gate writes into one outbox slot before moving on to the next (an
+    /// empty one); a slot is emptied with TRUNCATE once all its rows are published.
+    pub rotate_every: std::time::Duration,
     /// Most outbox rows per round.
     pub batch_size: usize,
     /// Most key + value + header bytes per round (always at least one row).

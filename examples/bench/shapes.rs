@@ -146,9 +146,11 @@ ORDER BY b.ord
 
 /// The gate statement as the Kafka sink runs it (src/store/gate.rs).
 pub fn shipped_gate_sql() -> String {
-    kdedup::store::gate::GateStatement::new(Some(kdedup::store::outbox::OUTBOX_WRITE))
-        .sql()
-        .to_string()
+    kdedup::store::gate::GateStatement::new(Some(&kdedup::store::outbox::outbox_write(
+        kdedup::store::outbox::LIVE,
+    )))
+    .sql()
+    .to_string()
 }
 
 pub fn shapes() -> Vec<Shape> {

@@ -27,10 +27,11 @@ use crate::metrics::Metrics;
 use crate::retry::Backoff;
 use crate::settings::{RunSettings, SinkSettings};
 use crate::sink::http::HttpSink;
-use crate::sink::kafka::relay::Relay;
+use crate::sink::kafka::relay::{self, Assignment, Relay};
 use crate::sink::kafka::KafkaSink;
 use crate::sink::{postgres, Sink};
 use crate::store;
+use crate::store::outbox;
 use health::{health_checks, Fatal, HealthChecks};
 
 /// Handles a caller needs while the sidecar runs (tests read metrics through them).
@@ -118,7 +119,7 @@ pub async fn run(
         "largest input message accepted (larger ones are dead-lettered)"
     );
 
-    let relay_wakeup = Arc::new(Notify::new());
+    let assignment = Arc::new(Assignment::default());
     let consumer = Arc::new(kafka::consumer(
         &cfg.kafka.brokers,
         &cfg.kafka.group_id,
@@ -127,6 +128,7 @@ pub async fn run(
             health: health.clone(),
             metrics: metrics.clone(),
             pending: Default::default(),
+            assignment: assignment.clone(),
         }),
     )?);
 
@@ -171,20 +173,29 @@ pub async fn run(
     let relay_stop = CancellationToken::new();
     let (sink, relay): (Arc<dyn Sink>, _) = match (&cfg.sink, postgres_sink) {
         (SinkSettings::Kafka { output_topic }, _) => {
+            // The relay takes what the lanes commit in memory, up to the relay's byte
+            // budget; past it, it reads back from the outbox.
+            let (feed, intake) = relay::channel(cfg.relay.batch_max_bytes);
             let relay = cfg.relay.enabled.then(|| {
                 let relay = Relay {
                     emptied: Some(outbox_emptied.clone()),
+                    assignment: Some(assignment.clone()),
                     ..Relay::new(
                         &cfg,
+                        pool.clone(),
                         output_topic,
                         producer.clone(),
                         metrics.clone(),
-                        relay_wakeup.clone(),
+                        intake,
                     )
                 };
                 tokio::spawn(relay.run(relay_stop.clone()))
             });
-            (Arc::new(KafkaSink { relay_wakeup }), relay)
+            let sink = KafkaSink {
+                stream_prefix: outbox::LIVE,
+                feed: cfg.relay.enabled.then_some(feed),
+            };
+            (Arc::new(sink), relay)
         }
         (SinkSettings::Postgres(_), Some(sink)) => (Arc::new(sink), None),
         (SinkSettings::Postgres(_), None) => unreachable!("prepared above"),

@@ -201,9 +201,16 @@ pub struct RunArgs {
     #[arg(long, env = "KDEDUP_RELAY_BATCH_MAX_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub relay_batch_max_bytes: usize,
 
-    /// Run the outbox relay in this process (one relay per schema publishes; others stand by).
+    /// Run the outbox relay in this process: it publishes the partitions this process
+    /// gates and adopts streams nobody publishes (off: rows wait for another replica's).
     #[arg(long, env = "KDEDUP_RELAY", default_value_t = true, action = clap::ArgAction::Set)]
     pub relay: bool,
+
+    /// How long the gate writes into one outbox slot before it moves to the next; a slot
+    /// is emptied with TRUNCATE once every row in it is published. Bounds the outbox to
+    /// about two intervals of input while the relay keeps up.
+    #[arg(long, env = "KDEDUP_OUTBOX_ROTATE_INTERVAL", default_value = "10s")]
+    pub outbox_rotate_interval: String,
 
     /// Admin HTTP address: /metrics, /livez, /readyz.
     #[arg(long, env = "KDEDUP_METRICS_ADDR", default_value = "0.0.0.0:9464")]

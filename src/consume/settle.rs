@@ -185,7 +185,7 @@ impl Gate {
         }
 
         let gated_since = Instant::now();
-        let mut outcomes = self.gate_with_retry(&candidates, stop).await?;
+        let (mut outcomes, seqs) = self.gate_with_retry(&candidates, stop).await?;
         if let Some(k) = &self.keepalive {
             k.resume().await;
         }
@@ -194,7 +194,8 @@ impl Gate {
         let delivered = self
             .deliver(&candidates, &mut outcomes, gated_since, stop, delivering)
             .await?;
-        let late_rejects = self.record_outcomes(candidates, outcomes, delivered, &mut summary);
+        let (late_rejects, sequenced) =
+            self.record_outcomes(candidates, outcomes, seqs, delivered, &mut summary);
         // Mismatches found by the gate (and rows Postgres refused) are dead-lettered after
         // its commit; a crash before this produce redelivers the message, and the gate
         // finds the mismatch (or the refusal) again.
@@ -209,7 +210,7 @@ impl Gate {
         }
         self.metrics.events_gated.inc_by(summary.first_seen as u64);
         if summary.first_seen > 0 {
-            self.sink.committed(summary.first_seen);
+            self.sink.committed(summary.first_seen, sequenced);
         }
         self.metrics
             .batch_duration
@@ -386,7 +387,7 @@ impl Gate {
             for &i in &busy {
                 again.push(candidates.rows()[i].clone());
             }
-            let regated = self.gate_with_retry(&again, stop).await?;
+            let (regated, _) = self.gate_with_retry(&again, stop).await?;
             let mut still = Vec::new();
             for (i, o) in busy.into_iter().zip(regated) {
                 match o {
@@ -402,16 +403,25 @@ impl Gate {
     /// Counts, logs and summarises what the gate decided; returns the rows to dead-letter
     /// after the commit (mismatches, rows Postgres refused, deliveries that failed for
     /// good: `failed`, one per row).
+    /// Counts and logs each row's outcome. Returns the rows to dead-letter, and the first
+    /// sightings that got a seq in an outbox stream (for the sink's hand-off).
     fn record_outcomes(
         &self,
         candidates: GateBatch,
         outcomes: Vec<RowResult>,
+        seqs: Vec<Option<i64>>,
         failed: Vec<Option<Rejection>>,
         summary: &mut BatchSummary,
-    ) -> Vec<(InputMessage, Rejection)> {
+    ) -> (Vec<(InputMessage, Rejection)>, Vec<(GateRow, i64)>) {
         let committed_at = chrono::Utc::now().timestamp_millis();
         let mut late_rejects: Vec<(InputMessage, Rejection)> = Vec::new();
-        for ((row, outcome), failed) in candidates.into_rows().into_iter().zip(outcomes).zip(failed)
+        let mut sequenced = Vec::new();
+        for (((row, outcome), failed), seq) in candidates
+            .into_rows()
+            .into_iter()
+            .zip(outcomes)
+            .zip(failed)
+            .zip(seqs)
         {
             let outcome = match outcome {
                 Ok(outcome) => outcome,
@@ -458,6 +468,8 @@ impl Gate {
                     if let Some(why) = failed {
                         summary.delivery_failed += 1;
                         late_rejects.push((row_to_message(row), why));
+                    } else if let Some(seq) = seq {
+                        sequenced.push((row, seq));
                     }
                 }
                 GateOutcome::Busy => {
@@ -483,7 +495,7 @@ impl Gate {
                 }
             }
         }
-        late_rejects
+        (late_rejects, sequenced)
     }
 
     /// `(scope, event_id)` of a message, or why it has none.
@@ -531,8 +543,9 @@ impl Gate {
         &self,
         batch: &GateBatch,
         stop: &CancellationToken,
-    ) -> Result<Vec<RowResult>, Abandoned> {
+    ) -> Result<(Vec<RowResult>, Vec<Option<i64>>), Abandoned> {
         let mut results: Vec<Option<RowResult>> = vec![None; batch.len()];
+        let mut seqs: Vec<Option<i64>> = vec![None; batch.len()];
         let mut duplicates_counted = false;
         // Ranges still to gate, the next one last; the whole batch at first.
         let mut todo = vec![(0, batch.len())];
@@ -542,10 +555,13 @@ impl Gate {
             }
             let part = batch.part(lo..hi, !duplicates_counted);
             match self.gate_attempts(part, hi - lo, stop).await? {
-                Ok(outcomes) => {
+                Ok((outcomes, part_seqs)) => {
                     duplicates_counted = true;
                     for (slot, outcome) in results[lo..hi].iter_mut().zip(outcomes) {
                         *slot = Some(Ok(outcome));
+                    }
+                    for (slot, seq) in seqs[lo..hi].iter_mut().zip(part_seqs) {
+                        *slot = seq;
                     }
                 }
                 Err(refused) if hi - lo == 1 => results[lo] = Some(Err(refused)),
@@ -562,10 +578,11 @@ impl Gate {
                 }
             }
         }
-        Ok(results
+        let results = results
             .into_iter()
             .map(|r| r.expect("every row is gated or refused"))
-            .collect())
+            .collect();
+        Ok((results, seqs))
     }
 
     /// One part of a batch through the gate, retried until it commits, `stop` fires, or
@@ -575,7 +592,7 @@ impl Gate {
         part: gate::GatePart<'_>,
         rows: usize,
         stop: &CancellationToken,
-    ) -> Result<Result<Vec<GateOutcome>, Refused>, Abandoned> {
+    ) -> Result<Result<(Vec<GateOutcome>, Vec<Option<i64>>), Refused>, Abandoned> {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
         let timeout = self.settings.attempt_timeout;
         loop {
@@ -602,7 +619,7 @@ impl Gate {
                             .sink_statement_duration
                             .observe(w.duration.as_secs_f64());
                     }
-                    return Ok(Ok(commit.outcomes));
+                    return Ok(Ok((commit.outcomes, commit.seqs)));
                 }
                 Err(e) => {
                     if let Some(refused) = e.refused() {

@@ -21,6 +21,8 @@ pub struct ConsumerState {
     pub metrics: Metrics,
     /// Input in the lanes, for the lag in time.
     pub pending: Arc<Pending>,
+    /// The partitions assigned, for the relay: it lets go of the streams of the others.
+    pub assignment: Arc<crate::sink::kafka::relay::Assignment>,
 }
 
 /// The consumer's context: logs and records rebalances.
@@ -107,6 +109,7 @@ impl ConsumerContext for KdedupContext {
                     .map(|e| format!("{}/{}", e.topic(), e.partition()))
                     .collect();
                 info!(partitions = ?parts, "partitions assigned");
+                self.state.assignment.set(parts.iter().cloned());
                 self.state
                     .metrics
                     .assigned_partitions
@@ -120,6 +123,7 @@ impl ConsumerContext for KdedupContext {
             Rebalance::Revoke(_) => {
                 // Not ready until the next assignment: a consumer evicted from its group
                 // (or between two rebalance steps) is not consuming.
+                self.state.assignment.set([]);
                 self.state.metrics.assigned_partitions.set(0);
                 self.state
                     .health

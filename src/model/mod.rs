@@ -13,6 +13,9 @@ use identity::MessageView;
 pub mod header {
     pub const EVENT_ID: &str = "kdedup-event-id";
     pub const SOURCE: &str = "kdedup-source";
+    /// Where an output message stands in its outbox stream: `stream@seq` (the relay's
+    /// exactly-once bookkeeping, see `sink::kafka::relay`).
+    pub const POSITION: &str = "kdedup-position";
     pub const DLQ_REASON: &str = "kdedup-dlq-reason";
     pub const DLQ_ERROR: &str = "kdedup-dlq-error";
     /// The SQLSTATE of a `db_refused` or `sink_rejected` dead letter.

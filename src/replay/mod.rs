@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use rdkafka::consumer::BaseConsumer;
-use tokio::sync::Notify;
 use tokio::task::block_in_place;
 use tokio_util::sync::CancellationToken;
 
@@ -240,11 +239,14 @@ async fn replay(
 
     // Nothing below writes until the range has passed the age check.
     let pool = db::pool(&cfg.db)?;
-    let wakeup = Arc::new(Notify::new());
+    let (feed, intake) = crate::sink::kafka::relay::channel(cfg.relay.batch_max_bytes);
     let producer = crate::kafka::producer(&cfg.kafka.brokers, &cfg.kafka.properties)?;
     let sink: Arc<dyn Sink> = match &cfg.sink {
+        // Its rows are numbered in streams of their own (`replay:topic/partition`),
+        // published by this process's relay.
         SinkSettings::Kafka { .. } => Arc::new(KafkaSink {
-            relay_wakeup: wakeup.clone(),
+            stream_prefix: outbox::REPLAY,
+            feed: Some(feed),
         }),
         // Checked before anything is read or written: the statement and its grants.
         SinkSettings::Postgres(settings) => {
@@ -311,10 +313,11 @@ async fn replay(
             tokio::spawn(
                 Relay::new(
                     &cfg,
+                    pool.clone(),
                     output_topic,
                     producer.clone(),
                     metrics.clone(),
-                    wakeup.clone(),
+                    intake,
                 )
                 .run(relay_stop.clone()),
             )
@@ -364,8 +367,8 @@ async fn replay(
     summary.ended_short = ended_short;
 
     if let Some(relay) = relay {
-        // The outbox rows are published by whichever relay holds the lock: this one, or a
-        // running sidecar's.
+        // This relay publishes the replay's streams; rows of other streams (a sidecar's)
+        // are counted too, and published by their own relays.
         wait_for_outbox(&pool, publish_timeout).await;
         relay_stop.cancel();
         let _ = relay.await;

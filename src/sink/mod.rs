@@ -44,8 +44,9 @@ pub trait Sink: Send + Sync {
     }
 
     /// A gate transaction just committed `first_seen` first sightings (called only when
-    /// there was at least one).
-    fn committed(&self, first_seen: usize);
+    /// there was at least one); `sequenced` are those that got a seq in an outbox stream
+    /// (the Kafka sink's), with it, in input order.
+    fn committed(&self, first_seen: usize, sequenced: Vec<(GateRow, i64)>);
 
     /// The rows the gate just committed as first sightings, delivered before the batch's
     /// offsets are stored: returns once each has its final outcome written, or `None`

@@ -7,7 +7,7 @@
 //! inserted, and adds the decisions to the per-scope totals in `gate_counters`. It commits
 //! with the batch, so a crash leaves all of it or none.
 //!
-//! The sink's part is one data-modifying CTE ([`GateStatement::new`]); it reads `batch`
+//! The sink's part is data-modifying CTEs ([`GateStatement::new`]); they read `batch`
 //! (the candidate rows, with their input order `ord`) joined to `gate` (the keys this
 //! statement inserted), so it sees first-seen events only.
 //!
@@ -175,6 +175,8 @@ pub enum GateOutcome {
 pub struct GateCommit {
     /// One per row, in the part's order.
     pub outcomes: Vec<GateOutcome>,
+    /// One per row: the first sighting's seq in its outbox stream (Kafka sink only).
+    pub seqs: Vec<Option<i64>>,
     /// The sink statement's run, when there is one and the part had first sightings.
     pub written: Option<Written>,
     /// Leased statements: rows taken over from a `PROCESSING` row whose lease expired.
@@ -193,17 +195,19 @@ pub struct GateStatement {
 }
 
 impl GateStatement {
-    /// The gate with `forward` as the sink's forwarding write: the body of one
-    /// data-modifying CTE that reads `batch b JOIN gate g ON g.event_key = b.event_key`
-    /// (see the module docs), or `None` for a sink that writes nothing in the statement.
+    /// The gate with `forward` as the sink's forwarding write: data-modifying CTEs (each
+    /// `name AS (...),`) that read `batch b JOIN gate g ON g.event_key = b.event_key` (see
+    /// the module docs), or `None` for a sink that writes nothing in the statement. When
+    /// they define `sequenced (ord, seq)`, the statement returns each first sighting's
+    /// stream seq (the Kafka sink's outbox, [`super::outbox::outbox_write`]).
     pub fn new(forward: Option<&str>) -> Self {
-        let forward = forward
-            .map(|cte| format!("forwarded AS (\n{cte}\n),\n"))
-            .unwrap_or_default();
+        let forward = forward.unwrap_or_default();
+        let select = match forward.contains("sequenced AS (") {
+            true => GATE_SELECT_SEQUENCED,
+            false => GATE_SELECT,
+        };
         GateStatement {
-            sql: format!(
-                "{GATE_BATCH}{GATE_HEAD}{forward}{GATE_DECIDED}{GATE_COUNTED}{GATE_SELECT}"
-            ),
+            sql: format!("{GATE_BATCH}{GATE_HEAD}{forward}{GATE_DECIDED}{GATE_COUNTED}{select}"),
             after: None,
             lease: None,
         }
@@ -381,9 +385,17 @@ counted AS (
 
 const GATE_SELECT: &str = r#"
 SELECT ord, inserted, source_topic, source_partition, source_offset, payload_differs,
-       busy, taken_over
+       busy, taken_over, NULL::int8 AS seq
 FROM decided
 ORDER BY ord
+"#;
+
+const GATE_SELECT_SEQUENCED: &str = r#"
+SELECT d.ord, d.inserted, d.source_topic, d.source_partition, d.source_offset,
+       d.payload_differs, d.busy, d.taken_over, s.seq
+FROM decided d
+LEFT JOIN sequenced s ON s.ord = d.ord
+ORDER BY d.ord
 "#;
 
 /// The running totals of a gate whose counters are not in its statement (see
@@ -398,7 +410,7 @@ ON CONFLICT (scope) DO UPDATE
         updated_at = now()";
 
 /// `(ord, inserted, first topic, first partition, first offset, payload differs, busy,
-/// taken over)`.
+/// taken over, stream seq)`.
 type GateResultRow = (
     i64,
     bool,
@@ -408,6 +420,7 @@ type GateResultRow = (
     bool,
     bool,
     bool,
+    Option<i64>,
 );
 
 /// Runs the gate for `part` in one transaction (with the statement that follows it, if
@@ -422,6 +435,7 @@ pub async fn gate(
     if rows.is_empty() {
         return Ok(GateCommit {
             outcomes: Vec::new(),
+            seqs: Vec::new(),
             written: None,
             taken_over: 0,
         });
@@ -505,7 +519,7 @@ pub async fn gate(
             written = Some(w);
         }
         let mut totals: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
-        for ((_, inserted, _, _, _, differs, _, _), row) in result.iter().zip(rows) {
+        for ((_, inserted, _, _, _, differs, ..), row) in result.iter().zip(rows) {
             let t = totals.entry(row.scope.as_str()).or_default();
             match (inserted, differs) {
                 (true, _) => t.1 += 1,
@@ -529,10 +543,11 @@ pub async fn gate(
     crate::crash::reached(crate::crash::Point::BeforeDbCommit);
     tx.commit().await?;
     let taken_over = result.iter().filter(|r| r.7).count();
+    let seqs = result.iter().map(|r| r.8).collect();
     let outcomes = result
         .into_iter()
         .map(
-            |(_, inserted, topic, partition, offset, differs, busy, _)| {
+            |(_, inserted, topic, partition, offset, differs, busy, ..)| {
                 if inserted {
                     return GateOutcome::Forwarded;
                 }
@@ -556,6 +571,7 @@ pub async fn gate(
         .collect();
     Ok(GateCommit {
         outcomes,
+        seqs,
         written,
         taken_over,
     })

@@ -159,7 +159,7 @@ async fn tables(
 ) -> anyhow::Result<(bool, bool, bool)> {
     let found: (bool, bool, bool) = sqlx::query_as(
         "SELECT to_regclass('processed_events') IS NOT NULL,
-                to_regclass('outbox') IS NOT NULL,
+                to_regclass('outbox') IS NOT NULL AND to_regclass('relay_outbox') IS NOT NULL,
                 to_regclass('gate_counters') IS NOT NULL",
     )
     .fetch_one(&mut **tx)
@@ -184,12 +184,23 @@ type SightingRow = (
     Option<DateTime<Utc>>,
 );
 
-// The outbox has no index on the id: its rows live only until the relay publishes them,
-// so scanning it for one id is cheap unless the relay has been down for a long time.
+// An outbox row waits in one of the streams of its first sighting's partition (live, replay
+// or upgrade), past that stream's checkpoint: a range of the (stream, seq) index, short
+// unless the relay has been down for a long time. The previous version's outbox has no
+// index on the id, and is empty once a relay of this version ran.
 const SIGHTING_COLUMNS: &str = "pe.scope, pe.source_topic, pe.source_partition, \
     pe.source_offset, pe.payload_hash, pe.first_seen_at, pe.expires_at, \
-    (SELECT min(o.created_at) FROM outbox o \
-     WHERE o.scope = pe.scope AND o.event_id = pe.event_id) AS queued_since";
+    (SELECT min(t) FROM ( \
+        SELECT o.created_at AS t FROM relay_outbox o \
+        LEFT JOIN relay_checkpoints c ON c.stream = o.stream \
+        WHERE o.stream IN (pe.source_topic || '/' || pe.source_partition, \
+                           'replay:' || pe.source_topic || '/' || pe.source_partition, \
+                           'upgrade:' || pe.source_topic || '/' || pe.source_partition) \
+          AND o.seq > coalesce(c.published_seq, 0) \
+          AND o.scope = pe.scope AND o.event_id = pe.event_id \
+        UNION ALL \
+        SELECT o.created_at FROM outbox o WHERE o.scope = pe.scope AND o.event_id = pe.event_id \
+    ) waiting) AS queued_since";
 
 /// Looks `event_id` up in one scope, or in every scope. Either way each lookup is a probe
 /// of the primary key, `event_key(scope, event_id)`; without a scope, the scopes are the
@@ -337,10 +348,10 @@ pub async fn stats(cfg: &DbSettings) -> anyhow::Result<Stats> {
         sqlx::query_scalar("SELECT count(*) FROM processed_events WHERE expires_at <= now()")
             .fetch_one(&mut *tx)
             .await?;
-    let (outbox_rows, outbox_oldest): (i64, Option<DateTime<Utc>>) =
-        sqlx::query_as("SELECT count(*), min(created_at) FROM outbox")
-            .fetch_one(&mut *tx)
-            .await?;
+    let outbox_rows = super::outbox::backlog(&mut *tx).await?;
+    let outbox_oldest = super::outbox::oldest_age(&mut *tx)
+        .await?
+        .map(|age| now - chrono::Duration::milliseconds((age * 1000.0) as i64));
     let counters = if has_counters {
         let rows: Vec<CounterRow> = sqlx::query_as(
             "SELECT scope, duplicates, forwarded, created_at, updated_at FROM gate_counters

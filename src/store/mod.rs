@@ -14,6 +14,7 @@ pub mod inspect;
 pub mod lock;
 pub mod outbox;
 pub mod prune;
+pub mod relay;
 pub mod sidecars;
 pub mod stats;
 

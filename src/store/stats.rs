@@ -9,7 +9,7 @@ use super::outbox;
 pub struct TableStats {
     /// `processed_events` rows (the statistics collector's live-row count).
     pub processed_events_rows: i64,
-    /// Outbox rows waiting (exact up to [`outbox::BACKLOG_EXACT`]).
+    /// Outbox rows waiting to be published.
     pub outbox_backlog: i64,
     /// Age of the oldest outbox row, seconds (0 when empty).
     pub outbox_oldest_age_s: i64,

@@ -73,6 +73,7 @@ async fn a_broker_outage_loses_nothing_and_the_relay_resumes() {
         relay_batch_size: 500,
         relay_batch_max_bytes: 16 << 20,
         relay: true,
+        outbox_rotate_interval: "10s".into(),
         metrics_addr: "127.0.0.1:0".into(),
         shutdown_timeout: "5s".into(),
         migrate_on_start: true,

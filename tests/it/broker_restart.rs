@@ -42,7 +42,7 @@ async fn a_broker_restart_loses_nothing_forwards_nothing_twice_and_the_relay_res
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let gated = count(&pool, &t.schema, "processed_events").await;
-        let pending = count(&pool, &t.schema, "outbox").await;
+        let pending = count(&pool, &t.schema, "outbox_pending").await;
         if gated > 600 && pending > 0 {
             break;
         }
@@ -66,7 +66,7 @@ async fn a_broker_restart_loses_nothing_forwards_nothing_twice_and_the_relay_res
         b3.produce(&in3, &msgs).await;
     });
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let pending_while_down = count(&pool, &t.schema, "outbox").await;
+    let pending_while_down = count(&pool, &t.schema, "outbox_pending").await;
     let gated_while_down = count(&pool, &t.schema, "processed_events").await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(
@@ -83,7 +83,7 @@ async fn a_broker_restart_loses_nothing_forwards_nothing_twice_and_the_relay_res
     let ends = b.high_watermarks(&t.input, 2);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let pending = count(&pool, &t.schema, "outbox").await;
+        let pending = count(&pool, &t.schema, "outbox_pending").await;
         let gated = count(&pool, &t.schema, "processed_events").await;
         let committed = b.committed_offsets(&t.group, &t.input, 2);
         if pending == 0 && gated == distinct.len() as i64 && committed == ends {
@@ -127,7 +127,11 @@ async fn a_broker_restart_loses_nothing_forwards_nothing_twice_and_the_relay_res
         distinct,
         "every distinct id is on the output"
     );
-    assert_eq!(count(&pool, &t.schema, "outbox").await, 0, "relay resumed");
+    assert_eq!(
+        count(&pool, &t.schema, "outbox_pending").await,
+        0,
+        "relay resumed"
+    );
     assert!(
         relayed > forwarded_at_kill,
         "the relay published after the restart"

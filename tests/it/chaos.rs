@@ -3,12 +3,9 @@
 //! once while a sidecar runs, then the invariants in the README ("How it works") are checked on sets:
 //!
 //! - the set of `kdedup-event-id` on the output == the set of distinct input ids, and no
-//!   id is on the output twice, except where the relay's own logs place the repeat in its
-//!   documented window (the relay sent a round of outbox rows, then was SIGKILLed or lost
-//!   its Postgres connection before that round's delete committed, so the next relay sent
-//!   them again, whether or not the broker's acks had arrived);
-//!   those are counted and printed, any other repeat is a violation, and with
-//!   `KDEDUP_CHAOS_STRICT=1` every repeat is;
+//!   id is on the output twice: every repeat is a violation (the relay's take-overs read
+//!   the output topic's tail, so a kill between a send and its checkpoint repeats
+//!   nothing; how many rows the take-overs found already published is printed);
 //! - `sum(forwarded)` in `gate_counters` == distinct ids, and `processed_events` holds
 //!   exactly those ids: the gate forwarded each once;
 //! - every input position (partition, offset), read back from the input topic, is the
@@ -104,107 +101,19 @@ fn restart_postgres() {
     panic!("postgres did not come back");
 }
 
-/// How a relay session (from its "relay active" to its end) ended, as its log tells.
-#[derive(Clone, Copy, PartialEq, Debug)]
-enum SessionEnd {
-    /// "relay stopped": a clean shutdown, every acknowledged row deleted.
-    Stopped,
-    /// "relay lost its Postgres connection": the delete of its last batch may not have run.
-    ConnectionLost,
-    /// The last session of a SIGKILLed life: same.
-    Killed,
-    /// Nothing logged (should not happen).
-    Open,
-}
-
-struct RelaySession {
-    life: usize,
-    /// Ids of the session's last round that the relay logged as "sending" and whose
-    /// "outbox rows deleted" it never logged: still in the outbox when the session ended.
-    unfinished: HashSet<String>,
-    end: SessionEnd,
-}
-
-/// The relay sessions of each life, from its log (at debug the relay logs each row it
-/// enqueues as "sending" with its round, and "outbox rows deleted" once the round's delete
-/// committed).
-fn relay_sessions(logs: &[(std::path::PathBuf, bool)]) -> Vec<RelaySession> {
-    let mut sessions: Vec<RelaySession> = Vec::new();
-    for (life, (log, killed)) in logs.iter().enumerate() {
-        let first = sessions.len();
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        let mut round = None;
-        for line in text.lines() {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-                continue;
-            };
-            if v["target"] != "kdedup::sink::kafka::relay" {
-                continue;
-            }
-            let msg = v["message"].as_str().unwrap_or_default();
-            if msg == "relay active" || sessions.len() == first {
-                sessions.push(RelaySession {
-                    life,
-                    unfinished: HashSet::new(),
-                    end: SessionEnd::Open,
-                });
-                round = None;
-            }
-            let current = sessions.last_mut().unwrap();
-            if msg == "sending" {
-                if round != v["round"].as_u64() {
-                    round = v["round"].as_u64();
-                    current.unfinished.clear();
-                }
-                if let Some(id) = v["event_id"].as_str() {
-                    current.unfinished.insert(id.to_string());
-                }
-            } else if msg == "outbox rows deleted" {
-                if round == v["round"].as_u64() {
-                    current.unfinished.clear();
-                }
-            } else if msg.starts_with("relay lost its Postgres connection") {
-                current.end = SessionEnd::ConnectionLost;
-            } else if msg == "relay stopped" {
-                current.end = SessionEnd::Stopped;
-            }
-        }
-        if *killed && sessions.len() > first {
-            let last = sessions.last_mut().unwrap();
-            if last.end == SessionEnd::Open {
-                last.end = SessionEnd::Killed;
-            }
-        }
-    }
-    sessions
-}
-
-/// Sorts the ids that are on the output more than once into those the relay's documented
-/// window explains and the rest. The window: a relay sent a round of outbox rows, then
-/// ended without a clean stop (SIGKILL, or its Postgres connection lost) before that
-/// round's delete committed; the next relay sends those rows again, and every row the
-/// broker had already written (acknowledged or still in flight) appears twice. An id with
-/// n copies is explained when n - 1 such unfinished rounds, each of a different session,
-/// held it. Returns (explained ids with the cause of each repeat, unexplained ids).
-fn attribute_repeats(
-    repeated: &HashMap<String, usize>,
-    sessions: &[RelaySession],
-) -> (Vec<(String, Vec<String>)>, Vec<String>) {
-    let (mut explained, mut unexplained) = (Vec::new(), Vec::new());
-    for (id, copies) in repeated {
-        let causes: Vec<String> = sessions
-            .iter()
-            .filter(|s| matches!(s.end, SessionEnd::Killed | SessionEnd::ConnectionLost))
-            .filter(|s| s.unfinished.contains(id))
-            .map(|s| format!("life {} {:?}", s.life, s.end))
-            .collect();
-        if causes.len() + 1 >= *copies {
-            explained.push((id.clone(), causes));
-        } else {
-            unexplained.push(id.clone());
-        }
-    }
-    (explained, unexplained)
+/// Rows past a checkpoint that the relays' take-overs found in the output topic already
+/// (and did not send again), from the sidecars' logs.
+fn found_in_tail(logs: &[std::path::PathBuf]) -> u64 {
+    logs.iter()
+        .flat_map(|log| {
+            std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter_map(|v| v["already_in_topic"].as_u64())
+                .collect::<Vec<_>>()
+        })
+        .sum()
 }
 
 /// Waits until the sidecar owns a partition (readiness alone includes an empty assignment).
@@ -459,7 +368,7 @@ async fn chaos_kills_and_restarts_keep_every_invariant() {
     // The last life settles everything: outbox empty, offsets committed to the end.
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        let pending = count(&pool, &t.schema, "outbox").await;
+        let pending = count(&pool, &t.schema, "outbox_pending").await;
         let committed = b.committed_offsets(&t.group, &t.input, 3);
         if pending == 0 && committed == ends {
             break;
@@ -500,7 +409,7 @@ async fn chaos_kills_and_restarts_keep_every_invariant() {
         .collect();
     let (gate_forwarded, gate_duplicates) = gate_totals(&pool, &t.schema).await;
     let gated = gated_ids(&pool, &t.schema).await;
-    let pending = count(&pool, &t.schema, "outbox").await;
+    let pending = count(&pool, &t.schema, "outbox_pending").await;
 
     // Every input position accounted for.
     let (mut forwarded, mut duplicates, mut dead_lettered) = (0usize, 0usize, 0usize);
@@ -536,39 +445,20 @@ async fn chaos_kills_and_restarts_keep_every_invariant() {
             output_ids.difference(&distinct).count()
         ));
     }
-    // Repeats on the output: those the relay logs place in the send-before-delete window
-    // (README, "How it works": the relay's one window, a crash after the send and before
-    // the delete) are reported; any other repeat is a violation, and so is every repeat
-    // under KDEDUP_CHAOS_STRICT=1.
+    // Every repeat on the output is a violation.
     sidecar.sigterm(Duration::from_secs(10));
     logs.push((sidecar.log.clone(), false));
-    let repeated: HashMap<String, usize> = on_output
-        .iter()
-        .filter(|(_, n)| **n > 1)
-        .map(|(id, n)| (id.clone(), *n))
-        .collect();
-    let (explained, unexplained) = attribute_repeats(&repeated, &relay_sessions(&logs));
-    let mut window_causes: HashMap<String, usize> = HashMap::new();
-    for (_, causes) in &explained {
-        for c in causes {
-            *window_causes.entry(c.clone()).or_default() += 1;
-        }
-    }
-    let mut window_causes: Vec<_> = window_causes.into_iter().collect();
-    window_causes.sort();
-    let strict = std::env::var("KDEDUP_CHAOS_STRICT").is_ok_and(|v| v == "1");
-    if !unexplained.is_empty() {
-        let mut some = unexplained.clone();
+    let in_tail = found_in_tail(&logs.iter().map(|(l, _)| l.clone()).collect::<Vec<_>>());
+    if repeats > 0 {
+        let mut some: Vec<&String> = on_output
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(id, _)| id)
+            .collect();
         some.sort();
         some.truncate(5);
         violations.push(format!(
-            "{} ids repeat on the output outside the relay's send-before-delete window, e.g. {some:?}",
-            unexplained.len()
-        ));
-    }
-    if strict && repeats > 0 {
-        violations.push(format!(
-            "{repeats} output messages repeat an id ({repeated_ids} ids) and KDEDUP_CHAOS_STRICT=1"
+            "{repeats} output messages repeat an id ({repeated_ids} ids, e.g. {some:?})"
         ));
     }
     if forwarded != distinct.len() {
@@ -615,7 +505,7 @@ async fn chaos_kills_and_restarts_keep_every_invariant() {
     println!("  inputs (read back)            {:>7}   (acknowledged to the load generator: {sent}, sends repeated: {resent})", input.len());
     println!("  distinct ids                  {:>7}", distinct.len());
     println!("  forwarded (first sightings)   {forwarded:>7}   (output messages {}, distinct ids on output {})", out.len(), output_ids.len());
-    println!("  output repeats                {repeats:>7}   ({repeated_ids} ids; in the relay's send-before-delete window: {} ids {window_causes:?}; outside it: {})", explained.len(), unexplained.len());
+    println!("  output repeats                {repeats:>7}   ({repeated_ids} ids; rows found already published by take-overs, not sent again: {in_tail})");
     println!("  duplicates                    {duplicates:>7}   (gate_counters.duplicates {gate_duplicates}: redeliveries after a kill count again)");
     println!("  dead-lettered                 {dead_lettered:>7}   (inputs without an id {}, DLQ messages {}, distinct DLQ source positions {})", without_id.len(), dlq.len(), dlq_sources.len());
     println!("  sum(gate_counters.forwarded)  {gate_forwarded:>7}");
@@ -632,47 +522,4 @@ async fn chaos_kills_and_restarts_keep_every_invariant() {
     assert!(violations.is_empty(), "chaos violations: {violations:#?}");
     drop_schema(&pool, &t.schema).await;
     drop(broker);
-}
-
-#[test]
-fn repeats_are_attributed_only_to_rounds_a_relay_left_unfinished() {
-    let session = |life, unfinished: &[&str], end| RelaySession {
-        life,
-        unfinished: unfinished.iter().map(|s| s.to_string()).collect(),
-        end,
-    };
-    let sessions = vec![
-        // Killed with c and d sent (acknowledged or not), before their delete: they come
-        // again.
-        session(0, &["c", "d"], SessionEnd::Killed),
-        // Lost its connection with f sent and not deleted: f comes again. e was in an
-        // earlier round of this session whose delete committed, so its repeat is not the
-        // window.
-        session(1, &["f"], SessionEnd::ConnectionLost),
-        // A clean stop leaves nothing unfinished; g twice on the output is a violation.
-        session(2, &[], SessionEnd::Stopped),
-        // Killed again with h in flight: h may be on the output three times, once per
-        // unfinished round plus the copy that finally got deleted; i may not.
-        session(3, &["h", "i"], SessionEnd::Killed),
-        session(4, &["h"], SessionEnd::Killed),
-    ];
-    let repeated: HashMap<String, usize> = [
-        ("c", 2),
-        ("d", 2),
-        ("e", 2),
-        ("f", 2),
-        ("g", 2),
-        ("h", 3),
-        ("i", 3),
-    ]
-    .into_iter()
-    .map(|(id, n)| (id.to_string(), n))
-    .collect();
-    let (explained, unexplained) = attribute_repeats(&repeated, &sessions);
-    let mut explained: Vec<_> = explained.into_iter().map(|(id, _)| id).collect();
-    explained.sort();
-    let mut unexplained = unexplained;
-    unexplained.sort();
-    assert_eq!(explained, ["c", "d", "f", "h"]);
-    assert_eq!(unexplained, ["e", "g", "i"]);
 }

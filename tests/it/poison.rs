@@ -248,7 +248,7 @@ async fn records_the_output_refuses_are_dead_lettered_and_the_rest_keep_their_or
     })
     .await;
     assert_eq!(gating.sigterm(Duration::from_secs(20)), Some(0));
-    assert_eq!(count(&pool, &t.schema, "outbox").await, 30);
+    assert_eq!(count(&pool, &t.schema, "outbox_pending").await, 30);
 
     // Then a relay whose producer takes nothing over 20 kB.
     let limited = cfg.set("KDEDUP_KAFKA_MESSAGE_MAX_BYTES", "20000");
@@ -268,7 +268,7 @@ async fn records_the_output_refuses_are_dead_lettered_and_the_rest_keep_their_or
         relay.metric("kdedup_outbox_backlog") == 0.0
     })
     .await;
-    assert_eq!(count(&pool, &t.schema, "outbox").await, 0);
+    assert_eq!(count(&pool, &t.schema, "outbox_pending").await, 0);
 
     // New input over the limit never reaches the outbox: dead-lettered at the gate.
     let mut late = In::event(0, "r-late", 100);
@@ -332,7 +332,11 @@ async fn a_backlog_of_large_payloads_is_relayed_under_the_memory_limit() {
     let gate_peak = peak_until(&mut gating, "kdedup_events_gated_total").await;
     assert_eq!(gating.sigterm(Duration::from_secs(20)), Some(0));
     let pool = pg().await;
-    assert_eq!(count(&pool, &t.schema, "outbox").await, 500, "the backlog");
+    assert_eq!(
+        count(&pool, &t.schema, "outbox_pending").await,
+        500,
+        "the backlog"
+    );
 
     let mut relaying = Sidecar::start(&cfg, "bigvalues-relay");
     let relay_peak = peak_until(&mut relaying, "kdedup_events_forwarded_total").await;

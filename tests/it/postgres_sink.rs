@@ -178,7 +178,7 @@ async fn a_table_gets_one_row_per_distinct_id_with_its_json_and_metadata() {
         "kdedup stats' running totals"
     );
     assert_eq!(
-        count(&pool, &t.schema, "outbox").await,
+        count(&pool, &t.schema, "outbox_pending").await,
         0,
         "the Kafka sink's outbox is unused"
     );

@@ -9,7 +9,7 @@ use kdedup::metrics::Metrics;
 use kdedup::pruner::{prune_batch, prune_round, PruneSettings};
 use kdedup::settings::{DatabaseUrl, DbSettings};
 use kdedup::store::gate::{self, GateBatch, GateOutcome, GateRow, GateStatement};
-use kdedup::store::{self as db, outbox::OUTBOX_WRITE};
+use kdedup::store::{self as db, outbox};
 use tokio_util::sync::CancellationToken;
 
 fn db_config(schema: &str) -> DbSettings {
@@ -134,7 +134,7 @@ async fn an_expired_id_is_accepted_again_as_new() {
     // e-1 expired long ago (2026-01-01) but has not been pruned: the gate treats it as
     // absent. e-new is new. Then with a live TTL both are duplicates.
     let ttl = Duration::from_secs(3600);
-    let statement = GateStatement::new(Some(OUTBOX_WRITE));
+    let statement = GateStatement::new(Some(&outbox::outbox_write(outbox::LIVE)));
     let mut batch = GateBatch::default();
     batch.push(row("e-1"));
     batch.push(row("e-new"));
@@ -153,7 +153,7 @@ async fn an_expired_id_is_accepted_again_as_new() {
             .all(|o| matches!(o, GateOutcome::Duplicate { .. })),
         "{again:?}"
     );
-    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM relay_outbox")
         .fetch_one(&pool)
         .await
         .unwrap();

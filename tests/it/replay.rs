@@ -428,17 +428,18 @@ async fn replay_serves_its_duplicate_counts_on_metrics_while_it_runs() {
         )
         .await;
 
-    // Hold the schema's relay lock, so the replay waits for its outbox to be published
-    // and can be scraped at that point.
+    // Hold the lock of the replay's outbox stream, so the replay waits for its rows to be
+    // published and can be scraped at that point.
     let mut lock = sqlx::PgConnection::connect(&database_url())
         .await
         .expect("connect");
-    sqlx::query("SELECT pg_advisory_lock($1, hashtext('relay:' || $2))")
+    sqlx::query("SELECT pg_advisory_lock($1, hashtext($2 || ':stream:' || $3))")
         .bind(kdedup::store::ADVISORY_LOCK_CLASS)
         .bind(&t.schema)
+        .bind(format!("replay:{}/0", t.input))
         .execute(&mut lock)
         .await
-        .expect("take the relay lock");
+        .expect("take the stream lock");
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let mut replay = kdedup_spawn(
@@ -465,7 +466,7 @@ async fn replay_serves_its_duplicate_counts_on_metrics_while_it_runs() {
     })
     .await;
     assert!(replay.running(), "scraped while the replay runs");
-    lock.close().await.expect("release the relay lock");
+    lock.close().await.expect("release the stream lock");
 
     let (code, out, err) = replay.finish(Duration::from_secs(60)).await.parts();
     assert_eq!(code, Some(0), "{out}{err}");

@@ -149,6 +149,7 @@ pub fn demo_run_settings(
         relay_batch_size: 2000,
         relay_batch_max_bytes: 16 * 1024 * 1024,
         relay: true,
+        outbox_rotate_interval: "10s".into(),
         metrics_addr: metrics_addr.to_string(),
         shutdown_timeout: "5s".into(),
         migrate_on_start: true,

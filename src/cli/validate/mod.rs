@@ -147,6 +147,20 @@ impl RunArgs {
             )
         }));
         let shutdown_timeout = self.shutdown_timeout(kafka.as_ref(), &mut f);
+        let rotate_every = f.ok(parse_duration(
+            "outbox_rotate_interval",
+            &self.outbox_rotate_interval,
+            "10s",
+        ));
+        if let Some(d) = rotate_every {
+            f.rule(d < Duration::from_secs(1) || d > Duration::from_secs(3600), || {
+                ConfigError::new(
+                    "outbox_rotate_interval",
+                    format!("{} is outside 1s..1h", self.outbox_rotate_interval),
+                    "keep the default 10s unless the outbox holds more than two intervals of input comfortably",
+                )
+            });
+        }
         if let (Some(SinkSettings::Http(http)), Some(shutdown)) = (&sink, shutdown_timeout) {
             f.rule(http.timeout >= shutdown, || {
                 ConfigError::new(
@@ -171,6 +185,7 @@ impl RunArgs {
             sink: sink.expect("no error"),
             relay: RelaySettings {
                 enabled: self.relay,
+                rotate_every: rotate_every.expect("no error"),
                 batch_size: self.relay_batch_size,
                 batch_max_bytes: self.relay_batch_max_bytes,
             },

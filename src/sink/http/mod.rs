@@ -165,7 +165,7 @@ impl Sink for HttpSink {
         self.gate_statement()
     }
 
-    fn committed(&self, _first_seen: usize) {
+    fn committed(&self, _first_seen: usize, _sequenced: Vec<(GateRow, i64)>) {
         // Counted as forwarded when PROCESSED is written, not at the gate.
     }
 

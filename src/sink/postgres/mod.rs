@@ -22,7 +22,7 @@ use crate::model::identity::Rejection;
 use crate::model::InputMessage;
 use crate::settings::{DbSettings, OnConflict, PostgresSinkSettings};
 use crate::store::app_rows::{self, ValueKind};
-use crate::store::gate::GateStatement;
+use crate::store::gate::{GateRow, GateStatement};
 use crate::store::{self, sqlstate, DbError};
 
 /// The sink statement, checked.
@@ -71,7 +71,7 @@ impl Sink for PostgresSink {
         }
     }
 
-    fn committed(&self, first_seen: usize) {
+    fn committed(&self, first_seen: usize, _sequenced: Vec<(GateRow, i64)>) {
         self.forwarded.inc_by(first_seen as u64);
     }
 }
