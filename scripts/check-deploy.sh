@@ -797,8 +797,10 @@ tests:
 
   - interval: 1m
     input_series:
-      # orders-app and audit-app: one relay each, for their own output topics. Two active
-      # relays in one job is healthy here (the old per-job count fired on it).
+      # orders-app and audit-app: each replica publishes the streams of its own partitions,
+      # so both replicas of each schema are active. Four active relays in one job, two per
+      # output topic, are healthy (the old per-job count, and later the per-topic count of
+      # relays, fired on it).
       - *info_a
       - *info_b
       - *info_c
@@ -806,22 +808,29 @@ tests:
       - series: 'kdedup_relay_active{job="orders/kdedup", namespace="orders", pod="orders-app-a", instance="a"}'
         values: '1x20'
       - series: 'kdedup_relay_active{job="orders/kdedup", namespace="orders", pod="orders-app-b", instance="b"}'
-        values: '0x20'
+        values: '1x20'
       - series: 'kdedup_relay_active{job="orders/kdedup", namespace="orders", pod="audit-app-c", instance="c"}'
         values: '1x20'
       - series: 'kdedup_relay_active{job="orders/kdedup", namespace="orders", pod="audit-app-d", instance="d"}'
-        values: '0x20'
-      # payments-app: pod f drifted to another schema at minute 6 and took a relay of its own.
+        values: '1x20'
+      # payments-app: e and i publish schema kdedup_payments; pod f drifted to another
+      # schema and holds no partitions (relay inactive) until minute 6, when it gets some
+      # and publishes them from its own schema.
       - series: 'kdedup_config_info{job="payments/kdedup", namespace="payments", pod="payments-app-e", instance="e", group_id="payments-kdedup", schema="kdedup_payments", scope="payments-kdedup", sink="kafka", output_topic="payments.deduped"}'
+        values: '1x20'
+      - series: 'kdedup_config_info{job="payments/kdedup", namespace="payments", pod="payments-app-i", instance="i", group_id="payments-kdedup", schema="kdedup_payments", scope="payments-kdedup", sink="kafka", output_topic="payments.deduped"}'
         values: '1x20'
       - series: 'kdedup_config_info{job="payments/kdedup", namespace="payments", pod="payments-app-f", instance="f", group_id="payments-kdedup", schema="kdedup_payments_v2", scope="payments-kdedup", sink="kafka", output_topic="payments.deduped"}'
         values: '1x20'
       - series: 'kdedup_relay_active{job="payments/kdedup", namespace="payments", pod="payments-app-e", instance="e"}'
         values: '1x20'
+      - series: 'kdedup_relay_active{job="payments/kdedup", namespace="payments", pod="payments-app-i", instance="i"}'
+        values: '1x20'
       - series: 'kdedup_relay_active{job="payments/kdedup", namespace="payments", pod="payments-app-f", instance="f"}'
         values: '0x5 1x15'
-      # Across namespaces (two jobs): a canary of the ledger in its own namespace and schema
-      # publishes to the same output topic as the ledger.
+      # Across namespaces (two jobs): a canary of the ledger in its own namespace (and
+      # database), with the same schema name, publishes to the same output topic as the
+      # ledger.
       - series: 'kdedup_config_info{job="ledger/kdedup", namespace="ledger", pod="ledger-g", instance="g", group_id="ledger-kdedup", schema="kdedup", scope="ledger-kdedup", sink="kafka", output_topic="ledger.deduped"}'
         values: '1x20'
       - series: 'kdedup_config_info{job="ledger-canary/kdedup", namespace="ledger-canary", pod="ledger-h", instance="h", group_id="ledger-canary-kdedup", schema="kdedup", scope="ledger-canary-kdedup", sink="kafka", output_topic="ledger.deduped"}'
@@ -832,15 +841,16 @@ tests:
         values: '0x5 1x15'
     alert_rule_test:
       - eval_time: 4m
-        alertname: KdedupMoreThanOneRelay
+        alertname: KdedupOutputFedFromTwoSchemas
         exp_alerts: []
       - eval_time: 8m
-        alertname: KdedupMoreThanOneRelay
+        alertname: KdedupOutputFedFromTwoSchemas
         exp_alerts: []
       - eval_time: 15m
-        alertname: KdedupMoreThanOneRelay
+        alertname: KdedupOutputFedFromTwoSchemas
         exp_alerts:
           - exp_labels: {severity: critical, namespace: payments, job: payments/kdedup, pod: payments-app-e, instance: e, group_id: payments-kdedup, schema: kdedup_payments, output_topic: payments.deduped}
+          - exp_labels: {severity: critical, namespace: payments, job: payments/kdedup, pod: payments-app-i, instance: i, group_id: payments-kdedup, schema: kdedup_payments, output_topic: payments.deduped}
           - exp_labels: {severity: critical, namespace: payments, job: payments/kdedup, pod: payments-app-f, instance: f, group_id: payments-kdedup, schema: kdedup_payments_v2, output_topic: payments.deduped}
           - exp_labels: {severity: critical, namespace: ledger, job: ledger/kdedup, pod: ledger-g, instance: g, group_id: ledger-kdedup, schema: kdedup, output_topic: ledger.deduped}
           - exp_labels: {severity: critical, namespace: ledger-canary, job: ledger-canary/kdedup, pod: ledger-h, instance: h, group_id: ledger-canary-kdedup, schema: kdedup, output_topic: ledger.deduped}
