@@ -423,6 +423,8 @@ const ADOPT_AFTER: Duration = Duration::from_secs(10);
 const LOCK_RETRY: Duration = Duration::from_millis(500);
 /// Streams handed over by a replay (no assignment) are let go after this long idle.
 const RELEASE_IDLE: Duration = Duration::from_secs(5);
+/// How long a stopping relay goes on publishing what it holds.
+const STOP_DRAIN: Duration = Duration::from_secs(10);
 /// The longest a tail read may take.
 const TAIL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -433,7 +435,7 @@ impl Session<'_> {
         let mut last_checkpoint = Instant::now();
         let mut last_counter_check = Instant::now();
         let mut last_adopt: Option<Instant> = None;
-        let mut stopping = false;
+        let mut stopping: Option<Instant> = None;
         let mut intake_open = true;
         loop {
             tokio::select! {
@@ -447,7 +449,7 @@ impl Session<'_> {
                     }
                 }
                 _ = tick.tick() => {}
-                _ = stop.cancelled(), if !stopping => stopping = true,
+                _ = stop.cancelled(), if stopping.is_none() => stopping = Some(Instant::now()),
             }
             let result: Result<(), sqlx::Error> = async {
                 if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
@@ -459,11 +461,11 @@ impl Session<'_> {
                     self.release().await?;
                     last_counter_check = Instant::now();
                 }
-                if !stopping && last_adopt.is_none_or(|t| t.elapsed() >= ADOPT_EVERY) {
+                if stopping.is_none() && last_adopt.is_none_or(|t| t.elapsed() >= ADOPT_EVERY) {
                     self.adopt().await?;
                     last_adopt = Some(Instant::now());
                 }
-                self.pump(stopping).await
+                self.pump(stopping.is_some()).await
             }
             .await;
             if let Err(e) = result {
@@ -483,7 +485,11 @@ impl Session<'_> {
                 }
             }
             self.was_empty = empty;
-            if stopping && empty {
+            // Stopping: done once what this relay holds is published; a stream it cannot
+            // publish now (the output topic refuses, the broker is away) stays in the
+            // outbox for the next relay, and so does anything after STOP_DRAIN.
+            let stuck = self.streams.values().any(|s| s.held && s.failed);
+            if stopping.is_some_and(|t| empty || stuck || t.elapsed() > STOP_DRAIN) {
                 if let Err(e) = self.checkpoint().await {
                     return Exit::ConnectionLost(e);
                 }
@@ -908,6 +914,17 @@ impl Session<'_> {
     /// hand-off to this process (a gate retry whose first COMMIT did commit, the previous
     /// owner's last batch). They are read back.
     async fn compare_counters(&mut self) -> Result<(), sqlx::Error> {
+        // The streams of the partitions assigned here are taken at once, not when their
+        // first rows come: what the previous owner left unpublished goes out now.
+        if let Some(a) = &self.relay.assignment {
+            let assigned: Vec<String> = a.0.lock().expect("assignment lock").iter().cloned().collect();
+            for name in assigned {
+                let output_topic = &self.relay.output_topic;
+                self.streams
+                    .entry(name.clone())
+                    .or_insert_with(|| StreamState::new(name, Source::Local, output_topic));
+            }
+        }
         let idle: Vec<String> = self
             .streams
             .values()
