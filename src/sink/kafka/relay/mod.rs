@@ -480,6 +480,10 @@ impl Session<'_> {
                 .filter(|s| s.held)
                 .all(StreamState::idle);
             if empty && !self.was_empty {
+                // Recorded first, so the gauges read right after see it.
+                if let Err(e) = self.checkpoint().await {
+                    return Exit::ConnectionLost(e);
+                }
                 if let Some(emptied) = &self.relay.emptied {
                     emptied.notify_one();
                 }
@@ -917,7 +921,12 @@ impl Session<'_> {
         // The streams of the partitions assigned here are taken at once, not when their
         // first rows come: what the previous owner left unpublished goes out now.
         if let Some(a) = &self.relay.assignment {
-            let assigned: Vec<String> = a.0.lock().expect("assignment lock").iter().cloned().collect();
+            let assigned: Vec<String> =
+                a.0.lock()
+                    .expect("assignment lock")
+                    .iter()
+                    .cloned()
+                    .collect();
             for name in assigned {
                 let output_topic = &self.relay.output_topic;
                 self.streams

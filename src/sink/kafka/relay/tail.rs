@@ -29,30 +29,41 @@ pub fn parse_position(value: &[u8]) -> Option<(&str, i64)> {
 pub struct Tail {
     /// Seq -> output offset, for every message of the stream read.
     pub found: HashMap<i64, i64>,
-    /// What was wrong with the anchor, for a warning: the topic was recreated (anchor
-    /// past its end) or retention deleted messages after it (anchor before its start).
+    /// What was wrong with the anchor, for a warning: the partition ends before it (the
+    /// topic was deleted and recreated, or truncated).
     pub anchor_lost: Option<String>,
 }
 
-/// A consumer with no group that only reads tails (never commits).
+/// A consumer with no group that only reads tails (never commits). The end of a partition
+/// is the fetch's own end-of-partition event, whose high watermark comes with the data.
 pub fn reader(cfg: &RunSettings) -> anyhow::Result<BaseConsumer> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.kafka.brokers)
         .set("group.id", format!("{}.relay-tail", cfg.kafka.group_id))
         .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
         .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "100")
         .set("queued.max.messages.kbytes", "16384");
     cfg.kafka.properties.apply(&mut c, ClientKind::Consumer);
-    c.set("enable.auto.offset.store", "false");
+    c.set("enable.partition.eof", "true")
+        .set("enable.auto.offset.store", "false");
     Ok(crate::kafka::client(
         &c,
         rdkafka::consumer::DefaultConsumerContext,
     )?)
 }
 
+/// How long a read may see neither a message nor the partition's end before it starts
+/// again from further back.
+const QUIET: Duration = Duration::from_secs(1);
+
 /// Reads `topic`/`partition` from `anchor` to its end and returns the seqs of `stream`
 /// found there. Blocking: run it off the runtime's threads.
+///
+/// A broker that answers a fetch from inside a record batch with the next batch only
+/// (skipping the rest of the one the offset is in) is read from further back until the
+/// first message read is at or before the anchor: reading more than needed is harmless,
+/// the stream's seqs tell what is its own.
 pub fn read(
     consumer: &BaseConsumer,
     topic: &str,
@@ -61,50 +72,92 @@ pub fn read(
     stream: &str,
     timeout: Duration,
 ) -> Result<Tail, String> {
-    let (low, high) = consumer
-        .fetch_watermarks(topic, partition, timeout)
-        .map_err(|e| format!("cannot read the watermarks of {topic}/{partition}: {e}"))?;
-    let mut tail = Tail::default();
-    if anchor > high {
-        tail.anchor_lost = Some(format!(
-            "the checkpoint anchors {topic}/{partition} at offset {anchor}, past its end {high}: \
-             the topic was deleted and recreated"
-        ));
-        return Ok(tail);
-    }
-    let start = match anchor < low {
-        true => {
-            tail.anchor_lost = Some(format!(
-                "the checkpoint anchors {topic}/{partition} at offset {anchor}, before its first \
-                 offset {low}: retention deleted what was published after the checkpoint"
-            ));
-            low
+    let deadline = Instant::now() + timeout;
+    let mut back = 0i64;
+    let mut step = 1024i64;
+    let result = loop {
+        let start = (anchor - back).max(0);
+        match read_from(consumer, topic, partition, start, anchor, stream, deadline) {
+            Ok(Some(tail)) => break Ok(tail),
+            Ok(None) if start == 0 => break Err(format!(
+                "{topic}/{partition} sent neither messages nor its end for {QUIET:?} from offset 0"
+            )),
+            Ok(None) => {
+                back += step;
+                step *= 4;
+            }
+            Err(e) => break Err(e),
         }
-        false => anchor,
     };
-    if start >= high {
-        return Ok(tail);
-    }
+    let _ = consumer.unassign();
+    result
+}
+
+/// One read from `start`: `Ok(None)` when it cannot tell that nothing from `anchor` on
+/// was skipped (the first message came after the anchor, or nothing came at all).
+fn read_from(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    start: i64,
+    anchor: i64,
+    stream: &str,
+    deadline: Instant,
+) -> Result<Option<Tail>, String> {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Offset(start))
         .map_err(|e| e.to_string())?;
     consumer.assign(&tpl).map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + timeout;
-    let result = loop {
+    let mut tail = Tail::default();
+    let mut first: Option<i64> = None;
+    let mut heard = Instant::now();
+    loop {
         if Instant::now() > deadline {
-            break Err(format!(
-                "reading {topic}/{partition} from {start} to {high} took longer than {timeout:?}"
+            return Err(format!(
+                "reading {topic}/{partition} from offset {start} did not reach its end in time"
             ));
+        }
+        if heard.elapsed() > QUIET {
+            return Ok(None);
         }
         let Some(next) = consumer.poll(Duration::from_millis(100)) else {
             continue;
         };
+        heard = Instant::now();
         let m = match next {
             Ok(m) => m,
-            Err(e) => break Err(format!("reading {topic}/{partition}: {e}")),
+            Err(rdkafka::error::KafkaError::PartitionEOF(p)) if p == partition => {
+                // The end. A position past the anchor with nothing read before it means
+                // the broker skipped what lies between: read again from further back.
+                let end = consumer
+                    .position()
+                    .ok()
+                    .and_then(|tpl| {
+                        tpl.find_partition(topic, partition)
+                            .and_then(|e| e.offset().to_raw())
+                    })
+                    .unwrap_or(start);
+                if first.is_none() && end > start {
+                    return Ok(None);
+                }
+                if end < anchor {
+                    tail.anchor_lost = Some(format!(
+                        "the checkpoint anchors {topic}/{partition} at offset {anchor}, past its end {end}: \
+                         the topic was deleted and recreated, or truncated"
+                    ));
+                }
+                return Ok(Some(tail));
+            }
+            Err(e) => return Err(format!("reading {topic}/{partition}: {e}")),
         };
         if m.partition() != partition || m.topic() != topic {
             continue;
+        }
+        if first.is_none() {
+            first = Some(m.offset());
+            if m.offset() > anchor.max(start) {
+                return Ok(None);
+            }
         }
         if let Some(hs) = m.headers() {
             for h in hs.iter() {
@@ -118,12 +171,7 @@ pub fn read(
                 }
             }
         }
-        if m.offset() + 1 >= high {
-            break Ok(());
-        }
-    };
-    let _ = consumer.unassign();
-    result.map(|()| tail)
+    }
 }
 
 #[cfg(test)]
