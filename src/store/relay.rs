@@ -176,6 +176,27 @@ pub async fn save_checkpoints(
     Ok(())
 }
 
+/// An offset known to exist in `output_topic`/`partition`: the furthest anchor any stream
+/// has there (0 when none has). A stream's first anchor in a partition: its messages all
+/// come after it, and reading from there costs at most what other streams wrote since
+/// their last checkpoint. (Asking the broker for the partition's end is no better: a
+/// broker may answer it late, or with the start of its last batch.)
+pub async fn partition_floor(
+    pool: &PgPool,
+    output_topic: &str,
+    partition: i32,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT coalesce(max(a.o), 0)::int8
+         FROM relay_checkpoints c, UNNEST(c.anchor_partitions, c.anchor_offsets) AS a(p, o)
+         WHERE c.output_topic = $1 AND a.p = $2",
+    )
+    .bind(output_topic)
+    .bind(partition)
+    .fetch_one(pool)
+    .await
+}
+
 /// Rows of `stream` after seq `after`, in seq order: at most `max_rows`, and at most
 /// `max_bytes` of keys, values and headers (at least one row, whatever its size). Sizes
 /// come from `octet_length`, which reads a stored value's length without fetching it, so

@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
@@ -870,24 +870,14 @@ impl Session<'_> {
                 }
             }
         }
-        // A new anchor is the partition's end before this stream sends anything to it.
+        // A new anchor: an offset of the partition before anything this stream sends
+        // to it (see `sql::partition_floor`).
         for (name, partition) in new_anchors {
-            let consumer = self.tail.clone();
-            let topic = self.relay.output_topic.clone();
-            let end = tokio::task::spawn_blocking(move || {
-                consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10))
-            })
-            .await
-            .expect("watermark read does not panic");
-            match end {
-                Ok((_, high)) => {
-                    let s = self.streams.get_mut(&name).expect("stream");
-                    s.checkpoint.set_anchor(partition, high);
-                    s.dirty = true;
-                }
-                Err(e) => warn!(stream = name, partition, error = %e,
-                                "cannot read the output partition's end; trying again"),
-            }
+            let floor =
+                sql::partition_floor(&self.relay.pool, &self.relay.output_topic, partition).await?;
+            let s = self.streams.get_mut(&name).expect("stream");
+            s.checkpoint.set_anchor(partition, floor);
+            s.dirty = true;
         }
         let dirty: Vec<(String, Checkpoint)> = self
             .streams

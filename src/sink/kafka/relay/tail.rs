@@ -79,9 +79,11 @@ pub fn read(
         let start = (anchor - back).max(0);
         match read_from(consumer, topic, partition, start, anchor, stream, deadline) {
             Ok(Some(tail)) => break Ok(tail),
-            Ok(None) if start == 0 => break Err(format!(
+            Ok(None) if start == 0 => {
+                break Err(format!(
                 "{topic}/{partition} sent neither messages nor its end for {QUIET:?} from offset 0"
-            )),
+            ))
+            }
             Ok(None) => {
                 back += step;
                 step *= 4;
