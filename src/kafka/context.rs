@@ -22,7 +22,32 @@ pub struct ConsumerState {
     /// Input in the lanes, for the lag in time.
     pub pending: Arc<Pending>,
     /// The partitions assigned, for the relay: it lets go of the streams of the others.
-    pub assignment: Arc<crate::sink::kafka::relay::Assignment>,
+    pub assignment: Arc<Assignment>,
+}
+
+/// The input partitions this process's consumer owns, as `topic/partition` (the names of
+/// the Kafka sink's live outbox streams), kept by the rebalance callbacks. The relay lets
+/// go of a stream that leaves it.
+#[derive(Default)]
+pub struct Assignment(std::sync::Mutex<std::collections::BTreeSet<String>>);
+
+impl Assignment {
+    pub fn set(&self, partitions: impl IntoIterator<Item = String>) {
+        *self.0.lock().expect("assignment lock") = partitions.into_iter().collect();
+    }
+
+    pub fn contains(&self, partition: &str) -> bool {
+        self.0.lock().expect("assignment lock").contains(partition)
+    }
+
+    pub fn streams(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .expect("assignment lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
 }
 
 /// The consumer's context: logs and records rebalances.

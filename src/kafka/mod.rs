@@ -22,7 +22,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 
-pub use context::{ConsumerState, KdedupContext};
+pub use context::{Assignment, ConsumerState, KdedupContext};
 use properties::{ClientKind, KafkaProperties};
 
 #[derive(Debug, thiserror::Error)]

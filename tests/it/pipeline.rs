@@ -383,3 +383,80 @@ async fn sigterm_drains_commits_offsets_and_exits_zero() {
     drop(s2);
     drop_schema(&pg().await, &t.schema).await;
 }
+
+/// Gate lanes commit out of order: the lane of partition 0 is held inside its gate
+/// statement (an outside session holds its stream's counter row) while the lane of
+/// partition 1 commits batch after batch, and its rows are published meanwhile. Then the
+/// held lane commits. A relay that kept one "highest id published" watermark would skip
+/// the rows that committed late; per-stream seqs cannot: every id arrives once, in input
+/// order per partition, and each stream's seqs on the output are 1, 2, 3, ... with no gap.
+#[tokio::test(flavor = "multi_thread")]
+async fn lanes_committing_out_of_order_lose_nothing_and_repeat_nothing() {
+    let kafka = Cluster::shared();
+    let t = names("ooo");
+    kafka.create_topic(&t.input, 2).await;
+    let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
+        .set("KDEDUP_GATE_LANES", "2")
+        .set("KDEDUP_BATCH_SIZE", "25");
+    let sidecar = Sidecar::start(&cfg, "ooo");
+    sidecar.wait_ready(Duration::from_secs(60)).await;
+    let wave = |from: usize, to: usize| -> Vec<In> {
+        (from..to)
+            .map(|i| In::event((i % 2) as i32, &format!("ooo-{i}"), i as u64))
+            .collect()
+    };
+    // A first wave, so that both streams have their counter rows.
+    kafka.produce(&t.input, &wave(0, 100)).await;
+    wait_until(Duration::from_secs(60), "the first wave forwarded", || {
+        sidecar.metric("kdedup_events_forwarded_total") >= 100.0
+    })
+    .await;
+
+    let mut hold = <sqlx::PgConnection as sqlx::Connection>::connect(&database_url())
+        .await
+        .expect("connect");
+    sqlx::query("BEGIN").execute(&mut hold).await.unwrap();
+    sqlx::query(&format!(
+        "SELECT 1 FROM \"{}\".outbox_seqs WHERE stream = $1 FOR UPDATE",
+        t.schema
+    ))
+    .bind(format!("{}/0", t.input))
+    .fetch_one(&mut hold)
+    .await
+    .expect("hold stream 0's counter");
+    kafka.produce(&t.input, &wave(100, 500)).await;
+    // Partition 1's 200 new events are gated and published while partition 0's wait.
+    wait_until(
+        Duration::from_secs(60),
+        "partition 1 forwarded past the held lane",
+        || sidecar.metric("kdedup_events_forwarded_total") >= 300.0,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        sidecar.metric("kdedup_events_forwarded_total"),
+        300.0,
+        "partition 0's lane is still held"
+    );
+    sqlx::query("COMMIT").execute(&mut hold).await.unwrap();
+    wait_until(Duration::from_secs(60), "everything forwarded", || {
+        sidecar.metric("kdedup_events_forwarded_total") >= 500.0
+    })
+    .await;
+
+    let out = kafka.read_topic(&t.output, 500, Duration::from_secs(30));
+    assert_exactly_once_in_order(&out, 500);
+    let mut seqs: HashMap<String, Vec<i64>> = HashMap::new();
+    for m in &out {
+        let position = m.header("kdedup-position").expect("kdedup-position");
+        let (stream, seq) =
+            kdedup::sink::kafka::relay::parse_position(position.as_bytes()).expect("stream@seq");
+        seqs.entry(stream.to_string()).or_default().push(seq);
+    }
+    for (stream, mut s) in seqs {
+        s.sort_unstable();
+        assert_eq!(s, (1..=250).collect::<Vec<i64>>(), "stream {stream}");
+    }
+    drop(sidecar);
+    drop_schema(&pg().await, &t.schema).await;
+}

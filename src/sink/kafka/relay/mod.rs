@@ -38,9 +38,9 @@ mod tail;
 
 pub use tail::{parse_position, position};
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
@@ -55,7 +55,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Level};
 
-use crate::kafka::{self, dlq, Producer};
+use crate::kafka::{self, dlq, Assignment, Producer};
 use crate::metrics::Metrics;
 use crate::model::identity::Rejection;
 use crate::model::{header, InputMessage, Position};
@@ -134,21 +134,6 @@ impl Feed {
             rows,
             bytes,
         });
-    }
-}
-
-/// The input partitions this process's consumer owns (`topic/partition` streams), kept
-/// by the rebalance callbacks. A stream that leaves it is let go once it is idle.
-#[derive(Default)]
-pub struct Assignment(Mutex<BTreeSet<String>>);
-
-impl Assignment {
-    pub fn set(&self, streams: impl IntoIterator<Item = String>) {
-        *self.0.lock().expect("assignment lock") = streams.into_iter().collect();
-    }
-
-    fn contains(&self, stream: &str) -> bool {
-        self.0.lock().expect("assignment lock").contains(stream)
     }
 }
 
@@ -246,7 +231,11 @@ impl StreamState {
         self.queue.is_empty() && self.in_flight.is_empty() && !self.behind
     }
 
-    fn enqueue(&mut self, rows: Vec<Pending>, budget: usize) {
+    /// Queues `rows` that follow what the stream has, within `room` bytes (always at
+    /// least one row when the queue is empty); past a gap or past `room`, the stream reads
+    /// back from the outbox instead.
+    fn enqueue(&mut self, rows: Vec<Pending>, room: usize) {
+        let mut added = 0usize;
         for row in rows {
             if row.seq <= self.queued_through {
                 continue;
@@ -256,10 +245,11 @@ impl StreamState {
                 self.behind = true;
                 return;
             }
-            if self.queued_bytes + row.size() > budget && !self.queue.is_empty() {
+            if added + row.size() > room && !self.queue.is_empty() {
                 self.behind = true;
                 return;
             }
+            added += row.size();
             self.queued_through = row.seq;
             self.queued_bytes += row.size();
             self.queue.push_back(row);
@@ -505,7 +495,7 @@ impl Session<'_> {
     /// A hand-off from the gate lanes: queued when it follows what the stream has, else
     /// the stream reads back from the outbox.
     fn take(&mut self, h: Handoff) {
-        let budget = self.relay.settings.batch_max_bytes.max(1);
+        let budget = self.room();
         let output_topic = &self.relay.output_topic;
         let s = self
             .streams
@@ -654,16 +644,20 @@ impl Session<'_> {
 
     /// Reads the stream's next rows back from the outbox.
     async fn read_back(&mut self, name: &str) -> Result<(), sqlx::Error> {
-        let (after, budget) = {
-            let s = &self.streams[name];
-            (s.queued_through, self.relay.settings.batch_max_bytes)
-        };
+        // One budget for everything queued, over all streams: a relay holding a hundred
+        // partitions' backlogs holds no more than one holding one.
+        let room = self.room();
+        let budget = self.relay.settings.batch_max_bytes;
+        if room < budget / 4 {
+            return Ok(());
+        }
+        let after = self.streams[name].queued_through;
         let rows = sql::read_rows(
             &self.relay.pool,
             name,
             after,
             self.relay.settings.batch_size,
-            budget,
+            room,
         )
         .await?;
         self.relay
@@ -672,7 +666,7 @@ impl Session<'_> {
             .inc_by(rows.len() as u64);
         let s = self.streams.get_mut(name).expect("stream");
         let short = rows.len() < self.relay.settings.batch_size
-            && rows.iter().map(Pending::size).sum::<usize>() < budget / 2;
+            && rows.iter().map(Pending::size).sum::<usize>() < room / 2;
         if rows.is_empty() {
             s.behind = false;
             return Ok(());
@@ -681,6 +675,12 @@ impl Session<'_> {
         s.enqueue(rows, usize::MAX);
         s.behind = !short || s.behind;
         Ok(())
+    }
+
+    /// Bytes the relay may still queue, over all its streams.
+    fn room(&self) -> usize {
+        let queued: usize = self.streams.values().map(|s| s.queued_bytes).sum();
+        self.relay.settings.batch_max_bytes.saturating_sub(queued)
     }
 
     /// Sends the stream's queued rows, in seq order, while the producer takes them.
@@ -713,8 +713,10 @@ impl Session<'_> {
             }
             match produce(relay, name, row, partition) {
                 Ok(delivery) => {
-                    let row = s.queue.pop_front().expect("front");
+                    let mut row = s.queue.pop_front().expect("front");
                     s.queued_bytes -= row.size();
+                    // The producer has its own copy; what stays is for the log line.
+                    (row.key, row.value, row.headers) = (None, None, Vec::new());
                     let seq = row.seq;
                     let stream = name.to_string();
                     s.in_flight.push_back(InFlight {
@@ -824,7 +826,16 @@ impl Session<'_> {
                 Err(e) if kafka::is_refused_record(e) => {
                     let error = e.to_string();
                     let f = s.in_flight.pop_front().expect("front");
-                    let Some(row) = f.row else { continue };
+                    let Some(mut row) = f.row else { continue };
+                    if row.value.is_none() && row.key.is_none() && row.headers.is_empty() {
+                        // Sent, so its payload went to the producer: read it back.
+                        let again = sql::read_rows(&self.relay.pool, stream, f.seq - 1, 1, 1)
+                            .await
+                            .unwrap_or_default();
+                        if let Some(r) = again.into_iter().find(|r| r.seq == f.seq) {
+                            row = r;
+                        }
+                    }
                     // Dead-lettered before anything after it counts as published.
                     if dead_letter(self.relay, stream, &row, error).await {
                         let s = self.streams.get_mut(stream).expect("stream");
@@ -911,13 +922,7 @@ impl Session<'_> {
         // The streams of the partitions assigned here are taken at once, not when their
         // first rows come: what the previous owner left unpublished goes out now.
         if let Some(a) = &self.relay.assignment {
-            let assigned: Vec<String> =
-                a.0.lock()
-                    .expect("assignment lock")
-                    .iter()
-                    .cloned()
-                    .collect();
-            for name in assigned {
+            for name in a.streams() {
                 let output_topic = &self.relay.output_topic;
                 self.streams
                     .entry(name.clone())
