@@ -68,6 +68,7 @@ pub struct Metrics {
     pub relay_streams: IntGauge,
     pub relay_takeovers: IntCounter,
     pub relay_rows_read_back: IntCounter,
+    pub relay_postgres_seconds: prometheus::Counter,
     pub outbox_slots_truncated: IntCounter,
     pub relay_failures: IntCounter,
     /// Input fetches librdkafka could not decode (a compression codec it lacks, a corrupt
@@ -278,6 +279,14 @@ impl Metrics {
                     "kdedup_relay_rows_read_back_total",
                     "Outbox rows the relay read back from Postgres instead of taking them from the gate lanes in memory (take-overs, gaps, a relay that fell behind).",
                 ),
+            ),
+            relay_postgres_seconds: reg(
+                &registry,
+                prometheus::Counter::new(
+                    "kdedup_relay_postgres_seconds_total",
+                    "Time the relay spent waiting on Postgres: stream locks, checkpoints, read-backs, counter checks and slot reclaim (none of it per row).",
+                )
+                .expect("valid metric"),
             ),
             outbox_slots_truncated: reg(
                 &registry,

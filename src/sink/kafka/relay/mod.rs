@@ -442,6 +442,7 @@ impl Session<'_> {
                 _ = stop.cancelled(), if stopping.is_none() => stopping = Some(Instant::now()),
             }
             let result: Result<(), sqlx::Error> = async {
+                let waited = Instant::now();
                 if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
                     self.checkpoint().await?;
                     last_checkpoint = Instant::now();
@@ -455,6 +456,10 @@ impl Session<'_> {
                     self.adopt().await?;
                     last_adopt = Some(Instant::now());
                 }
+                self.relay
+                    .metrics
+                    .relay_postgres_seconds
+                    .inc_by(waited.elapsed().as_secs_f64());
                 self.pump(stopping.is_some()).await
             }
             .await;
@@ -546,7 +551,12 @@ impl Session<'_> {
     /// Tries the stream's lock; holding it, takes the stream over.
     async fn acquire(&mut self, name: &str) -> Result<(), sqlx::Error> {
         let schema = self.relay.cfg.db.schema.clone();
+        let waited = Instant::now();
         let locked = sql::try_lock_stream(&mut self.conn, &schema, name).await?;
+        self.relay
+            .metrics
+            .relay_postgres_seconds
+            .inc_by(waited.elapsed().as_secs_f64());
         let assigned = self.assigned(name);
         let s = self.streams.get_mut(name).expect("stream");
         s.last_lock_try = Some(Instant::now());
@@ -652,6 +662,7 @@ impl Session<'_> {
             return Ok(());
         }
         let after = self.streams[name].queued_through;
+        let waited = Instant::now();
         let rows = sql::read_rows(
             &self.relay.pool,
             name,
@@ -660,6 +671,10 @@ impl Session<'_> {
             room,
         )
         .await?;
+        self.relay
+            .metrics
+            .relay_postgres_seconds
+            .inc_by(waited.elapsed().as_secs_f64());
         self.relay
             .metrics
             .relay_rows_read_back
