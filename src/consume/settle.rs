@@ -98,6 +98,9 @@ pub struct Abandoned;
 /// A gate outcome, or Postgres' refusal of the row's data.
 type RowResult = Result<GateOutcome, Refused>;
 
+/// First sightings with their seq in an outbox stream (the Kafka sink's hand-off).
+type Sequenced = Vec<(GateRow, i64)>;
+
 /// What the gate compares to tell a duplicate from an id reused with another payload.
 pub fn payload_hash(value: Option<&[u8]>) -> Vec<u8> {
     // Truncated SHA-256: 16 bytes tell payloads apart with no realistic collision and
@@ -412,7 +415,7 @@ impl Gate {
         seqs: Vec<Option<i64>>,
         failed: Vec<Option<Rejection>>,
         summary: &mut BatchSummary,
-    ) -> (Vec<(InputMessage, Rejection)>, Vec<(GateRow, i64)>) {
+    ) -> (Vec<(InputMessage, Rejection)>, Sequenced) {
         let committed_at = chrono::Utc::now().timestamp_millis();
         let mut late_rejects: Vec<(InputMessage, Rejection)> = Vec::new();
         let mut sequenced = Vec::new();
