@@ -2495,9 +2495,10 @@ impl Report {
                 "\nbatched: [bench/batched_consumer.py](batched_consumer.py) (confluent-kafka and psycopg 3), per batch \
                  of up to 1000 messages one `INSERT ... SELECT FROM UNNEST ... ON CONFLICT DO NOTHING RETURNING` into \
                  a table of its own, COMMIT, produce the first-seen messages with an idempotent producer, flush, \
-                 store the offsets; no outbox, so not crash-safe. Same input topic as the kdedup run just before \
-                 it, fresh group and output topic, the same consumer properties; timed from the first batch in \
-                 hand to the last flush.\n\n{}",
+                 store the offsets; no outbox, so not crash-safe. It runs right after kdedup's end-to-end run on \
+                 the same input topic, with a fresh group and output topic and the same consumer properties; \
+                 timed from the first batch in hand to the last flush, counting the messages after that batch \
+                 (as kdedup's are counted after the first poll).\n\n{}",
                 self.batched_ratio_line()
             );
         }
