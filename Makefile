@@ -37,15 +37,18 @@ fmt:
 image:
 	scripts/image.sh
 
-## Benchmark (bench/README.md): kdedup vs its Postgres and Kafka ceilings and a naive
-## consumer, on the local services; writes bench/RESULTS.md. Takes 12-20 minutes.
+## Benchmark (bench/README.md): kdedup vs its Postgres and Kafka ceilings, a naive
+## consumer and a hand-written batched one (Python: scripts/bench-python.sh installs its
+## client libraries), on the local services; writes bench/RESULTS.md. Takes 12-20 minutes.
 .PHONY: bench bench-quick
 bench: services
+	scripts/bench-python.sh
 	cargo build --release --locked --bin kdedup --examples
 	target/release/examples/bench
 
 ## The same table with small sizes, under 2 minutes; writes .tmp/bench/RESULTS-quick.md.
 bench-quick: services
+	scripts/bench-python.sh
 	cargo build --release --locked --bin kdedup --examples
 	target/release/examples/bench --quick
 

@@ -15,6 +15,10 @@
 //!   deleting expired rows (and the same table with the pruner off), peak RSS, latency at
 //!   a fixed input rate, and a tuning sweep.
 //! - naive: one transaction and one synchronous offset commit per message.
+//! - batched: the batched consumer a team writes by hand (bench/batched_consumer.py,
+//!   Python): one INSERT ... ON CONFLICT per batch, produce, flush, store offsets; no
+//!   outbox. Run right after each end-to-end Kafka-sink run on the same input
+//!   (examples/bench/batched.rs).
 //! - pgsink: kdedup with the Postgres sink (`KDEDUP_SINK=postgres`, rows into an
 //!   application table) against its own ceiling, L-db (postgres sink): pgbench inserting
 //!   the gate row + application row per event (examples/bench/pgsink.rs).
@@ -43,6 +47,7 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
+mod batched;
 mod httpsink;
 mod pgsink;
 mod shapes;
@@ -82,7 +87,7 @@ struct Args {
     sweep: bool,
     #[arg(long)]
     no_sweep: bool,
-    /// Run only these scenarios (comma-separated): ldb,lkafka,sweep,e2e,pgsink,httpsink,naive,prefill,prune,latency,shapes,keys.
+    /// Run only these scenarios (comma-separated): ldb,lkafka,sweep,e2e,batched,pgsink,httpsink,naive,prefill,prune,latency,shapes,keys.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Messages per end-to-end run (default: 20000 quick, 300000 full).
@@ -251,6 +256,11 @@ impl Bench {
 
     async fn run_all(&mut self, report: &mut Report) -> anyhow::Result<()> {
         let n = self.sizes.n;
+        if self.wants("batched") {
+            // Before anything is measured: a missing library should not end a long run
+            // halfway.
+            batched::versions()?;
+        }
         if self.wants("ldb") {
             for clients in [1, 2] {
                 step(&format!("L-db: pgbench, {clients} client(s)"));
@@ -261,7 +271,7 @@ impl Bench {
         }
 
         let needs_a = [
-            "lkafka", "sweep", "e2e", "pgsink", "httpsink", "naive", "prefill", "prune",
+            "lkafka", "sweep", "e2e", "batched", "pgsink", "httpsink", "naive", "prefill", "prune",
         ]
         .iter()
         .any(|s| self.wants(s));
@@ -314,39 +324,55 @@ impl Bench {
                 self.drop_schema(&schema).await;
             }
         }
-        // The 50%-duplicates input, for the Kafka sink's and the Postgres sink's runs.
+        // The 50%-duplicates input, for the Kafka sink's, the batched consumer's and the
+        // Postgres sink's runs.
         let topic_b = self.name("b");
         let mut distinct_b = 0;
-        if self.wants("e2e") || self.wants("pgsink") {
+        if self.wants("e2e") || self.wants("batched") || self.wants("pgsink") {
             step(&format!(
                 "producing {n} messages (50% duplicates) to {topic_b}"
             ));
             distinct_b = self.produce_input(&topic_b, n, 0.5, 2).await?.distinct;
         }
-        if self.wants("e2e") {
+        if self.wants("e2e") || self.wants("batched") {
             // Full mode runs each twice, alternating, and the better run counts (as the
             // better L-db pass does): a burst of load from elsewhere then spoils at most one.
-            let keys: &[(&'static str, &'static str)] = if self.args.quick {
-                &[("e2e0", "e2e50")]
+            // The batched consumer runs right after kdedup on the same input, so that the
+            // two are compared under the same conditions.
+            let rounds: &[[(&'static str, &'static str); 2]] = if self.args.quick {
+                &[[("e2e0", "batched0"), ("e2e50", "batched50")]]
             } else {
-                &[("e2e0", "e2e50"), ("e2e0b", "e2e50b")]
+                &[
+                    [("e2e0", "batched0"), ("e2e50", "batched50")],
+                    [("e2e0b", "batched0b"), ("e2e50b", "batched50b")],
+                ]
             };
-            for (k0, k50) in keys {
-                step("kdedup end to end, 0% duplicates");
-                let schema = self.name(k0);
-                let r = self.kdedup(k0, &topic_a, n, n, &schema, &[]).await?;
-                println!("    {:.0} events/s", r.rate);
-                report.runs.insert(k0, r);
-                self.drop_schema(&schema).await;
-
-                step("kdedup end to end, 50% duplicates");
-                let schema = self.name(k50);
-                let r = self
-                    .kdedup(k50, &topic_b, n, distinct_b, &schema, &[])
-                    .await?;
-                println!("    {:.0} events/s", r.rate);
-                report.runs.insert(k50, r);
-                self.drop_schema(&schema).await;
+            for round in rounds {
+                for ((kdedup_key, batched_key), dups) in round.iter().zip(["0%", "50%"]) {
+                    let (topic, distinct) = if dups == "0%" {
+                        (&topic_a, n)
+                    } else {
+                        (&topic_b, distinct_b)
+                    };
+                    if self.wants("e2e") {
+                        step(&format!("kdedup end to end, {dups} duplicates"));
+                        let schema = self.name(kdedup_key);
+                        let r = self
+                            .kdedup(kdedup_key, topic, n, distinct, &schema, &[])
+                            .await?;
+                        println!("    {:.0} events/s", r.rate);
+                        report.runs.insert(kdedup_key, r);
+                        self.drop_schema(&schema).await;
+                    }
+                    if self.wants("batched") {
+                        step(&format!(
+                            "hand-written batched consumer (Python), {dups} duplicates"
+                        ));
+                        let r = self.batched(batched_key, topic, n, distinct).await?;
+                        println!("    {:.0} events/s", r.rate);
+                        report.batched.insert(batched_key, r);
+                    }
+                }
             }
         }
         if self.wants("pgsink") {
@@ -498,6 +524,9 @@ impl Bench {
         }
         if self.wants("pgsink") {
             println!("\n{}", report.pgsink_ratio_line().replace("**", ""));
+        }
+        if self.wants("batched") {
+            println!("\n{}", report.batched_ratio_line().replace("**", ""));
         }
         Ok(())
     }
@@ -1019,7 +1048,7 @@ FROM ids;
         let mut r = r;
         r.pg = self.pg_snap().await.since(&pg0);
         if !self.args.until_gated && !side.output_topic.is_empty() {
-            r.output = self.read_back(&side.output_topic, r.distinct);
+            r.output = self.read_back(&side.output_topic, r.distinct, "kdedup-event-id");
         }
         Ok(r)
     }
@@ -1064,7 +1093,7 @@ FROM ids;
         let prune_wall = side.started.elapsed().as_secs_f64();
         side.stop();
         if !self.args.until_gated {
-            r.output = self.read_back(&side.output_topic, r.distinct);
+            r.output = self.read_back(&side.output_topic, r.distinct, "kdedup-event-id");
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         let after = self.table_stats(schema).await?;
@@ -1090,8 +1119,10 @@ FROM ids;
         ))
     }
 
-    /// Reads the whole output topic back: (messages, distinct `kdedup-event-id`s).
-    fn read_back(&self, topic: &str, expect: usize) -> Option<Output> {
+    /// Reads the whole output topic back: (messages, distinct values of the `id_header`
+    /// header: kdedup's `kdedup-event-id`, or the input's own header for a consumer that
+    /// forwards the input's headers as they are).
+    fn read_back(&self, topic: &str, expect: usize, id_header: &str) -> Option<Output> {
         let c: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .set("group.id", self.name("readback"))
@@ -1120,7 +1151,7 @@ FROM ids;
                     use rdkafka::message::Headers as _;
                     if let Some(h) = m
                         .headers()
-                        .and_then(|hs| hs.iter().find(|h| h.key == "kdedup-event-id"))
+                        .and_then(|hs| hs.iter().find(|h| h.key == id_header))
                     {
                         ids.insert(h.value.unwrap_or_default().to_vec());
                     }
@@ -2105,6 +2136,9 @@ struct Report {
     sweep: Vec<(String, E2e)>,
     runs: BTreeMap<&'static str, E2e>,
     naive: Vec<(&'static str, NaiveRun)>,
+    /// The hand-written batched consumer, by run ("batched0", "batched50", and their
+    /// repeats with a "b").
+    batched: BTreeMap<&'static str, batched::BatchedRun>,
     prefill: Option<Prefill>,
     prefill_stats: Option<TableStats>,
     bloat: Option<Bloat>,
@@ -2221,7 +2255,7 @@ impl Report {
         .fetch_all(&b.pg)
         .await?;
         let tansu = tansu_version().unwrap_or_else(|| "unknown".into());
-        let versions = vec![
+        let mut versions = vec![
             (
                 "kdedup".into(),
                 format!(
@@ -2259,6 +2293,12 @@ impl Report {
                 read_first_line("rustc", &["--version"]).unwrap_or_default(),
             ),
         ];
+        if b.wants("batched") {
+            // Its librdkafka is the one the Python package bundles, not kdedup's.
+            if let Ok(v) = batched::versions() {
+                versions.push(("batched consumer".into(), v));
+            }
+        }
         Ok(Report {
             date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
             machine,
@@ -2270,6 +2310,7 @@ impl Report {
             sweep: Vec::new(),
             runs: BTreeMap::new(),
             naive: Vec::new(),
+            batched: BTreeMap::new(),
             prefill: None,
             prefill_stats: None,
             bloat: None,
@@ -2372,6 +2413,7 @@ impl Report {
                 r.rate, ratio(Some(r.rate), ldb), ratio(Some(r.rate), naive), r.handled, r.seconds
             );
         }
+        self.render_batched_rows(&mut s, ldb, naive);
         let run_row = |s: &mut String, label: &str, key: &str, extra: String| {
             let twice = self.runs.contains_key(format!("{key}b").as_str());
             let extra = if twice {
@@ -2447,6 +2489,19 @@ impl Report {
             ),
         );
 
+        if !self.batched.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nbatched: [bench/batched_consumer.py](batched_consumer.py) (confluent-kafka and psycopg 3), per batch \
+                 of up to 1000 messages one `INSERT ... SELECT FROM UNNEST ... ON CONFLICT DO NOTHING RETURNING` into \
+                 a table of its own, COMMIT, produce the first-seen messages with an idempotent producer, flush, \
+                 store the offsets; no outbox, so not crash-safe. It runs right after kdedup's end-to-end run on \
+                 the same input topic, with a fresh group and output topic and the same consumer properties; \
+                 timed from the first batch in hand to the last flush, counting the messages after that batch \
+                 (as kdedup's are counted after the first poll).\n\n{}",
+                self.batched_ratio_line()
+            );
+        }
         self.render_pgsink(&mut s, b);
         self.render_httpsink(&mut s);
 
@@ -2486,6 +2541,9 @@ impl Report {
             div(e0, naive),
             20.0,
         );
+        for (what, v, goal) in self.batched_targets() {
+            target(&mut s, &what, v, goal);
+        }
         target(
             &mut s,
             "50% duplicates ≥ 1.0 × 0% duplicates",
