@@ -200,7 +200,9 @@ pub async fn partition_floor(
 /// Rows of `stream` after seq `after`, in seq order: at most `max_rows`, and at most
 /// `max_bytes` of keys, values and headers (at least one row, whatever its size). Sizes
 /// come from `octet_length`, which reads a stored value's length without fetching it, so
-/// rows past the budget are never read.
+/// rows past the budget are never read. A stream's seqs have no gaps, so the rows are
+/// also bounded by seq: the plan never visits more than `max_rows` index entries, however
+/// large the backlog and whatever the statistics say.
 pub async fn read_rows(
     pool: &PgPool,
     stream: &str,
@@ -229,7 +231,7 @@ pub async fn read_rows(
              FROM (
                  SELECT seq, coalesce(octet_length(key), 0) + coalesce(octet_length(value), 0)
                             + octet_length(headers) AS size
-                 FROM relay_outbox WHERE stream = $1 AND seq > $2
+                 FROM relay_outbox WHERE stream = $1 AND seq > $2 AND seq <= $2 + $3
                  ORDER BY seq LIMIT $3
              ) candidates
          ) sized

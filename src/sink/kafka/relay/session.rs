@@ -172,7 +172,10 @@ impl Session<'_> {
             return;
         }
         if h.rows.is_empty() {
+            // Dropped for the budget: whatever follows is read back, past the parked rows.
             s.behind = true;
+            s.parked.clear();
+            s.parked_bytes = 0;
             return;
         }
         s.enqueue(h.rows, budget);
@@ -255,6 +258,8 @@ impl Session<'_> {
         s.waiting = 0;
         s.queue.clear();
         s.queued_bytes = 0;
+        s.parked.clear();
+        s.parked_bytes = 0;
         s.in_topic.clear();
         let anchors = s.checkpoint.anchors.clone();
         let published = s.checkpoint.published_seq;
@@ -321,16 +326,16 @@ impl Session<'_> {
         if room < budget / 4 {
             return Ok(());
         }
-        let after = self.streams[name].queued_through;
+        let (after, until) = {
+            let s = &self.streams[name];
+            (s.queued_through, s.read_back_until())
+        };
+        let max_rows = match until {
+            Some(until) => (until - after).clamp(0, self.relay.settings.batch_size as i64) as usize,
+            None => self.relay.settings.batch_size,
+        };
         let waited = Instant::now();
-        let rows = sql::read_rows(
-            &self.relay.pool,
-            name,
-            after,
-            self.relay.settings.batch_size,
-            room,
-        )
-        .await?;
+        let rows = sql::read_rows(&self.relay.pool, name, after, max_rows.max(1), room).await?;
         self.relay
             .metrics
             .relay_postgres_seconds
@@ -340,21 +345,15 @@ impl Session<'_> {
             .relay_rows_read_back
             .inc_by(rows.len() as u64);
         let s = self.streams.get_mut(name).expect("stream");
-        let short = rows.len() < self.relay.settings.batch_size
-            && rows.iter().map(Pending::size).sum::<usize>() < room / 2;
-        if rows.is_empty() {
-            s.behind = false;
-            return Ok(());
-        }
-        s.behind = false;
-        s.enqueue(rows, usize::MAX);
-        s.behind = !short || s.behind;
+        let complete =
+            rows.len() < max_rows && rows.iter().map(Pending::size).sum::<usize>() < room / 2;
+        s.read_back(rows, complete);
         Ok(())
     }
 
     /// Bytes the relay may still queue, over all its streams.
     fn room(&self) -> usize {
-        let queued: usize = self.streams.values().map(|s| s.queued_bytes).sum();
+        let queued: usize = self.streams.values().map(|s| s.held_bytes()).sum();
         self.relay.settings.batch_max_bytes.saturating_sub(queued)
     }
 

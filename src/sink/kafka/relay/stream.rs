@@ -38,6 +38,11 @@ pub(super) struct StreamState {
     pub(super) behind: bool,
     pub(super) queue: VecDeque<Pending>,
     pub(super) queued_bytes: usize,
+    /// Handed-over rows that came after a gap, kept (within half the byte budget) while
+    /// the gap is read back, so that the read-back ends at them instead of chasing the
+    /// lanes. Contiguous; the first is past `queued_through + 1`.
+    pub(super) parked: VecDeque<Pending>,
+    pub(super) parked_bytes: usize,
     pub(super) in_flight: VecDeque<InFlight>,
     pub(super) waiting: usize,
     /// A send failed: nothing more is sent until every send in flight has settled; the
@@ -62,6 +67,8 @@ impl StreamState {
             behind: true,
             queue: VecDeque::new(),
             queued_bytes: 0,
+            parked: VecDeque::new(),
+            parked_bytes: 0,
             in_flight: VecDeque::new(),
             waiting: 0,
             failed: false,
@@ -80,28 +87,82 @@ impl StreamState {
         self.queue.is_empty() && self.in_flight.is_empty() && !self.behind
     }
 
+    /// Bytes this stream holds: queued and parked.
+    pub(super) fn held_bytes(&self) -> usize {
+        self.queued_bytes + self.parked_bytes
+    }
+
+    /// The last seq the read-back has to reach: just before the parked rows (`None`: up
+    /// to whatever the outbox holds).
+    pub(super) fn read_back_until(&self) -> Option<i64> {
+        self.parked.front().map(|r| r.seq - 1)
+    }
+
     /// Queues `rows` that follow what the stream has, within `room` bytes (always at
-    /// least one row when the queue is empty); past a gap or past `room`, the stream reads
-    /// back from the outbox instead.
+    /// least one row when the queue is empty). Rows past a gap are parked while the gap
+    /// is read back from the outbox (within `room / 2`); past that, they are dropped and
+    /// read back too.
     pub(super) fn enqueue(&mut self, rows: Vec<Pending>, room: usize) {
         let mut added = 0usize;
         for row in rows {
-            if row.seq <= self.queued_through {
+            let last_parked = self.parked.back().map(|r| r.seq);
+            if row.seq <= self.queued_through || last_parked.is_some_and(|l| row.seq <= l) {
                 continue;
             }
-            if self.behind || row.seq != self.queued_through + 1 {
-                // A gap: the missing seqs were committed elsewhere. Read back from here.
-                self.behind = true;
-                return;
+            if !self.behind && row.seq == self.queued_through + 1 {
+                if added + row.size() > room && !self.queue.is_empty() {
+                    self.behind = true;
+                    return;
+                }
+                added += row.size();
+                self.queued_through = row.seq;
+                self.queued_bytes += row.size();
+                self.queue.push_back(row);
+                continue;
             }
-            if added + row.size() > room && !self.queue.is_empty() {
-                self.behind = true;
+            // A gap (rows committed elsewhere, or dropped): read back up to here.
+            self.behind = true;
+            let follows = last_parked.map_or(true, |l| row.seq == l + 1);
+            if !follows || added + row.size() > room / 2 {
+                // Not contiguous with what is parked, or no room: read back past it all.
+                if !follows {
+                    self.parked.clear();
+                    self.parked_bytes = 0;
+                }
                 return;
             }
             added += row.size();
+            self.parked_bytes += row.size();
+            self.parked.push_back(row);
+        }
+    }
+
+    /// Rows read back from the outbox (in seq order, from `queued_through + 1`): queued;
+    /// once they reach the parked rows, those follow and the stream is caught up.
+    /// `complete`: the read-back found everything there is (no parked rows to reach).
+    pub(super) fn read_back(&mut self, rows: Vec<Pending>, complete: bool) {
+        for row in rows {
+            if row.seq != self.queued_through + 1 {
+                continue;
+            }
             self.queued_through = row.seq;
             self.queued_bytes += row.size();
             self.queue.push_back(row);
+        }
+        match self.read_back_until() {
+            Some(until) if self.queued_through >= until => {
+                self.queued_bytes += self.parked_bytes;
+                self.parked_bytes = 0;
+                while let Some(row) = self.parked.pop_front() {
+                    if row.seq == self.queued_through + 1 {
+                        self.queued_through = row.seq;
+                        self.queue.push_back(row);
+                    }
+                }
+                self.behind = false;
+            }
+            Some(_) => {}
+            None => self.behind = !complete,
         }
     }
 }
@@ -144,15 +205,45 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn a_gap_sends_the_stream_back_to_the_outbox_from_the_last_seq_it_has() {
+    fn rows_past_a_gap_are_parked_and_the_read_back_ends_at_them() {
         let mut s = ready(2);
         s.enqueue(vec![row(5), row(6)], usize::MAX);
         assert!(s.queue.is_empty());
         assert!(s.behind);
         assert_eq!(s.queued_through, 2, "read back from seq 3");
-        // Later hand-offs are not queued until the read-back caught up.
+        assert_eq!(s.read_back_until(), Some(4));
+        // More hand-offs join the parked rows; one already had is skipped.
+        s.enqueue(vec![row(6), row(7)], usize::MAX);
+        assert_eq!(s.parked.len(), 3);
+        s.read_back(vec![row(3), row(4)], false);
+        assert!(!s.behind, "caught up");
+        assert_eq!(
+            s.queue.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [3, 4, 5, 6, 7]
+        );
+        assert_eq!(s.queued_through, 7);
+        assert!(s.parked.is_empty());
+    }
+
+    #[test]
+    fn a_read_back_without_parked_rows_ends_when_it_finds_everything() {
+        let mut s = ready(0);
+        s.behind = true;
+        s.read_back(vec![row(1), row(2)], false);
+        assert!(s.behind, "a full page: there may be more");
+        s.read_back(vec![row(3)], true);
+        assert!(!s.behind);
+        assert_eq!(s.queued_through, 3);
+    }
+
+    #[test]
+    fn parked_rows_that_stop_following_each_other_are_dropped_and_read_back() {
+        let mut s = ready(0);
         s.enqueue(vec![row(3)], usize::MAX);
-        assert!(s.queue.is_empty());
+        s.enqueue(vec![row(9)], usize::MAX);
+        assert!(s.parked.is_empty());
+        assert_eq!(s.read_back_until(), None);
+        assert!(s.behind);
     }
 
     #[test]
