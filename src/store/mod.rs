@@ -268,7 +268,10 @@ pub async fn check_connection(
 pub fn connect_options(cfg: &DbSettings) -> Result<PgConnectOptions, DbError> {
     let opts = PgConnectOptions::from_str(cfg.url.expose())?
         .application_name("kdedup")
-        .options([("search_path", cfg.schema.as_str())])
+        // JIT compiles a plan in about a second: a loss for statements that run in
+        // milliseconds, which is all kdedup runs (a fresh table's missing statistics can
+        // push the gate statement's estimate over jit_above_cost).
+        .options([("search_path", cfg.schema.as_str()), ("jit", "off")])
         // Statement text can carry event ids; keep it at debug level.
         .log_statements(tracing::log::LevelFilter::Debug)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(5));

@@ -43,11 +43,11 @@ queued AS (
     INSERT INTO relay_outbox
         (slot, stream, seq, scope, event_id, source_topic, source_partition, source_offset,
          source_timestamp_ms, key, value, headers)
-    SELECT r.slot, s.stream, s.seq, b.scope, b.event_id, b.source_topic, b.source_partition,
-           b.source_offset, b.source_timestamp_ms, b.key, b.value, b.headers
+    SELECT (SELECT slot FROM relay_rotation), s.stream, s.seq, b.scope, b.event_id,
+           b.source_topic, b.source_partition, b.source_offset, b.source_timestamp_ms, b.key,
+           b.value, b.headers
     FROM sequenced s
     JOIN batch b ON b.ord = s.ord
-    CROSS JOIN relay_rotation r
     ORDER BY s.stream, s.seq
     RETURNING 1
 ),

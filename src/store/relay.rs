@@ -412,13 +412,12 @@ pub async fn adopt_legacy(conn: &mut PgConnection, limit: i64) -> Result<u64, sq
          INSERT INTO relay_outbox
              (slot, stream, seq, scope, event_id, source_topic, source_partition, source_offset,
               source_timestamp_ms, key, value, headers, created_at)
-         SELECT r.slot, n.stream, c.last_seq - t.n + n.n, n.scope, n.event_id, n.source_topic,
-                n.source_partition, n.source_offset, n.source_timestamp_ms, n.key, n.value,
-                n.headers, n.created_at
+         SELECT (SELECT slot FROM relay_rotation), n.stream, c.last_seq - t.n + n.n, n.scope,
+                n.event_id, n.source_topic, n.source_partition, n.source_offset,
+                n.source_timestamp_ms, n.key, n.value, n.headers, n.created_at
          FROM numbered n
          JOIN counts t ON t.stream = n.stream
-         JOIN claimed c ON c.stream = n.stream
-         CROSS JOIN relay_rotation r",
+         JOIN claimed c ON c.stream = n.stream",
     )
     .bind(limit)
     .execute(conn)

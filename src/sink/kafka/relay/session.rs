@@ -278,9 +278,9 @@ impl Session<'_> {
                     if let Some(why) = &t.anchor_lost {
                         warn!(stream = name, "{why}; rows of this stream published after the checkpoint may be published again");
                     }
-                    for (seq, offset) in t.found {
+                    for (seq, (offset, event_id)) in t.found {
                         if seq > published {
-                            in_topic.insert(seq, (partition, offset));
+                            in_topic.insert(seq, (partition, offset, event_id));
                         }
                     }
                 }
@@ -374,7 +374,15 @@ impl Session<'_> {
             if s.checkpoint.anchor(partition) == Some(-1) {
                 return;
             }
-            if let Some(&(p, offset)) = s.in_topic.get(&row.seq) {
+            // Already in the topic: the same seq with the same event. (After a restore of
+            // Postgres from a backup a seq can come back with another event: that one is
+            // not published yet.)
+            let published = s
+                .in_topic
+                .get(&row.seq)
+                .filter(|(_, _, id)| *id == row.event_id)
+                .map(|(p, offset, _)| (*p, *offset));
+            if let Some((p, offset)) = published {
                 let row = s.queue.pop_front().expect("front");
                 s.queued_bytes -= row.size();
                 s.in_flight.push_back(InFlight {

@@ -48,8 +48,8 @@ pub(super) struct StreamState {
     /// A send failed: nothing more is sent until every send in flight has settled; the
     /// stream is then taken over again (the tail shows which of them landed).
     pub(super) failed: bool,
-    /// Seqs already in the topic (found in the tail), with their offsets.
-    pub(super) in_topic: HashMap<i64, (i32, i64)>,
+    /// Seqs already in the topic (found in the tail): partition, offset, event id.
+    pub(super) in_topic: HashMap<i64, (i32, i64, String)>,
     pub(super) checkpoint: Checkpoint,
     pub(super) dirty: bool,
     pub(super) last_lock_try: Option<Instant>,

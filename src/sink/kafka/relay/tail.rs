@@ -27,8 +27,10 @@ pub fn parse_position(value: &[u8]) -> Option<(&str, i64)> {
 /// What one output partition holds of a stream after its anchor.
 #[derive(Debug, Default)]
 pub struct Tail {
-    /// Seq -> output offset, for every message of the stream read.
-    pub found: HashMap<i64, i64>,
+    /// Seq -> (output offset, `kdedup-event-id`), for every message of the stream read.
+    /// The id tells a message of this seq from one of a seq reused after a restore of
+    /// Postgres from a backup.
+    pub found: HashMap<i64, (i64, String)>,
     /// What was wrong with the anchor, for a warning: the partition ends before it (the
     /// topic was deleted and recreated, or truncated).
     pub anchor_lost: Option<String>,
@@ -131,17 +133,19 @@ fn read_from(
             Err(rdkafka::error::KafkaError::PartitionEOF(p)) if p == partition => {
                 // The end. A position past the anchor with nothing read before it means
                 // the broker skipped what lies between: read again from further back.
-                let end = consumer
-                    .position()
-                    .ok()
-                    .and_then(|tpl| {
-                        tpl.find_partition(topic, partition)
-                            .and_then(|e| e.offset().to_raw())
-                    })
-                    .unwrap_or(start);
-                if first.is_none() && end > start {
-                    return Ok(None);
-                }
+                // Nothing consumed: the end is where the read started.
+                let end = match first {
+                    None => start,
+                    Some(_) => consumer
+                        .position()
+                        .ok()
+                        .and_then(|tpl| {
+                            tpl.find_partition(topic, partition)
+                                .and_then(|e| e.offset().to_raw())
+                        })
+                        .filter(|o| *o >= 0)
+                        .unwrap_or(start),
+                };
                 if end < anchor {
                     tail.anchor_lost = Some(format!(
                         "the checkpoint anchors {topic}/{partition} at offset {anchor}, past its end {end}: \
@@ -158,19 +162,33 @@ fn read_from(
         if first.is_none() {
             first = Some(m.offset());
             if m.offset() > anchor.max(start) {
-                return Ok(None);
+                if start > 0 {
+                    return Ok(None);
+                }
+                // From the very start and still past the anchor: retention deleted what
+                // lay between (a first anchor of 0 has nothing of the stream before it).
+                if anchor > 0 {
+                    tail.anchor_lost = Some(format!(
+                        "the checkpoint anchors {topic}/{partition} at offset {anchor}, before its \
+                         first offset {}: retention deleted what was published after the checkpoint",
+                        m.offset()
+                    ));
+                }
             }
         }
-        if let Some(hs) = m.headers() {
-            for h in hs.iter() {
-                if h.key != header::POSITION {
-                    continue;
-                }
-                if let Some((s, seq)) = h.value.and_then(parse_position) {
-                    if s == stream {
-                        tail.found.insert(seq, m.offset());
-                    }
-                }
+        let Some(hs) = m.headers() else { continue };
+        let mut position = None;
+        let mut event_id = String::new();
+        for h in hs.iter() {
+            if h.key == header::POSITION {
+                position = h.value.and_then(parse_position);
+            } else if h.key == header::EVENT_ID {
+                event_id = String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned();
+            }
+        }
+        if let Some((s, seq)) = position {
+            if s == stream {
+                tail.found.insert(seq, (m.offset(), event_id));
             }
         }
     }
