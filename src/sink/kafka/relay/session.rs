@@ -71,8 +71,10 @@ const LOCK_RETRY: Duration = Duration::from_millis(500);
 const RELEASE_IDLE: Duration = Duration::from_secs(5);
 /// How long a stopping relay goes on publishing what it holds.
 const STOP_DRAIN: Duration = Duration::from_secs(10);
-/// The longest a tail read may take.
-const TAIL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest a tail read may take. A read that stops making progress ends sooner (see
+/// `tail::read`); this bounds one that goes on, e.g. from an old anchor after Postgres was
+/// restored from a backup.
+const TAIL_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl Session<'_> {
     pub(super) async fn run(
