@@ -73,6 +73,32 @@ pub fn consumer_config(brokers: &str, group_id: &str, props: &KafkaProperties) -
     c
 }
 
+/// A consumer that reads the partitions it is assigned and never commits (`kdedup
+/// replay`, the relay's tail reads): the group id only names it. `defaults` are set before
+/// the user's properties, so those can override them.
+pub fn reader_config(
+    brokers: &str,
+    group_id: &str,
+    props: &KafkaProperties,
+    defaults: &[(&str, &str)],
+) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        // A start offset deleted by retention meanwhile: read from what is left.
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        // The same prefetch bound as the sidecar's consumer (consumer_config).
+        .set("queued.max.messages.kbytes", "16384");
+    for (k, v) in defaults {
+        c.set(*k, *v);
+    }
+    props.apply(&mut c, ClientKind::Consumer);
+    c.set("enable.auto.offset.store", "false");
+    c
+}
+
 /// Producer for the output and dead-letter topics: idempotent, `acks=all`, so a retried
 /// produce neither duplicates nor reorders within a partition.
 pub fn producer_config(brokers: &str, props: &KafkaProperties) -> ClientConfig {

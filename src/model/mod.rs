@@ -75,13 +75,7 @@ impl InputMessage {
 
     /// Bytes this message holds in memory (what `--batch-max-bytes` bounds).
     pub fn size(&self) -> usize {
-        self.key.as_ref().map_or(0, Vec::len)
-            + self.value.as_ref().map_or(0, Vec::len)
-            + self
-                .headers
-                .iter()
-                .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
-                .sum::<usize>()
+        payload_size(&self.key, &self.value, &self.headers)
     }
 
     pub(crate) fn view(&self) -> MessageView<'_> {
@@ -101,4 +95,18 @@ pub fn is_valid_topic_name(topic: &str) -> bool {
         && topic
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// Bytes of a message's key, value and headers: what the byte budgets count.
+pub fn payload_size(
+    key: &Option<Vec<u8>>,
+    value: &Option<Vec<u8>>,
+    headers: &headers::Headers,
+) -> usize {
+    key.as_ref().map_or(0, Vec::len)
+        + value.as_ref().map_or(0, Vec::len)
+        + headers
+            .iter()
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+            .sum::<usize>()
 }

@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 
-use crate::kafka::properties::ClientKind;
 use crate::model::InputMessage;
 use crate::settings::{ReplaySettings, RunSettings};
 
@@ -43,17 +42,12 @@ impl Range {
 }
 
 pub(super) fn consumer(cfg: &RunSettings) -> anyhow::Result<BaseConsumer> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.kafka.brokers)
-        .set("group.id", format!("{}.replay", cfg.kafka.group_id))
-        .set("enable.auto.commit", "false")
-        // A start offset deleted by retention meanwhile: read from what is left.
-        .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false")
-        // The same prefetch bound as the sidecar's consumer (kafka::consumer_config).
-        .set("queued.max.messages.kbytes", "16384");
-    cfg.kafka.properties.apply(&mut c, ClientKind::Consumer);
-    c.set("enable.auto.offset.store", "false");
+    let c = crate::kafka::reader_config(
+        &cfg.kafka.brokers,
+        &format!("{}.replay", cfg.kafka.group_id),
+        &cfg.kafka.properties,
+        &[],
+    );
     Ok(crate::kafka::client(
         &c,
         rdkafka::consumer::DefaultConsumerContext,

@@ -28,13 +28,7 @@ pub struct Pending {
 impl Pending {
     /// Bytes of key, value and headers: what it costs the relay's memory budget.
     pub fn size(&self) -> usize {
-        self.key.as_ref().map_or(0, Vec::len)
-            + self.value.as_ref().map_or(0, Vec::len)
-            + self
-                .headers
-                .iter()
-                .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
-                .sum::<usize>()
+        crate::model::payload_size(&self.key, &self.value, &self.headers)
     }
 }
 

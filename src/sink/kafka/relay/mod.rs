@@ -52,9 +52,11 @@ macro_rules! pending_event {
     };
 }
 
+mod output;
 mod session;
 mod stream;
 mod tail;
+mod upkeep;
 
 pub use tail::{parse_position, position};
 

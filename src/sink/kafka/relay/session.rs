@@ -11,19 +11,15 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::FutureRecord;
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Level};
 
+use super::output::{dead_letter, produce};
 use super::stream::{InFlight, Source, StreamState};
 use super::{tail, Handoff, Intake, Relay};
-use crate::kafka::{self, dlq};
-use crate::model::identity::Rejection;
-use crate::model::{header, InputMessage, Position};
-use crate::store::relay::{self as sql, Checkpoint, Pending};
-use crate::store::{self as db};
+use crate::kafka;
+use crate::store::relay::{self as sql, Pending};
 
 /// Why a relay session ended.
 pub(super) enum Exit {
@@ -58,23 +54,23 @@ impl IntakeRef<'_> {
 }
 
 /// How often checkpoints are written, at most.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// How often idle held streams are compared with their counters.
-const COUNTER_CHECK_EVERY: Duration = Duration::from_secs(1);
+pub(super) const COUNTER_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How often streams nobody moves are looked for, and the outbox's slots reclaimed.
-const ADOPT_EVERY: Duration = Duration::from_secs(5);
+pub(super) const ADOPT_EVERY: Duration = Duration::from_secs(5);
 /// A stream whose checkpoint has not moved for this long, with rows past it, is adopted.
-const ADOPT_AFTER: Duration = Duration::from_secs(10);
+pub(super) const ADOPT_AFTER: Duration = Duration::from_secs(10);
 /// A stream held for this process's lanes that another relay holds is tried this often.
-const LOCK_RETRY: Duration = Duration::from_millis(500);
+pub(super) const LOCK_RETRY: Duration = Duration::from_millis(500);
 /// Streams handed over by a replay (no assignment) are let go after this long idle.
-const RELEASE_IDLE: Duration = Duration::from_secs(5);
+pub(super) const RELEASE_IDLE: Duration = Duration::from_secs(5);
 /// How long a stopping relay goes on publishing what it holds.
-const STOP_DRAIN: Duration = Duration::from_secs(10);
+pub(super) const STOP_DRAIN: Duration = Duration::from_secs(10);
 /// The longest a tail read may take. A read that stops making progress ends sooner (see
 /// `tail::read`); this bounds one that goes on, e.g. from an old anchor after Postgres was
 /// restored from a backup.
-const TAIL_TIMEOUT: Duration = Duration::from_secs(600);
+pub(super) const TAIL_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl Session<'_> {
     pub(super) async fn run(
@@ -90,6 +86,9 @@ impl Session<'_> {
         let mut stopping: Option<Instant> = None;
         let mut intake_open = true;
         loop {
+            // An acknowledgement moves its own stream on (and those waiting for room in
+            // the producer); the others are pumped on the next hand-off or tick.
+            let mut only: Option<String> = None;
             tokio::select! {
                 h = intake.recv(), if intake_open => match h {
                     Some(h) => self.take(h),
@@ -99,6 +98,7 @@ impl Session<'_> {
                     if let Err(e) = self.settle(&stream, seq, result).await {
                         return Exit::ConnectionLost(e);
                     }
+                    only = Some(stream);
                 }
                 _ = tick.tick() => {}
                 _ = stop.cancelled(), if stopping.is_none() => stopping = Some(Instant::now()),
@@ -122,7 +122,7 @@ impl Session<'_> {
                     .metrics
                     .relay_postgres_seconds
                     .inc_by(waited.elapsed().as_secs_f64());
-                self.pump(stopping.is_some()).await
+                self.pump(stopping.is_some(), only).await
             }
             .await;
             if let Err(e) = result {
@@ -184,8 +184,15 @@ impl Session<'_> {
     }
 
     /// Takes streams, reads back, and sends what is queued.
-    async fn pump(&mut self, stopping: bool) -> Result<(), sqlx::Error> {
-        let names: Vec<String> = self.streams.keys().cloned().collect();
+    async fn pump(&mut self, stopping: bool, only: Option<String>) -> Result<(), sqlx::Error> {
+        // After an acknowledgement: its stream, and the streams with rows queued (the
+        // producer's queue has room again); otherwise every stream.
+        let names: Vec<String> = self
+            .streams
+            .values()
+            .filter(|s| only.as_ref().map_or(true, |o| *o == s.name) || !s.queue.is_empty())
+            .map(|s| s.name.clone())
+            .collect();
         for name in names {
             let Some(s) = self.streams.get(&name) else {
                 continue;
@@ -199,7 +206,7 @@ impl Session<'_> {
             }
             if s.failed {
                 let due = !s.last_lock_try.is_some_and(|t| t.elapsed() < LOCK_RETRY);
-                if s.waiting == 0 && due {
+                if !s.waiting() && due {
                     self.take_over(&name).await?;
                 }
                 continue;
@@ -257,7 +264,6 @@ impl Session<'_> {
     async fn take_over(&mut self, name: &str) -> Result<(), sqlx::Error> {
         let s = self.streams.get_mut(name).expect("stream");
         s.in_flight.clear();
-        s.waiting = 0;
         s.queue.clear();
         s.queued_bytes = 0;
         s.parked.clear();
@@ -409,7 +415,6 @@ impl Session<'_> {
                         row: Some(row),
                         sent_at: Instant::now(),
                     });
-                    s.waiting += 1;
                     self.acks.push(
                         async move {
                             let result = match delivery.await {
@@ -457,7 +462,6 @@ impl Session<'_> {
         let Some(s) = self.streams.get_mut(stream) else {
             return Ok(());
         };
-        s.waiting = s.waiting.saturating_sub(1);
         if let Some(front) = s.in_flight.front() {
             let i = (seq - front.seq) as usize;
             if let Some(f) = s.in_flight.get_mut(i) {
@@ -551,273 +555,10 @@ impl Session<'_> {
         }
     }
 
-    /// Writes the checkpoints that moved, and the anchors of partitions about to get
-    /// their first message of a stream.
-    async fn checkpoint(&mut self) -> Result<(), sqlx::Error> {
-        let mut new_anchors = Vec::new();
-        for s in self.streams.values() {
-            if !s.held {
-                continue;
-            }
-            for (p, o) in &s.checkpoint.anchors {
-                if *o == -1 {
-                    new_anchors.push((s.name.clone(), *p));
-                }
-            }
-        }
-        // A new anchor: an offset of the partition before anything this stream sends
-        // to it (see `sql::partition_floor`).
-        for (name, partition) in new_anchors {
-            let floor =
-                sql::partition_floor(&self.relay.pool, &self.relay.output_topic, partition).await?;
-            let s = self.streams.get_mut(&name).expect("stream");
-            s.checkpoint.set_anchor(partition, floor);
-            s.dirty = true;
-        }
-        let dirty: Vec<(String, Checkpoint)> = self
-            .streams
-            .values()
-            .filter(|s| s.held && s.dirty)
-            .map(|s| {
-                let mut c = s.checkpoint.clone();
-                c.anchors.retain(|(_, o)| *o >= 0);
-                (s.name.clone(), c)
-            })
-            .collect();
-        if dirty.is_empty() {
-            return Ok(());
-        }
-        crate::crash::reached(crate::crash::Point::RelayAfterAck);
-        sql::save_checkpoints(&mut self.conn, &self.owner, &dirty).await?;
-        for (name, c) in &dirty {
-            if let Some(s) = self.streams.get_mut(name) {
-                if s.checkpoint.published_seq == c.published_seq {
-                    s.dirty = s.checkpoint.anchors.iter().any(|(_, o)| *o < 0);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Idle held streams whose counter is past what they have: rows committed without a
-    /// hand-off to this process (a gate retry whose first COMMIT did commit, the previous
-    /// owner's last batch). They are read back.
-    async fn compare_counters(&mut self) -> Result<(), sqlx::Error> {
-        // The streams of the partitions assigned here are taken at once, not when their
-        // first rows come: what the previous owner left unpublished goes out now.
-        if let Some(a) = &self.relay.assignment {
-            for name in a.streams() {
-                let output_topic = &self.relay.output_topic;
-                self.streams
-                    .entry(name.clone())
-                    .or_insert_with(|| StreamState::new(name, Source::Local, output_topic));
-            }
-        }
-        let idle: Vec<String> = self
-            .streams
-            .values()
-            .filter(|s| s.held && s.ready && s.idle())
-            .map(|s| s.name.clone())
-            .collect();
-        if idle.is_empty() {
-            return Ok(());
-        }
-        for (name, last) in sql::last_seqs(&self.relay.pool, &idle).await? {
-            if let Some(s) = self.streams.get_mut(&name) {
-                if last > s.queued_through && s.idle() {
-                    s.behind = true;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Lets go of streams this process no longer writes: partitions rebalanced away,
-    /// adopted streams caught up, a replay's streams once idle.
-    async fn release(&mut self) -> Result<(), sqlx::Error> {
-        let mut done = Vec::new();
-        for s in self.streams.values() {
-            if !s.held || !s.idle() || s.dirty {
-                continue;
-            }
-            let keep = match s.source {
-                Source::Local => match &self.relay.assignment {
-                    Some(a) => a.contains(&s.name),
-                    None => s.last_active.elapsed() < RELEASE_IDLE,
-                },
-                Source::Adopted => false,
-            };
-            if !keep {
-                done.push(s.name.clone());
-            }
-        }
-        let schema = self.relay.cfg.db.schema.clone();
-        for name in done {
-            sql::unlock_stream(&mut self.conn, &schema, &name).await?;
-            self.streams.remove(&name);
-            debug!(stream = name, "stream let go");
-        }
-        Ok(())
-    }
-
-    /// Adopts streams with rows past their checkpoint that nobody moves, reclaims the
-    /// outbox's slots, and moves rows the previous version left in the old outbox.
-    async fn adopt(&mut self) -> Result<(), sqlx::Error> {
-        for name in sql::orphans(&self.relay.pool, ADOPT_AFTER).await? {
-            if !self.streams.contains_key(&name) {
-                info!(
-                    stream = name,
-                    "adopting a stream with unpublished rows that no relay holds"
-                );
-                self.streams.insert(
-                    name.clone(),
-                    StreamState::new(name, Source::Adopted, &self.relay.output_topic),
-                );
-            }
-        }
-        match sql::reclaim(
-            &self.relay.pool,
-            &self.relay.cfg.db.schema,
-            self.relay.settings.rotate_every,
-        )
-        .await
-        {
-            Ok(r) => {
-                if !r.truncated.is_empty() || r.rotated_to.is_some() {
-                    debug!(truncated = ?r.truncated, rotated_to = ?r.rotated_to, "outbox slots reclaimed");
-                }
-                self.relay
-                    .metrics
-                    .outbox_slots_truncated
-                    .inc_by(r.truncated.len() as u64);
-            }
-            // A lock timeout (a long read, a slow gate transaction) only postpones it.
-            Err(e) => debug!(error = %e, "outbox reclaim postponed"),
-        }
-        self.adopt_legacy().await
-    }
-
-    async fn adopt_legacy(&mut self) -> Result<(), sqlx::Error> {
-        let any: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM outbox)")
-            .fetch_one(&self.relay.pool)
-            .await?;
-        if !any {
-            return Ok(());
-        }
-        if !self.legacy_lock {
-            // The previous version's relay lock: once held here (for the session), its
-            // relays stand by and the rows they would publish move to streams.
-            self.legacy_lock = sqlx::query_scalar(
-                "SELECT pg_try_advisory_lock($1, hashtext('relay' || ':' || $2))",
-            )
-            .bind(db::ADVISORY_LOCK_CLASS)
-            .bind(&self.relay.cfg.db.schema)
-            .fetch_one(&mut self.conn)
-            .await?;
-            if !self.legacy_lock {
-                return Ok(());
-            }
-        }
-        let moved = sql::adopt_legacy(&mut self.conn, 10_000).await?;
-        if moved > 0 {
-            info!(
-                rows = moved,
-                "moved rows of the previous version's outbox into upgrade: streams"
-            );
-        }
-        Ok(())
-    }
-
     fn assigned(&self, stream: &str) -> bool {
         self.relay
             .assignment
             .as_ref()
             .map_or(true, |a| a.contains(stream))
-    }
-}
-
-/// Enqueues one row with the producer.
-fn produce(
-    relay: &Relay,
-    stream: &str,
-    row: &Pending,
-    partition: i32,
-) -> Result<rdkafka::producer::DeliveryFuture, KafkaError> {
-    let source = Position {
-        topic: row.source_topic.clone(),
-        partition: row.source_partition,
-        offset: row.source_offset,
-    }
-    .to_string();
-    let position = tail::position(stream, row.seq);
-    let mut hs = OwnedHeaders::new_with_capacity(row.headers.len() + 3);
-    for (k, v) in &row.headers {
-        if k == header::EVENT_ID || k == header::SOURCE || k == header::POSITION {
-            continue;
-        }
-        hs = hs.insert(Header {
-            key: k,
-            value: v.as_deref(),
-        });
-    }
-    hs = hs
-        .insert(Header {
-            key: header::EVENT_ID,
-            value: Some(row.event_id.as_bytes()),
-        })
-        .insert(Header {
-            key: header::SOURCE,
-            value: Some(source.as_bytes()),
-        })
-        .insert(Header {
-            key: header::POSITION,
-            value: Some(position.as_bytes()),
-        });
-    let mut record: FutureRecord<'_, Vec<u8>, Vec<u8>> = FutureRecord::to(&relay.output_topic)
-        .partition(partition)
-        .headers(hs);
-    if let Some(k) = &row.key {
-        record = record.key(k);
-    }
-    if let Some(v) = &row.value {
-        record = record.payload(v);
-    }
-    if let Some(ts) = row.source_timestamp_ms {
-        record = record.timestamp(ts);
-    }
-    relay.producer.send_result(record).map_err(|(e, _)| e)
-}
-
-/// Sends a row the output topic refused for good to the dead-letter topic (reason
-/// `output_refused`). Returns whether it is there.
-async fn dead_letter(relay: &Relay, stream: &str, row: &Pending, error: String) -> bool {
-    let msg = InputMessage {
-        topic: row.source_topic.clone(),
-        partition: row.source_partition,
-        offset: row.source_offset,
-        timestamp_ms: row.source_timestamp_ms,
-        key: row.key.clone(),
-        value: row.value.clone(),
-        headers: row.headers.clone(),
-        header_names_utf8: true,
-    };
-    let why = Rejection::OutputRefused { error };
-    let dlq_topic = &relay.cfg.kafka.dlq_topic;
-    match dlq::send(&relay.producer, dlq_topic, &msg, &why).await {
-        Ok(_stripped) => {
-            relay
-                .metrics
-                .dead_lettered
-                .with_label_values(&[why.reason()])
-                .inc();
-            pending_event!(Level::ERROR, stream, row, error = %why, dlq_topic,
-                "the output topic refused this event for good; it is in the dead-letter topic");
-            true
-        }
-        Err(e) => {
-            pending_event!(Level::WARN, stream, row, error = %e,
-                "dead-letter produce failed; the row stays in the outbox and is tried again");
-            false
-        }
     }
 }

@@ -44,7 +44,6 @@ pub(super) struct StreamState {
     pub(super) parked: VecDeque<Pending>,
     pub(super) parked_bytes: usize,
     pub(super) in_flight: VecDeque<InFlight>,
-    pub(super) waiting: usize,
     /// A send failed: nothing more is sent until every send in flight has settled; the
     /// stream is then taken over again (the tail shows which of them landed).
     pub(super) failed: bool,
@@ -70,7 +69,6 @@ impl StreamState {
             parked: VecDeque::new(),
             parked_bytes: 0,
             in_flight: VecDeque::new(),
-            waiting: 0,
             failed: false,
             in_topic: HashMap::new(),
             checkpoint: Checkpoint {
@@ -81,6 +79,11 @@ impl StreamState {
             last_lock_try: None,
             last_active: Instant::now(),
         }
+    }
+
+    /// Sends still waiting for the broker's answer.
+    pub(super) fn waiting(&self) -> bool {
+        self.in_flight.iter().any(|f| f.result.is_none())
     }
 
     pub(super) fn idle(&self) -> bool {

@@ -6,9 +6,8 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::{Headers as _, Message as _};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 
-use crate::kafka::properties::ClientKind;
 use crate::model::header;
 use crate::settings::RunSettings;
 
@@ -39,16 +38,13 @@ pub struct Tail {
 /// A consumer with no group that only reads tails (never commits). The end of a partition
 /// is the fetch's own end-of-partition event, whose high watermark comes with the data.
 pub fn reader(cfg: &RunSettings) -> anyhow::Result<BaseConsumer> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.kafka.brokers)
-        .set("group.id", format!("{}.relay-tail", cfg.kafka.group_id))
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "100")
-        .set("queued.max.messages.kbytes", "16384");
-    cfg.kafka.properties.apply(&mut c, ClientKind::Consumer);
-    c.set("enable.partition.eof", "true")
-        .set("enable.auto.offset.store", "false");
+    let mut c = crate::kafka::reader_config(
+        &cfg.kafka.brokers,
+        &format!("{}.relay-tail", cfg.kafka.group_id),
+        &cfg.kafka.properties,
+        &[("fetch.wait.max.ms", "100")],
+    );
+    c.set("enable.partition.eof", "true");
     Ok(crate::kafka::client(
         &c,
         rdkafka::consumer::DefaultConsumerContext,
