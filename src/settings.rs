@@ -134,8 +134,12 @@ pub struct HttpSinkSettings {
     pub url: HttpUrl,
     /// Most requests in flight, over every lane and partition.
     pub concurrency: usize,
-    /// Requests sent for one event before it is `FAILED` (retryable answers only).
+    /// Requests sent for one event before it is `FAILED` (retryable answers only; a 409
+    /// does not count).
     pub max_attempts: u32,
+    /// How long an event the application keeps answering 409 for is tried again before
+    /// it is `FAILED`.
+    pub conflict_timeout: Duration,
     /// One request, answer and body included.
     pub timeout: Duration,
     /// First retry delay; doubles per attempt (with jitter) up to `max_backoff`.

@@ -255,10 +255,16 @@ pub struct HttpFlags {
     #[arg(long, env = "KDEDUP_HTTP_CONCURRENCY", default_value_t = 64)]
     pub http_concurrency: usize,
 
-    /// --sink http: requests sent for one event (timeouts, connection errors, 408, 409,
-    /// 429, 5xx) before it is FAILED and dead-lettered as http_failed.
+    /// --sink http: requests sent for one event (timeouts, connection errors, 408, 429,
+    /// 5xx) before it is FAILED and dead-lettered as http_failed.
     #[arg(long, env = "KDEDUP_HTTP_MAX_ATTEMPTS", default_value_t = 12)]
     pub http_max_attempts: u32,
+
+    /// --sink http: how long an event is retried while the application answers 409 (its
+    /// key is still being processed, by an earlier attempt); then FAILED and dead-lettered
+    /// as http_failed. A 409 does not count toward --http-max-attempts.
+    #[arg(long, env = "KDEDUP_HTTP_CONFLICT_TIMEOUT", default_value = "10m")]
+    pub http_conflict_timeout: String,
 
     /// --sink http: longest one request may take, answer and body included. Below
     /// --shutdown-timeout, so that a request in flight at SIGTERM can finish.
@@ -291,6 +297,7 @@ impl Default for HttpFlags {
             http_url: None,
             http_concurrency: 64,
             http_max_attempts: 12,
+            http_conflict_timeout: "10m".into(),
             http_timeout: "10s".into(),
             http_backoff: "200ms".into(),
             http_max_backoff: "30s".into(),

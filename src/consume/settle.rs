@@ -29,7 +29,7 @@ use crate::model::identity::Rejection;
 use crate::model::{InputMessage, Position};
 use crate::retry::Backoff;
 use crate::settings::{GateSettings, RunSettings};
-use crate::sink::Sink;
+use crate::sink::{Pending, Sink};
 use crate::store::gate::{self, GateBatch, GateOutcome, GateRow, GateStatement, Pushed};
 use crate::store::{DbError, Refused};
 
@@ -100,6 +100,9 @@ type RowResult = Result<GateOutcome, Refused>;
 
 /// First sightings with their seq in an outbox stream (the Kafka sink's hand-off).
 type Sequenced = Vec<(GateRow, i64)>;
+
+/// Tells the sink what became of a row held elsewhere (see [`Pending::held`]).
+type Resolver = tokio::sync::oneshot::Sender<Option<Instant>>;
 
 /// What the gate compares to tell a duplicate from an id reused with another payload.
 pub fn payload_hash(value: Option<&[u8]>) -> Vec<u8> {
@@ -287,88 +290,83 @@ impl Gate {
     /// no-op for the sinks whose write committed with the gate), and meanwhile gates the
     /// rows another delivery holds ([`GateOutcome::Busy`], status-gated sinks only) again
     /// until that delivery ended: a row it finished is a duplicate, one it gave up (FAILED,
-    /// or its lease ran out) is taken over here and delivered in the next round. So one
-    /// event is never delivered by two at the same time, and a copy held elsewhere does
-    /// not hold back the rest of the batch (two lanes or replicas each holding a copy the
-    /// other waits for cannot block each other). Returns, per row of `candidates`, why
-    /// its delivery failed for good, if it did.
+    /// or its lease ran out) is taken over here and delivered. The held rows go to the
+    /// sink with the others, in input order, so the later events of their keys wait behind
+    /// them (this batch's and, through the sink's chains, the next batch's) and a copy
+    /// taken over is still delivered in input order; the rest of the batch goes on. One
+    /// event is never delivered by two at the same time. Returns, per row of
+    /// `candidates`, why its delivery failed for good, if it did.
     async fn deliver(
         &self,
         candidates: &GateBatch,
         outcomes: &mut [RowResult],
         gated_since: Instant,
         stop: &CancellationToken,
-        mut delivering: Option<tokio::sync::oneshot::Sender<()>>,
+        delivering: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Result<Vec<Option<Rejection>>, Abandoned> {
         let rows = candidates.rows();
         let mut failed: Vec<Option<Rejection>> = (0..rows.len()).map(|_| None).collect();
-        let forwarded = |o: &RowResult| matches!(o, Ok(GateOutcome::Forwarded));
-        let mut pending: Vec<usize> = (0..rows.len())
-            .filter(|&i| forwarded(&outcomes[i]))
-            .collect();
-        let mut since = gated_since;
-        loop {
-            let busy: Vec<usize> = (0..rows.len())
-                .filter(|&i| matches!(outcomes[i], Ok(GateOutcome::Busy)))
-                .collect();
-            if pending.is_empty() && busy.is_empty() {
-                return Ok(failed);
-            }
-            let regated_since = Instant::now();
-            // The sink registers the deliveries when it is called (their keys' order).
-            let delivery =
-                self.sink
-                    .deliver(pending.iter().map(|&i| &rows[i]).collect(), since, stop);
-            if let Some(registered) = delivering.take() {
-                let _ = registered.send(());
-            }
-            let (delivered, regated) =
-                tokio::join!(delivery, self.wait_while_busy(candidates, busy, stop));
-            let mut stopped = delivered.is_none();
-            for (&i, why) in pending.iter().zip(delivered.into_iter().flatten()) {
-                failed[i] = why;
-            }
-            pending.clear();
-            match regated {
-                Ok(regated) => {
-                    for (i, o) in regated {
-                        if forwarded(&o) {
-                            pending.push(i);
-                        }
-                        outcomes[i] = o;
-                    }
+        let mut pending: Vec<usize> = Vec::new();
+        let mut items: Vec<Pending<'_>> = Vec::new();
+        let mut resolvers: Vec<(usize, Resolver)> = Vec::new();
+        for (i, o) in outcomes.iter().enumerate() {
+            let held = match o {
+                Ok(GateOutcome::Forwarded) => None,
+                Ok(GateOutcome::Busy) => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    resolvers.push((i, tx));
+                    Some(rx)
                 }
-                Err(Abandoned) => stopped = true,
-            }
-            since = regated_since;
-            if stopped {
-                // Rows just taken over are given up again (stop has fired).
-                let taken = pending.iter().map(|&i| &rows[i]).collect();
-                let _ = self.sink.deliver(taken, since, stop).await;
-                return Err(Abandoned);
-            }
+                _ => continue,
+            };
+            pending.push(i);
+            items.push(Pending {
+                row: &rows[i],
+                held,
+            });
         }
+        if pending.is_empty() {
+            return Ok(failed);
+        }
+        // The sink registers the deliveries when it is called (their keys' order).
+        let delivery = self.sink.deliver(items, gated_since, stop);
+        if let Some(registered) = delivering {
+            let _ = registered.send(());
+        }
+        let (delivered, regated) =
+            tokio::join!(delivery, self.wait_while_busy(candidates, resolvers, stop));
+        let regated = regated?;
+        for (i, o) in regated {
+            outcomes[i] = o;
+        }
+        let Some(delivered) = delivered else {
+            return Err(Abandoned);
+        };
+        for (&i, why) in pending.iter().zip(delivered) {
+            failed[i] = why;
+        }
+        Ok(failed)
     }
-
-    /// Gates `busy` again every [`BUSY_RECHECK`] until none is held by another delivery;
-    /// their new outcomes.
+    /// Gates the `held` rows again every [`BUSY_RECHECK`] until none is held by another
+    /// delivery, telling the sink each one's fate as soon as it is known (taken over:
+    /// deliver it; else nothing to deliver); their new outcomes.
     async fn wait_while_busy(
         &self,
         candidates: &GateBatch,
-        mut busy: Vec<usize>,
+        mut held: Vec<(usize, Resolver)>,
         stop: &CancellationToken,
     ) -> Result<Vec<(usize, RowResult)>, Abandoned> {
         let mut resolved = Vec::new();
         let mut rounds = 0u32;
-        while !busy.is_empty() {
+        while !held.is_empty() {
             // A copy of an event still being delivered (a duplicate in the lane's next
             // batch) is common and short: a line at INFO only after 10 s of waiting.
             if rounds % 40 == 0 {
-                let first = &candidates.rows()[busy[0]];
+                let first = &candidates.rows()[held[0].0];
                 let waited_s = f64::from(rounds) * BUSY_RECHECK.as_secs_f64();
                 if rounds == 0 {
                     debug!(
-                        rows = busy.len(),
+                        rows = held.len(),
                         event_id = first.event_id,
                         scope = first.scope,
                         topic = first.topic,
@@ -377,7 +375,7 @@ impl Gate {
                         "events held by another delivery (a live lease): waiting for it to end"
                     );
                 } else {
-                    info!(rows = busy.len(), event_id = first.event_id, scope = first.scope,
+                    info!(rows = held.len(), event_id = first.event_id, scope = first.scope,
                           topic = first.topic, partition = first.partition, offset = first.offset,
                           waited_s, "events still held by another delivery (a live lease): waiting for it to end");
                 }
@@ -386,19 +384,24 @@ impl Gate {
             if !self.idle(BUSY_RECHECK, stop).await {
                 return Err(Abandoned);
             }
-            let mut again = GateBatch::with_capacity(busy.len());
-            for &i in &busy {
-                again.push(candidates.rows()[i].clone());
+            let mut again = GateBatch::with_capacity(held.len());
+            for (i, _) in &held {
+                again.push(candidates.rows()[*i].clone());
             }
+            let regated_since = Instant::now();
             let (regated, _) = self.gate_with_retry(&again, stop).await?;
             let mut still = Vec::new();
-            for (i, o) in busy.into_iter().zip(regated) {
+            for ((i, resolver), o) in held.into_iter().zip(regated) {
                 match o {
-                    Ok(GateOutcome::Busy) => still.push(i),
-                    o => resolved.push((i, o)),
+                    Ok(GateOutcome::Busy) => still.push((i, resolver)),
+                    o => {
+                        let taken = matches!(o, Ok(GateOutcome::Forwarded));
+                        let _ = resolver.send(taken.then_some(regated_since));
+                        resolved.push((i, o));
+                    }
                 }
             }
-            busy = still;
+            held = still;
         }
         Ok(resolved)
     }

@@ -16,7 +16,8 @@ use serde_json::{json, Value};
 
 use crate::settings::{DbSettings, InspectSettings};
 pub use crate::store::inspect::{
-    inspect, stats, Delivery, Inspection, ScopeCounters, Sighting, Stats, EXACT_COUNT_LIMIT,
+    inspect, stats, Deliveries, Delivery, Inspection, ScopeCounters, Sighting, Stats,
+    EXACT_COUNT_LIMIT,
 };
 
 /// `kdedup inspect`: the id is not in `processed_events`.
@@ -353,6 +354,28 @@ pub fn stats_text(s: &Stats) -> String {
             None => format!("{} rows", grouped(s.outbox_rows)),
         },
     ));
+    if let Some(d) = &s.deliveries {
+        let estimate = if d.exact { "" } else { " (Postgres estimate)" };
+        lines.push((
+            "HTTP deliveries",
+            format!("{} PROCESSED{estimate}", grouped(d.processed)),
+        ));
+        lines.push((
+            "  FAILED",
+            format!(
+                "{}{estimate}: dead-lettered; kdedup replay delivers them again",
+                grouped(d.failed)
+            ),
+        ));
+        lines.push((
+            "  PROCESSING",
+            format!(
+                "{}, {} past their lease",
+                grouped(d.processing),
+                grouped(d.processing_expired)
+            ),
+        ));
+    }
     match &s.counters {
         Some(counters) => {
             let since = counters.iter().map(|c| c.since).min();
@@ -426,6 +449,13 @@ pub fn stats_json(s: &Stats) -> Value {
             "oldest_created_at": s.outbox_oldest.map(rfc3339),
             "oldest_age_seconds": s.outbox_oldest.map(|t| (s.now - t).num_milliseconds() as f64 / 1000.0),
         },
+        "deliveries": s.deliveries.as_ref().map(|d| json!({
+            "processed": d.processed,
+            "failed": d.failed,
+            "processing": d.processing,
+            "processing_past_lease": d.processing_expired,
+            "exact": d.exact,
+        })),
         "duplicates_avoided": s.duplicates(),
         "forwarded": s.forwarded(),
         "scopes": s.counters.as_ref().map(|c| c.iter().map(|c| json!({
@@ -599,6 +629,7 @@ mod tests {
             outbox_rows: 3,
             outbox_oldest: Some(t(-2)),
             counters: Some(vec![c("a", 5000, 15_000), c("b", 1012, 5000)]),
+            deliveries: None,
         };
         let text = stats_text(&s);
         assert!(text.contains("20,000 rows (exact count)"), "{text}");
@@ -621,5 +652,28 @@ mod tests {
         };
         assert!(stats_text(&old).contains("unknown: no gate_counters table"));
         assert!(stats_json(&old)["duplicates_avoided"].is_null());
+        assert!(!stats_text(&old).contains("HTTP deliveries"));
+        assert!(stats_json(&old)["deliveries"].is_null());
+
+        let http = Stats {
+            deliveries: Some(Deliveries {
+                processing: 12,
+                processing_expired: 2,
+                processed: 19_980,
+                failed: 8,
+                exact: true,
+            }),
+            ..old
+        };
+        let text = stats_text(&http);
+        assert!(text.contains("HTTP deliveries"), "{text}");
+        assert!(text.contains("19,980 PROCESSED\n"), "{text}");
+        assert!(
+            text.contains("8: dead-lettered; kdedup replay delivers them again"),
+            "{text}"
+        );
+        assert!(text.contains("12, 2 past their lease"), "{text}");
+        assert_eq!(stats_json(&http)["deliveries"]["failed"], 8);
+        assert_eq!(stats_json(&http)["deliveries"]["processing_past_lease"], 2);
     }
 }

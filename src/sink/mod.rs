@@ -27,9 +27,23 @@ use crate::model::identity::Rejection;
 use crate::model::InputMessage;
 use crate::store::gate::{GateRow, GateStatement};
 
-/// What [`Sink::deliver`] made of each first-seen row, in the order given: `None`
-/// delivered, `Some(why)` failed for good (its final status written; to be dead-lettered).
+/// What [`Sink::deliver`] made of each row, in the order given: `None` delivered (or, for
+/// a row held elsewhere, left to that delivery), `Some(why)` failed for good (its final
+/// status written; to be dead-lettered).
 pub type Delivered = Vec<Option<Rejection>>;
+
+/// A row for [`Sink::deliver`]: a first sighting the gate just committed, or a copy of an
+/// event another delivery holds (a live lease, [`crate::store::gate::GateOutcome::Busy`]),
+/// which the gate checks again until that delivery ended.
+pub struct Pending<'a> {
+    pub row: &'a GateRow,
+    /// `None`: the gate committed the row; deliver it. `Some`: held elsewhere; it resolves
+    /// to `Some(since)` once the gate took the row over (deliver it, leased since that
+    /// instant), or to `None` (or is dropped) when nothing is left to deliver: the other
+    /// delivery ended it, or a stop came first. Until then the later rows of its key wait
+    /// behind it.
+    pub held: Option<tokio::sync::oneshot::Receiver<Option<std::time::Instant>>>,
+}
 
 /// One way of forwarding first-seen events. Shared by the gate lanes of `kdedup run` and
 /// by `kdedup replay`.
@@ -48,21 +62,21 @@ pub trait Sink: Send + Sync {
     /// (the Kafka sink's), with it, in input order.
     fn committed(&self, first_seen: usize, sequenced: Vec<(GateRow, i64)>);
 
-    /// The rows the gate just committed as first sightings, delivered before the batch's
-    /// offsets are stored: returns once each has its final outcome written, or `None`
-    /// when `stop` ended the delivery first (the batch is then abandoned and redelivered).
-    /// Called with `stop` already fired, it gives the rows up without delivering them.
+    /// The batch's rows to deliver, in input order (see [`Pending`]), delivered before
+    /// the batch's offsets are stored: returns once each has its final outcome written,
+    /// or `None` when `stop` ended the delivery first (the batch is then abandoned and
+    /// redelivered). Rows it takes over after `stop` fired are given up undelivered.
     /// `gated_since`: an instant before the first gate statement of the batch began (a
     /// status-gated sink's leases started after it). The sinks whose forwarding write
-    /// committed with the gate have nothing to do.
+    /// committed with the gate have nothing to do (and are never given held rows).
     fn deliver<'a>(
         &'a self,
-        first_seen: Vec<&'a GateRow>,
+        rows: Vec<Pending<'a>>,
         _gated_since: std::time::Instant,
         _stop: &'a CancellationToken,
     ) -> BoxFuture<'a, Option<Delivered>> {
         Box::pin(std::future::ready(Some(
-            first_seen.iter().map(|_| None).collect(),
+            rows.iter().map(|_| None).collect(),
         )))
     }
 

@@ -117,6 +117,23 @@ pub struct Stats {
     pub outbox_oldest: Option<DateTime<Utc>>,
     /// `None` when the schema predates the `gate_counters` migration.
     pub counters: Option<Vec<ScopeCounters>>,
+    /// The HTTP sink's status gate; `None` when no row has a status (the other sinks).
+    pub deliveries: Option<Deliveries>,
+}
+
+/// `processed_events` rows by delivery status (the HTTP sink's status gate).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deliveries {
+    /// Being delivered, leased to a replica (exact: the partial index on them).
+    pub processing: i64,
+    /// Of those, past their lease: their replica died or lost Postgres (exact).
+    pub processing_expired: i64,
+    pub processed: i64,
+    /// Dead-lettered after their last attempt; `kdedup replay` delivers them again.
+    pub failed: i64,
+    /// `processed` and `failed` are `count(*)`, or else Postgres' estimate from the
+    /// column's statistics (above [`EXACT_COUNT_LIMIT`] rows).
+    pub exact: bool,
 }
 
 impl Stats {
@@ -375,6 +392,7 @@ pub async fn stats(cfg: &DbSettings) -> anyhow::Result<Stats> {
     } else {
         None
     };
+    let deliveries = deliveries(&mut tx, rows, rows_exact).await?;
     tx.rollback().await?;
     Ok(Stats {
         schema: cfg.schema.clone(),
@@ -387,5 +405,56 @@ pub async fn stats(cfg: &DbSettings) -> anyhow::Result<Stats> {
         outbox_rows,
         outbox_oldest,
         counters,
+        deliveries,
     })
+}
+
+/// Rows by delivery status. `PROCESSING` from its partial index; `PROCESSED` and `FAILED`
+/// by a count over a small table, or else from the `status` column's statistics
+/// (`pg_stats`: the most common values and their frequencies, times the row estimate).
+async fn deliveries(
+    tx: &mut Transaction<'_, Postgres>,
+    rows: i64,
+    exact: bool,
+) -> anyhow::Result<Option<Deliveries>> {
+    let (processing, processing_expired): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE lease_expires_at <= now())
+         FROM processed_events WHERE status = 'PROCESSING'",
+    )
+    .fetch_one(&mut **tx)
+    .await?;
+    let (processed, failed) = if exact {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT count(*) FILTER (WHERE status = 'PROCESSED'),
+                    count(*) FILTER (WHERE status = 'FAILED')
+             FROM processed_events",
+        )
+        .fetch_one(&mut **tx)
+        .await?
+    } else {
+        let mcv: Option<(Vec<String>, Vec<f32>)> = sqlx::query_as(
+            "SELECT most_common_vals::text::text[], most_common_freqs FROM pg_stats
+             WHERE schemaname = current_schema() AND tablename = 'processed_events'
+               AND attname = 'status' AND most_common_vals IS NOT NULL",
+        )
+        .fetch_optional(&mut **tx)
+        .await?;
+        let share = |status: &str| -> i64 {
+            mcv.as_ref()
+                .and_then(|(vals, freqs)| {
+                    vals.iter()
+                        .position(|v| v == status)
+                        .map(|i| (f64::from(freqs[i]) * rows as f64).round() as i64)
+                })
+                .unwrap_or(0)
+        };
+        (share("PROCESSED"), share("FAILED"))
+    };
+    Ok((processing + processed + failed > 0).then_some(Deliveries {
+        processing,
+        processing_expired,
+        processed,
+        failed,
+        exact,
+    }))
 }

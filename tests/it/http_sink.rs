@@ -222,16 +222,21 @@ async fn retries_retry_after_refusals_and_a_replay_once_the_application_accepts(
     app.fail_id("e-30", 400, u32::MAX, None); // refused: DLQ at once
     app.fail_id("e-31", 422, u32::MAX, None);
     app.fail_id("e-40", 503, u32::MAX, None); // out of attempts: DLQ
+                                              // 409, "still being processed": past --http-max-attempts without using it up ...
+    app.fail_id("e-50", 409, 5, None);
+    // ... but not past --http-conflict-timeout.
+    app.fail_id("e-60", 409, u32::MAX, None);
     kafka.produce(&t.input, &msgs).await;
     let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
         .http_sink(&app.url())
         .set("KDEDUP_HTTP_MAX_ATTEMPTS", "4")
         .set("KDEDUP_HTTP_MAX_BACKOFF", "3s")
+        .set("KDEDUP_HTTP_CONFLICT_TIMEOUT", "4s")
         .set("KDEDUP_BATCH_SIZE", "50");
     let mut s = Sidecar::start(&cfg, "http_retry");
     wait_until(Duration::from_secs(90), "settled", || {
-        s.metric("kdedup_events_forwarded_total") >= (n - 3) as f64
-            && s.metric("kdedup_events_dead_lettered_total") >= 3.0
+        s.metric("kdedup_events_forwarded_total") >= (n - 4) as f64
+            && s.metric("kdedup_events_dead_lettered_total") >= 4.0
     })
     .await;
     let received = app.received();
@@ -252,7 +257,19 @@ async fn retries_retry_after_refusals_and_a_replay_once_the_application_accepts(
     );
     assert_eq!(requests("e-30").len(), 1, "a 400 is not retried");
     assert_eq!(requests("e-40").len(), 4, "--http-max-attempts");
-    let failed = HashSet::from(["e-30".to_string(), "e-31".to_string(), "e-40".to_string()]);
+    assert_eq!(
+        requests("e-50").len(),
+        6,
+        "five 409s do not use up 4 attempts, then accepted"
+    );
+    let e60 = requests("e-60");
+    assert!(
+        e60.len() > 4 && e60[e60.len() - 1] - e60[0] >= Duration::from_secs(4),
+        "409s retried past --http-max-attempts until --http-conflict-timeout: {} requests over {:?}",
+        e60.len(),
+        e60[e60.len() - 1] - e60[0]
+    );
+    let failed = HashSet::from(["e-30", "e-31", "e-40", "e-60"].map(String::from));
     let applied = applied_ids(&app);
     assert_eq!(
         applied,
@@ -262,7 +279,7 @@ async fn retries_retry_after_refusals_and_a_replay_once_the_application_accepts(
     let rows: HashMap<String, (String, i32, Option<String>)> =
         sqlx::query_as::<_, (String, String, i32, Option<String>)>(&format!(
             "SELECT event_id, status, attempts, last_error FROM \"{}\".processed_events
-             WHERE event_id IN ('e-10', 'e-30', 'e-40')",
+             WHERE event_id IN ('e-10', 'e-30', 'e-40', 'e-50', 'e-60')",
             t.schema
         ))
         .fetch_all(&pool)
@@ -279,13 +296,23 @@ async fn retries_retry_after_refusals_and_a_replay_once_the_application_accepts(
         "{rows:?}"
     );
     assert_eq!((rows["e-40"].0.as_str(), rows["e-40"].1), ("FAILED", 4));
+    assert_eq!((rows["e-50"].0.as_str(), rows["e-50"].1), ("PROCESSED", 6));
+    assert_eq!(rows["e-60"].0, "FAILED");
+    assert!(
+        rows["e-60"]
+            .2
+            .as_deref()
+            .unwrap()
+            .starts_with("HTTP 409: still in progress after 4s of 409s"),
+        "{rows:?}"
+    );
 
-    let dlq = kafka.read_topic(&t.dlq, 3, Duration::from_secs(20));
+    let dlq = kafka.read_topic(&t.dlq, 4, Duration::from_secs(20));
     let by_id: HashMap<&str, &Out> = dlq
         .iter()
         .map(|m| (m.header("event-id").unwrap(), m))
         .collect();
-    assert_eq!(by_id.len(), 3);
+    assert_eq!(by_id.len(), 4);
     assert_eq!(
         by_id["e-30"].header("kdedup-dlq-reason"),
         Some("http_rejected")
@@ -302,13 +329,19 @@ async fn retries_retry_after_refusals_and_a_replay_once_the_application_accepts(
     );
     assert_eq!(by_id["e-40"].header("kdedup-dlq-http-status"), Some("503"));
     assert_eq!(
+        by_id["e-60"].header("kdedup-dlq-reason"),
+        Some("http_failed")
+    );
+    assert_eq!(by_id["e-60"].header("kdedup-dlq-http-status"), Some("409"));
+    assert_eq!(
         s.metric("kdedup_http_failed_total{reason=\"http_rejected\"}"),
         2.0
     );
     assert_eq!(
         s.metric("kdedup_http_failed_total{reason=\"http_failed\"}"),
-        1.0
+        2.0
     );
+    assert!(s.metric("kdedup_http_retries_total{reason=\"conflict\"}") >= 9.0);
     assert_eq!(
         s.metric("kdedup_http_retries_total{reason=\"retry_after\"}"),
         1.0
@@ -322,11 +355,21 @@ async fn retries_retry_after_refusals_and_a_replay_once_the_application_accepts(
         "{text}"
     );
 
+    let (code, stats, err) = kdedup_command(&cfg, &["stats", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    let d = &stats["deliveries"];
+    assert_eq!(
+        (&d["processed"], &d["failed"], &d["processing"]),
+        (&(n - 4).into(), &4.into(), &0.into()),
+        "{stats}"
+    );
+
     // Fixed: the replay of the dead-letter topic delivers the FAILED ones, once.
     app.accept_all();
     let (code, out, err) = kdedup_command(&cfg, &["replay"]);
     assert_eq!(code, Some(0), "{out}{err}");
-    assert_eq!(summary_value(&out, "forwarded"), 3, "{out}");
+    assert_eq!(summary_value(&out, "forwarded"), 4, "{out}");
     let (code, again, err) = kdedup_command(&cfg, &["replay"]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(
@@ -741,6 +784,106 @@ fn http_sink_settings_that_cannot_work_exit_64_naming_the_fix() {
             "no password in the output: {text}"
         );
     }
+}
+
+/// A replica died holding an event (its row `PROCESSING`, its lease running). The copy
+/// kdedup reads waits for that lease, is taken over, and is delivered before the later
+/// events of its key, in its batch and in the next; another key does not wait.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_taken_over_from_a_dead_replica_keeps_its_keys_order() {
+    use kdedup::store::gate::{self, GateBatch, GateRow, GateStatement};
+    use sha2::Digest;
+
+    let kafka = Cluster::shared();
+    let pool = pg().await;
+    let app = HttpApp::start().await;
+    let t = names("http_held");
+    kafka.create_topic(&t.input, 1).await;
+    let event = |id: &str, key: &str, seq: u64| In {
+        partition: Some(0),
+        key: Some(key.as_bytes().to_vec()),
+        value: Some(format!(r#"{{"id":"{id}","k":"{key}","seq":{seq}}}"#).into_bytes()),
+        headers: vec![("event-id".into(), id.as_bytes().to_vec())],
+    };
+    // Batches of 2: [e-1 e-2] [e-3 e-4] [e-5]. e-1 is held by the dead replica.
+    let msgs = vec![
+        event("e-1", "k", 1),
+        event("e-2", "k", 2),
+        event("e-3", "other", 3),
+        event("e-4", "k", 4),
+        event("e-5", "k", 5),
+    ];
+
+    // The dead replica's row for e-1, as its gate left it: PROCESSING, leased for the
+    // same --http-lease as the sidecar's (4 s).
+    let db = kdedup::settings::DbSettings {
+        url: kdedup::settings::DatabaseUrl::new(database_url()),
+        schema: t.schema.clone(),
+        max_connections: 1,
+    };
+    let gate_pool = kdedup::store::pool(&db).unwrap();
+    kdedup::store::migrate(&gate_pool, &t.schema).await.unwrap();
+    let value = msgs[0].value.clone().unwrap();
+    let mut batch = GateBatch::with_capacity(1);
+    batch.push(GateRow {
+        scope: "orders".into(),
+        event_id: "e-1".into(),
+        topic: t.input.clone(),
+        partition: 0,
+        offset: 0,
+        timestamp_ms: None,
+        payload_hash: sha2::Sha256::digest(&value)[..16].to_vec(),
+        key: Some(b"k".to_vec()),
+        value: Some(value),
+        headers: vec![],
+    });
+    let lease = Duration::from_secs(4);
+    let statement = GateStatement::leased("dead-host/1/00000000".into(), lease);
+    gate::gate(
+        &gate_pool,
+        &statement,
+        batch.part(0..1, true),
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
+    let expires = Instant::now() + lease;
+
+    kafka.produce(&t.input, &msgs).await;
+    let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
+        .http_sink(&app.url())
+        .set("KDEDUP_SCOPE", "orders")
+        .set("KDEDUP_HTTP_LEASE", "4s")
+        .set("KDEDUP_BATCH_SIZE", "2");
+    let s = Sidecar::start(&cfg, "http_held");
+    wait_until(Duration::from_secs(60), "every event delivered", || {
+        s.metric("kdedup_events_forwarded_total") >= 5.0
+    })
+    .await;
+
+    let received = app.received();
+    let order: Vec<&str> = received.iter().map(|r| r.event_id.as_str()).collect();
+    let at = |id: &str| received.iter().find(|r| r.event_id == id).unwrap().at;
+    assert_eq!(received.len(), 5, "each event once: {order:?}");
+    let k: Vec<&str> = order.iter().copied().filter(|&id| id != "e-3").collect();
+    assert_eq!(
+        k,
+        ["e-1", "e-2", "e-4", "e-5"],
+        "key k in input order, the copy taken over first"
+    );
+    assert!(
+        at("e-1") >= expires - Duration::from_millis(500),
+        "e-1 waited for the dead replica's lease"
+    );
+    assert!(at("e-3") < at("e-1"), "another key did not wait: {order:?}");
+    assert_eq!(s.metric("kdedup_http_lease_takeovers_total"), 1.0);
+    assert_eq!(app.applied_count(), 5);
+    assert_eq!(
+        statuses(&pool, &t.schema).await,
+        HashMap::from([("PROCESSED".to_string(), 5)])
+    );
+    drop(s);
+    drop_schema(&pool, &t.schema).await;
 }
 
 /// The status gate's statements against Postgres alone: who takes a row, when a copy is

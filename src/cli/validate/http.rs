@@ -49,6 +49,11 @@ impl RunArgs {
             "30s",
         ));
         let lease = f.ok(parse_duration("http_lease", &self.http.http_lease, "30s"));
+        let conflict_timeout = f.ok(parse_duration(
+            "http_conflict_timeout",
+            &self.http.http_conflict_timeout,
+            "10m",
+        ));
         if let Some(t) = timeout {
             f.rule(t < Duration::from_millis(10), || {
                 ConfigError::new(
@@ -89,6 +94,7 @@ impl RunArgs {
             url: HttpUrl::new(url?),
             concurrency: self.http.http_concurrency,
             max_attempts: self.http.http_max_attempts,
+            conflict_timeout: conflict_timeout?,
             timeout: timeout?,
             backoff: backoff?,
             max_backoff: max_backoff?,

@@ -11,7 +11,7 @@ pub struct HttpMetrics {
     pub requests: IntCounterVec,
     pub request_duration: Histogram,
     /// Attempts that will be repeated, by `reason`: `retry_after` (429, 503), `status`
-    /// (408, 409, other 5xx), `timeout`, `error`.
+    /// (408, other 5xx), `conflict` (409), `timeout`, `error`.
     pub retries: IntCounterVec,
     pub in_flight: IntGauge,
     /// Rows the gate took over from a `PROCESSING` row whose lease expired.
@@ -58,7 +58,7 @@ impl HttpMetrics {
             retries: IntCounterVec::new(
                 Opts::new(
                     "kdedup_http_retries_total",
-                    "HTTP sink: attempts that failed and will be repeated with the same Idempotency-Key, by reason (retry_after: 429/503, status: 408/409/5xx, timeout, error).",
+                    "HTTP sink: attempts that failed and will be repeated with the same Idempotency-Key, by reason (retry_after: 429/503, status: 408/5xx, conflict: 409, timeout, error).",
                 ),
                 &["reason"],
             )

@@ -23,8 +23,11 @@
 //!   while the previous one is delivered ([`Sink::pipelined`]: two batches in hand); each
 //!   call of [`Sink::deliver`] registers its chains when it is made, after the chains of
 //!   the same keys registered before it ([`Tail`]), so a retrying event holds back only
-//!   the later events of its key, in its batch and the next. A batch's offsets are stored
-//!   once every event of it is final, and only after the batch before it.
+//!   the later events of its key, in its batch and the next. A copy held by another
+//!   delivery ([`Pending::held`]) takes its place in its chain: the events after it wait
+//!   until it is taken over and delivered, or ended elsewhere (at most
+//!   [`Inner::held_wait`]). A batch's offsets are stored once every event of it is final,
+//!   and only after the batch before it.
 //! - **Leases** last `--http-lease` and are renewed while a batch is delivered, for the
 //!   rows not final yet. A request starts only while at least `--http-timeout` of the
 //!   lease is left, so none can still be running when another replica may take over.
@@ -55,7 +58,7 @@ use uuid::Uuid;
 
 pub use self::metrics::HttpMetrics;
 use self::request::Verdict;
-use super::{Delivered, Sink};
+use super::{Delivered, Pending, Sink};
 use crate::metrics::Metrics;
 use crate::model::header;
 use crate::model::identity::Rejection;
@@ -175,14 +178,16 @@ impl Sink for HttpSink {
 
     fn deliver<'a>(
         &'a self,
-        first_seen: Vec<&'a GateRow>,
+        rows: Vec<Pending<'a>>,
         gated_since: Instant,
         stop: &'a CancellationToken,
     ) -> BoxFuture<'a, Option<Delivered>> {
         // Registered now, not when the future first runs: the order of the calls is the
         // order of each key's deliveries.
-        let chains = self.inner.register(&first_seen);
-        Box::pin(self.inner.deliver(first_seen, chains, gated_since, stop))
+        let (rows, held): (Vec<&GateRow>, Vec<_>) =
+            rows.into_iter().map(|p| (p.row, p.held)).unzip();
+        let chains = self.inner.register(&rows, held);
+        Box::pin(self.inner.deliver(rows, chains, gated_since, stop))
     }
 
     fn pipelined(&self) -> bool {
@@ -215,14 +220,21 @@ enum Outcome {
     /// Another replica took the row over before this one sent anything more (this one's
     /// lease expired): that replica delivers it.
     Lost,
+    /// A row held by another delivery that ended it there (or a stop came first): nothing
+    /// to deliver here.
+    Elsewhere,
 }
 
-/// This process's lease on a batch's rows: until when a request may still start.
+/// This process's lease on a batch's rows: until when a request may start.
 struct LeaseClock {
     /// A request may start while this is at least `--http-timeout` away.
     safe_until: Mutex<Instant>,
     /// Rows still held and not final, by index in the batch.
     held: Mutex<HashSet<usize>>,
+    /// Rows taken over from another delivery after the batch was gated, until the next
+    /// renewal: until when their own lease is safe (it began when they were taken over,
+    /// and a renewal may have passed them by).
+    taken: Mutex<HashMap<usize, Instant>>,
     renewed: tokio::sync::Notify,
 }
 
@@ -231,8 +243,24 @@ impl LeaseClock {
         *self.safe_until.lock().expect("lease lock")
     }
 
+    /// Until when a request for row `i` may start.
+    fn safe_until_for(&self, i: usize) -> Instant {
+        let batch = self.safe_until();
+        match self.taken.lock().expect("lease lock").get(&i) {
+            Some(&own) => own.min(batch),
+            None => batch,
+        }
+    }
+
     fn holds(&self, i: usize) -> bool {
         self.held.lock().expect("lease lock").contains(&i)
+    }
+
+    /// Row `i`, held elsewhere, was taken over by the gate; its lease is safe until
+    /// `safe_until`.
+    fn take(&self, i: usize, safe_until: Instant) {
+        self.taken.lock().expect("lease lock").insert(i, safe_until);
+        self.held.lock().expect("lease lock").insert(i);
     }
 }
 
@@ -243,8 +271,9 @@ impl Inner {
         (self.settings.lease / 10).min(Duration::from_secs(2))
     }
 
-    /// The chains of `rows`, each after the chain of its key registered before it.
-    fn register(&self, rows: &[&GateRow]) -> Vec<Chain> {
+    /// The chains of `rows`, each after the chain of its key registered before it; `held`
+    /// (one per row) go with their rows.
+    fn register(&self, rows: &[&GateRow], mut held: Vec<Option<HeldElsewhere>>) -> Vec<Chain> {
         let mut tails = self.tails.lock().expect("tails lock");
         chains(rows)
             .into_iter()
@@ -253,12 +282,21 @@ impl Inner {
                 let after = tails.insert(key.clone(), tail.clone());
                 Chain {
                     key,
-                    rows,
+                    rows: rows.into_iter().map(|i| (i, held[i].take())).collect(),
                     after,
                     tail,
                 }
             })
             .collect()
+    }
+
+    /// Longest the later events of a key wait behind a copy held elsewhere before they go
+    /// first: one and a half leases, more than a dead holder's lease can outlast the gate
+    /// (it was renewed last before this batch was gated). Reached only when two deliveries
+    /// hold copies the other waits for (two replicas given one key's events in opposite
+    /// orders): both then go on.
+    fn held_wait(&self) -> Duration {
+        self.settings.lease + self.settings.lease / 2
     }
 
     async fn deliver(
@@ -275,9 +313,14 @@ impl Inner {
             .iter()
             .map(|r| event_key(&r.scope, &r.event_id))
             .collect();
+        let elsewhere: HashSet<usize> = chains
+            .iter()
+            .flat_map(|c| c.rows.iter().filter(|(_, h)| h.is_some()).map(|(i, _)| *i))
+            .collect();
         let lease = LeaseClock {
             safe_until: Mutex::new(gated_since + self.settings.lease - self.margin()),
-            held: Mutex::new((0..rows.len()).collect()),
+            held: Mutex::new((0..rows.len()).filter(|i| !elsewhere.contains(i)).collect()),
+            taken: Mutex::new(HashMap::new()),
             renewed: tokio::sync::Notify::new(),
         };
         let mut outcomes: Vec<Option<Outcome>> = (0..rows.len()).map(|_| None).collect();
@@ -295,7 +338,29 @@ impl Inner {
                     after.wait().await;
                 }
                 let mut stopped = false;
-                for &i in &chain.rows {
+                // In input order; a row held elsewhere past `held_wait` goes to the back
+                // (the later rows go first), to wait without a bound.
+                let mut queue: std::collections::VecDeque<_> =
+                    chain.rows.into_iter().map(|(i, h)| (i, h, true)).collect();
+                while let Some((i, held, bounded)) = queue.pop_front() {
+                    if let Some(mut held) = held {
+                        let resolved = match bounded {
+                            true => match tokio::time::timeout(self.held_wait(), &mut held).await {
+                                Ok(resolved) => resolved,
+                                Err(_elapsed) => {
+                                    row_event!(warn, rows[i], waited_s = self.held_wait().as_secs(),
+                                          "a copy of this event is still held by another delivery; the later events of its key go first");
+                                    queue.push_back((i, Some(held), false));
+                                    continue;
+                                }
+                            },
+                            false => (&mut held).await,
+                        };
+                        if !self.taken_over(i, resolved.ok().flatten(), lease) {
+                            let _ = done.send((i, Outcome::Elsewhere));
+                            continue;
+                        }
+                    }
                     let outcome = match stopped {
                         true => Outcome::Stopped {
                             attempts: 0,
@@ -320,6 +385,18 @@ impl Inner {
             _ = self.renew(&keys, &lease, stop) => unreachable!("renews until the work is done"),
         }
         self.finish_stopped(&rows, &keys, &mut outcomes, stop).await
+    }
+
+    /// Whether a row held elsewhere is this batch's to deliver now: `since` is when the
+    /// gate took it over (see [`Pending::held`]).
+    fn taken_over(&self, i: usize, since: Option<Instant>, lease: &LeaseClock) -> bool {
+        match since {
+            Some(since) => {
+                lease.take(i, since + self.settings.lease - self.margin());
+                true
+            }
+            None => false,
+        }
     }
 
     /// Writes outcomes as they come, grouped: one statement for whatever came in while
@@ -416,12 +493,14 @@ impl Inner {
                     backoff.reset();
                     let still: HashSet<Uuid> = still.into_iter().collect();
                     let mut h = lease.held.lock().expect("lease lock");
+                    let mut taken = lease.taken.lock().expect("lease lock");
                     for i in held {
+                        taken.remove(&i);
                         if !still.contains(&keys[i]) {
                             h.remove(&i);
                         }
                     }
-                    drop(h);
+                    drop((h, taken));
                     *lease.safe_until.lock().expect("lease lock") = sent + length - self.margin();
                     lease.renewed.notify_waiters();
                 }
@@ -447,7 +526,7 @@ impl Inner {
             if !lease.holds(i) {
                 return Err(Outcome::Lost);
             }
-            if lease.safe_until() >= Instant::now() + self.settings.timeout {
+            if lease.safe_until_for(i) >= Instant::now() + self.settings.timeout {
                 return Ok(());
             }
             let renewed = lease.renewed.notified();
@@ -488,6 +567,9 @@ impl Inner {
         let source = request::header_text(&row.position().to_string());
         let mut backoff = Backoff::new(s.backoff, s.max_backoff);
         let mut attempts = 0u32;
+        // 409s: not counted toward --http-max-attempts; since when they keep coming.
+        let mut conflicts = 0u32;
+        let mut conflict_since: Option<Instant> = None;
         let mut last_error: Option<String> = None;
         loop {
             if stop.is_cancelled() {
@@ -559,7 +641,29 @@ impl Inner {
                                 error: request::excerpt(&body, ERROR_EXCERPT_BYTES),
                             };
                         }
+                        Verdict::Conflict => {
+                            conflicts += 1;
+                            let since = *conflict_since.get_or_insert(started);
+                            let excerpt = request::excerpt(&body, ERROR_EXCERPT_BYTES);
+                            if since.elapsed() >= s.conflict_timeout {
+                                row_event!(warn, row, status, attempts,
+                                      "the application still answers 409 after --http-conflict-timeout; FAILED, to the dead-letter topic");
+                                return Outcome::Failed {
+                                    attempts,
+                                    rejected: false,
+                                    status: Some(status),
+                                    error: format!(
+                                        "still in progress after {:?} of 409s: {excerpt}",
+                                        s.conflict_timeout
+                                    ),
+                                };
+                            }
+                            last_status = Some(status);
+                            last_error = Some(format!("HTTP {status}: {excerpt}"));
+                            ("conflict", backoff.next_delay())
+                        }
                         Verdict::Retry { honour_retry_after } => {
+                            conflict_since = None;
                             last_status = Some(status);
                             last_error = Some(format!(
                                 "HTTP {status}: {}",
@@ -578,19 +682,21 @@ impl Inner {
                     }
                 }
                 Ok(Err(e)) => {
+                    conflict_since = None;
                     self.metrics.requests.with_label_values(&["error"]).inc();
                     last_status = None;
                     last_error = Some(request::excerpt(e.as_bytes(), ERROR_EXCERPT_BYTES));
                     ("error", backoff.next_delay())
                 }
                 Err(_elapsed) => {
+                    conflict_since = None;
                     self.metrics.requests.with_label_values(&["timeout"]).inc();
                     last_status = None;
                     last_error = Some(format!("no answer within {:?}", s.timeout));
                     ("timeout", backoff.next_delay())
                 }
             };
-            if attempts >= s.max_attempts {
+            if attempts - conflicts >= s.max_attempts {
                 let status = last_status;
                 // The status is a field of its own; the error keeps the answer's excerpt.
                 let error = match (&last_error, status) {
@@ -752,7 +858,7 @@ fn final_of(event_key: Uuid, o: &Outcome) -> Option<Final> {
                 None => error.clone(),
             }),
         }),
-        Outcome::Stopped { .. } | Outcome::Lost => None,
+        Outcome::Stopped { .. } | Outcome::Lost | Outcome::Elsewhere => None,
     }
 }
 
@@ -804,10 +910,15 @@ impl Tail {
     }
 }
 
+/// What became of a row held elsewhere (see [`Pending::held`]).
+type HeldElsewhere = tokio::sync::oneshot::Receiver<Option<Instant>>;
+
 /// One chain of a call to [`Sink::deliver`], registered when the call was made.
 struct Chain {
     key: ChainKey,
-    rows: Vec<usize>,
+    /// Its rows, by index in the call, in input order; with what becomes of each one
+    /// held elsewhere.
+    rows: Vec<(usize, Option<HeldElsewhere>)>,
     /// The previous chain of this key, still running when this one was registered.
     after: Option<Arc<Tail>>,
     tail: Arc<Tail>,

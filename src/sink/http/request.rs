@@ -182,9 +182,14 @@ pub fn header_text(text: &str) -> HeaderValue {
 pub enum Verdict {
     /// 2xx: `PROCESSED`.
     Delivered,
-    /// 408, 409 (the key is being processed elsewhere), 429, 5xx: try again later;
+    /// 408, 429, 5xx: try again later, within `--http-max-attempts`;
     /// `honour_retry_after` for 429 and 503.
     Retry { honour_retry_after: bool },
+    /// 409: the application is still processing this key (an earlier attempt whose
+    /// answer kdedup did not get). Tried again later, without counting toward
+    /// `--http-max-attempts` (that attempt may still succeed), for at most
+    /// `--http-conflict-timeout`.
+    Conflict,
     /// Any other status: the application refused this event; `FAILED` at once.
     Rejected,
 }
@@ -195,7 +200,8 @@ pub fn verdict(status: u16) -> Verdict {
         429 | 503 => Verdict::Retry {
             honour_retry_after: true,
         },
-        408 | 409 | 500..=599 => Verdict::Retry {
+        409 => Verdict::Conflict,
+        408 | 500..=599 => Verdict::Retry {
             honour_retry_after: false,
         },
         _ => Verdict::Rejected,
@@ -366,7 +372,8 @@ mod tests {
                 }
             );
         }
-        for s in [408, 409, 500, 502, 504] {
+        assert_eq!(verdict(409), Verdict::Conflict);
+        for s in [408, 500, 502, 504] {
             assert_eq!(
                 verdict(s),
                 Verdict::Retry {
