@@ -183,8 +183,9 @@ pub struct RunArgs {
     #[arg(long, env = "KDEDUP_READ_AHEAD_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub read_ahead_bytes: usize,
 
-    /// Longest wait for a batch to fill once its first message arrived (e.g. `20ms`).
-    #[arg(long, env = "KDEDUP_BATCH_LINGER", default_value = "20ms")]
+    /// Longest wait for a batch to fill, counted from when its first message was read
+    /// from Kafka (e.g. `5ms`).
+    #[arg(long, env = "KDEDUP_BATCH_LINGER", default_value = "5ms")]
     pub batch_linger: String,
 
     /// Most bytes (keys + values + headers) held in one batch.

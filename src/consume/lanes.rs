@@ -100,7 +100,7 @@ pub(super) struct Lane {
     pub(super) gate: Gate,
     pub(super) settings: ConsumeSettings,
     pub(super) consumer: Arc<Consumer>,
-    pub(super) rx: tokio::sync::mpsc::UnboundedReceiver<InputMessage>,
+    pub(super) rx: tokio::sync::mpsc::UnboundedReceiver<Queued>,
     pub(super) read_ahead: Arc<ReadAhead>,
     /// Offsets made durable so far, per partition, for the reader's final commit.
     pub(super) durable: Arc<std::sync::Mutex<BTreeMap<(String, i32), i64>>>,
@@ -108,6 +108,9 @@ pub(super) struct Lane {
     /// resumed without losing what it took ([`Lane::collect_batch`] is cancel-safe).
     pub(super) collecting: Collecting,
 }
+
+/// A message on its way from the reader to a lane, with when the reader queued it.
+pub(super) type Queued = (tokio::time::Instant, InputMessage);
 
 /// A batch being collected: its messages, bytes, and when its linger time ends.
 #[derive(Default)]
@@ -248,11 +251,13 @@ impl Lane {
                     Err(_elapsed) => break,
                 },
             };
-            let Some(msg) = next else { break };
+            let Some((read_at, msg)) = next else { break };
             c.bytes += msg.size();
             c.batch.push(msg);
-            c.deadline
-                .get_or_insert_with(|| tokio::time::Instant::now() + cfg.batch_linger);
+            // From when the reader queued it, not from when this lane took it: a message
+            // that waited while the lane gated the batch before it has used its linger up,
+            // and the batch goes with what is queued by then.
+            c.deadline.get_or_insert(read_at + cfg.batch_linger);
         }
         std::mem::take(c).batch
     }

@@ -29,9 +29,8 @@ use tracing::{error, info, warn};
 
 use crate::health::Health;
 use crate::kafka::{self, Consumer};
-use crate::model::InputMessage;
 use crate::settings::ConsumeSettings;
-use lanes::{lane_of, read_ahead_cost, Lane, ReadAhead};
+use lanes::{lane_of, read_ahead_cost, Lane, Queued, ReadAhead};
 use settle::Gate;
 
 /// The consumer loop of `kdedup run`.
@@ -107,7 +106,7 @@ impl Pipeline {
     /// until `stop`.
     async fn read(
         &self,
-        lanes: &[tokio::sync::mpsc::UnboundedSender<InputMessage>],
+        lanes: &[tokio::sync::mpsc::UnboundedSender<Queued>],
         read_ahead: &ReadAhead,
         stop: &CancellationToken,
     ) -> anyhow::Result<()> {
@@ -141,7 +140,10 @@ impl Pipeline {
                     );
                     let lane = lane_of(&msg.topic, msg.partition, lanes.len());
                     read_ahead.take(read_ahead_cost(&msg));
-                    if lanes[lane].send(msg).is_err() {
+                    if lanes[lane]
+                        .send((tokio::time::Instant::now(), msg))
+                        .is_err()
+                    {
                         // A lane ends before the reader only when stopping.
                         return Ok(());
                     }

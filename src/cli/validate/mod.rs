@@ -463,7 +463,7 @@ impl RunArgs {
             });
         }
         f.kib("read_ahead_bytes", self.read_ahead_bytes, 8 << 20);
-        let batch_linger = f.ok(parse_duration("batch_linger", &self.batch_linger, "20ms"));
+        let batch_linger = f.ok(parse_duration("batch_linger", &self.batch_linger, "5ms"));
         if let Some(linger) = batch_linger {
             f.rule(linger > Duration::from_secs(10), || {
                 ConfigError::new(
