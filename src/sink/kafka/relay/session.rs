@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::KafkaError;
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
@@ -37,7 +36,7 @@ pub(super) struct Session<'a> {
     pub(super) partitions: i32,
     pub(super) streams: HashMap<String, StreamState>,
     pub(super) acks: FuturesUnordered<Ack>,
-    pub(super) tail: Arc<BaseConsumer>,
+    pub(super) tail: Arc<super::tail::TailReader>,
     pub(super) legacy_lock: bool,
     pub(super) was_empty: bool,
 }

@@ -4,10 +4,14 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::kafka::log::ClientLog;
 use crate::model::header;
 use crate::settings::RunSettings;
 
@@ -37,7 +41,7 @@ pub struct Tail {
 
 /// A consumer with no group that only reads tails (never commits). The end of a partition
 /// is the fetch's own end-of-partition event, whose high watermark comes with the data.
-pub fn reader(cfg: &RunSettings) -> anyhow::Result<BaseConsumer> {
+pub fn reader(cfg: &RunSettings) -> anyhow::Result<TailReader> {
     let mut c = crate::kafka::reader_config(
         &cfg.kafka.brokers,
         &format!("{}.relay-tail", cfg.kafka.group_id),
@@ -45,11 +49,32 @@ pub fn reader(cfg: &RunSettings) -> anyhow::Result<BaseConsumer> {
         &[("fetch.wait.max.ms", "100")],
     );
     c.set("enable.partition.eof", "true");
-    Ok(crate::kafka::client(
-        &c,
-        rdkafka::consumer::DefaultConsumerContext,
-    )?)
+    Ok(crate::kafka::client(&c, TailLog::default())?)
 }
+
+/// The tail reader's client context: librdkafka's errors and log lines as the other
+/// clients have them ([`ClientLog`]), except the end of a partition, which this reader
+/// asks for (`enable.partition.eof`) and which librdkafka also reports as a client error:
+/// written as is, it was an ERROR line on every take-over.
+#[derive(Default)]
+pub struct TailLog(ClientLog);
+
+impl ClientContext for TailLog {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.0.client_log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            self.0.client_error(&error, reason);
+        }
+    }
+}
+
+impl ConsumerContext for TailLog {}
+
+/// The tail reader's consumer.
+pub type TailReader = BaseConsumer<TailLog>;
 
 /// How long a read may see neither a message nor the partition's end before it starts
 /// again from further back.
@@ -63,7 +88,7 @@ const QUIET: Duration = Duration::from_secs(1);
 /// first message read is at or before the anchor: reading more than needed is harmless,
 /// the stream's seqs tell what is its own.
 pub fn read(
-    consumer: &BaseConsumer,
+    consumer: &TailReader,
     topic: &str,
     partition: i32,
     anchor: i64,
@@ -96,7 +121,7 @@ pub fn read(
 /// One read from `start`: `Ok(None)` when it cannot tell that nothing from `anchor` on
 /// was skipped (the first message came after the anchor, or nothing came at all).
 fn read_from(
-    consumer: &BaseConsumer,
+    consumer: &TailReader,
     topic: &str,
     partition: i32,
     start: i64,
