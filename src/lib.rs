@@ -17,7 +17,7 @@
 //! | domain | [`settings`] (validated, one struct per component), [`model`] (input message, position, headers, identity), [`metrics`], `health`, `crash`, `retry`, [`telemetry`] |
 //!
 //! Where to look first: the gate transaction is [`store::gate`]; the Kafka loop is
-//! `consume` (`consume/mod.rs`, the reader; `consume/lanes.rs`; `consume/settle.rs`); the
+//! `consume` (`consume/mod.rs`, the reader; `consume/lanes.rs`; `consume/settle/`); the
 //! sink seam is `sink/mod.rs`; configuration is [`cli`] and [`settings`].
 
 /// Logs about one gate row (`store::gate::GateRow`) with the fields every event line

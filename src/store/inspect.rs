@@ -339,6 +339,8 @@ pub async fn stats(cfg: &DbSettings) -> anyhow::Result<Stats> {
     )
     .fetch_one(&mut *tx)
     .await?;
+    // PROCESSED and FAILED rows, counted in the same scan when the table is counted.
+    let mut statuses: Option<(i64, i64)> = None;
     let (rows, rows_exact, oldest, newest) = if estimate > EXACT_COUNT_LIMIT {
         // Both ends of the expires_at index: no table scan.
         let (oldest, newest): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) = sqlx::query_as(
@@ -349,12 +351,16 @@ pub async fn stats(cfg: &DbSettings) -> anyhow::Result<Stats> {
         .await?;
         (estimate, false, oldest, newest)
     } else {
-        let (n, oldest, newest): (i64, Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
-            sqlx::query_as(
-                "SELECT count(*), min(first_seen_at), max(first_seen_at) FROM processed_events",
-            )
-            .fetch_one(&mut *tx)
-            .await?;
+        type Counted = (i64, Option<DateTime<Utc>>, Option<DateTime<Utc>>, i64, i64);
+        let (n, oldest, newest, processed, failed): Counted = sqlx::query_as(
+            "SELECT count(*), min(first_seen_at), max(first_seen_at),
+                    count(*) FILTER (WHERE status = 'PROCESSED'),
+                    count(*) FILTER (WHERE status = 'FAILED')
+             FROM processed_events",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        statuses = Some((processed, failed));
         (n, true, oldest, newest)
     };
     let (earliest, latest): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
@@ -392,7 +398,7 @@ pub async fn stats(cfg: &DbSettings) -> anyhow::Result<Stats> {
     } else {
         None
     };
-    let deliveries = deliveries(&mut tx, rows, rows_exact).await?;
+    let deliveries = deliveries(&mut tx, rows, statuses).await?;
     tx.rollback().await?;
     Ok(Stats {
         schema: cfg.schema.clone(),
@@ -410,12 +416,12 @@ pub async fn stats(cfg: &DbSettings) -> anyhow::Result<Stats> {
 }
 
 /// Rows by delivery status. `PROCESSING` from its partial index; `PROCESSED` and `FAILED`
-/// by a count over a small table, or else from the `status` column's statistics
+/// as `counted` (a small table's count), or else from the `status` column's statistics
 /// (`pg_stats`: the most common values and their frequencies, times the row estimate).
 async fn deliveries(
     tx: &mut Transaction<'_, Postgres>,
     rows: i64,
-    exact: bool,
+    counted: Option<(i64, i64)>,
 ) -> anyhow::Result<Option<Deliveries>> {
     let (processing, processing_expired): (i64, i64) = sqlx::query_as(
         "SELECT count(*), count(*) FILTER (WHERE lease_expires_at <= now())
@@ -423,14 +429,8 @@ async fn deliveries(
     )
     .fetch_one(&mut **tx)
     .await?;
-    let (processed, failed) = if exact {
-        sqlx::query_as::<_, (i64, i64)>(
-            "SELECT count(*) FILTER (WHERE status = 'PROCESSED'),
-                    count(*) FILTER (WHERE status = 'FAILED')
-             FROM processed_events",
-        )
-        .fetch_one(&mut **tx)
-        .await?
+    let (processed, failed) = if let Some(counted) = counted {
+        counted
     } else {
         let mcv: Option<(Vec<String>, Vec<f32>)> = sqlx::query_as(
             "SELECT most_common_vals::text::text[], most_common_freqs FROM pg_stats
@@ -455,6 +455,6 @@ async fn deliveries(
         processing_expired,
         processed,
         failed,
-        exact,
+        exact: counted.is_some(),
     }))
 }

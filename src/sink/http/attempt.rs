@@ -172,7 +172,6 @@ impl Inner {
                             ("conflict", backoff.next_delay())
                         }
                         Verdict::Retry { honour_retry_after } => {
-                            conflict_since = None;
                             last_status = Some(status);
                             last_error = Some(format!(
                                 "HTTP {status}: {}",
@@ -191,20 +190,22 @@ impl Inner {
                     }
                 }
                 Ok(Err(e)) => {
-                    conflict_since = None;
                     self.metrics.requests.with_label_values(&["error"]).inc();
                     last_status = None;
                     last_error = Some(request::excerpt(e.as_bytes(), ERROR_EXCERPT_BYTES));
                     ("error", backoff.next_delay())
                 }
                 Err(_elapsed) => {
-                    conflict_since = None;
                     self.metrics.requests.with_label_values(&["timeout"]).inc();
                     last_status = None;
                     last_error = Some(format!("no answer within {:?}", s.timeout));
                     ("timeout", backoff.next_delay())
                 }
             };
+            // The conflict timeout runs over 409s in a row only.
+            if retry_reason != "conflict" {
+                conflict_since = None;
+            }
             if attempts - conflicts >= s.max_attempts {
                 let status = last_status;
                 // The status is a field of its own; the error keeps the answer's excerpt.
