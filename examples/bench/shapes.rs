@@ -144,13 +144,53 @@ LEFT JOIN LATERAL (
 ORDER BY b.ord
 "#;
 
-/// The gate statement as the Kafka sink runs it (src/store/gate.rs).
-pub fn shipped_gate_sql() -> String {
-    kdedup::store::gate::GateStatement::new(Some(&kdedup::store::outbox::outbox_write(
-        kdedup::store::outbox::LIVE,
-    )))
-    .sql()
-    .to_string()
+/// The Kafka sink's outbox write as it was inside the gate statement before
+/// `relay_batches` (one `relay_outbox` row per event, numbered by window functions in SQL):
+/// the "before" of bench/README.md, "One outbox row per gate transaction".
+const PER_ROW_OUTBOX: &str = r#"numbered AS (
+    SELECT b.ord, b.source_topic || '/' || b.source_partition AS stream,
+           row_number() OVER (PARTITION BY b.source_topic, b.source_partition ORDER BY b.ord) AS n
+    FROM batch b
+    JOIN gate g ON g.event_key = b.event_key
+),
+counts AS (
+    SELECT stream, count(*) AS n FROM numbered GROUP BY stream
+),
+claimed AS (
+    INSERT INTO outbox_seqs AS s (stream, last_seq)
+    SELECT stream, n FROM counts ORDER BY stream
+    ON CONFLICT (stream) DO UPDATE SET last_seq = s.last_seq + EXCLUDED.last_seq
+    RETURNING stream, last_seq
+),
+sequenced AS (
+    SELECT n.ord, n.stream, c.last_seq - t.n + n.n AS seq
+    FROM numbered n
+    JOIN counts t ON t.stream = n.stream
+    JOIN claimed c ON c.stream = n.stream
+),
+queued AS (
+    INSERT INTO relay_outbox
+        (slot, stream, seq, scope, event_id, source_topic, source_partition, source_offset,
+         source_timestamp_ms, key, value, headers)
+    SELECT (SELECT slot FROM relay_rotation), s.stream, s.seq, b.scope, b.event_id,
+           b.source_topic, b.source_partition, b.source_offset, b.source_timestamp_ms, b.key,
+           b.value, b.headers
+    FROM sequenced s
+    JOIN batch b ON b.ord = s.ord
+    ORDER BY s.stream, s.seq
+    RETURNING 1
+),
+"#;
+
+/// Marks the shape that runs kdedup's own gate (`store::gate::gate` with the Kafka sink's
+/// `GateStatement::outboxed`): the gate statement, the outbox write and the totals, as shipped.
+const SHIPPED: &str = "(kdedup's Kafka sink gate)";
+
+/// The gate statement with the per-row outbox write in it (the previous version).
+fn per_row_gate_sql() -> String {
+    kdedup::store::gate::GateStatement::new(Some(PER_ROW_OUTBOX))
+        .sql()
+        .to_string()
 }
 
 pub fn shapes() -> Vec<Shape> {
@@ -164,44 +204,71 @@ pub fn shapes() -> Vec<Shape> {
     };
     let mut v = Vec::new();
     {
-        let sql = shipped_gate_sql();
-        let c = sql.contains("$13");
         v.push(shape(
-            "shipped gate statement (src/store/gate.rs)",
-            &sql,
-            c,
+            "shipped: gate statement, then one outbox row per stream (src/store/gate.rs)",
+            SHIPPED,
+            true,
             &[],
             1,
             &[],
-        ));
-        v.push(shape(
-            "shipped, without the expires_at btree index",
-            &sql,
-            c,
-            &["DROP INDEX \"{schema}\".processed_events_expires_at_idx"],
-            1,
-            &[],
-        ));
-        v.push(shape(
-            "shipped, plan_cache_mode=force_generic_plan",
-            &sql,
-            c,
-            &[],
-            1,
-            &["SET plan_cache_mode = force_generic_plan"],
         ));
         v.push(shape(
             "shipped, 2 sessions in parallel",
+            SHIPPED,
+            true,
+            &[],
+            2,
+            &[],
+        ));
+        let sql = per_row_gate_sql();
+        let c = sql.contains("$13");
+        v.push(shape(
+            "before: one relay_outbox row per event, in the gate statement",
+            &sql,
+            c,
+            &[],
+            1,
+            &[],
+        ));
+        v.push(shape(
+            "before, 2 sessions in parallel",
             &sql,
             c,
             &[],
             2,
             &[],
         ));
+        v.push(shape(
+            "shipped, without the expires_at btree index",
+            SHIPPED,
+            true,
+            &["DROP INDEX \"{schema}\".processed_events_expires_at_idx"],
+            1,
+            &[],
+        ));
+        v.push(shape(
+            "shipped, plan_cache_mode=force_generic_plan",
+            SHIPPED,
+            true,
+            &[],
+            1,
+            &["SET plan_cache_mode = force_generic_plan"],
+        ));
+        let bare = kdedup::store::gate::GateStatement::new(None)
+            .sql()
+            .to_string();
+        v.push(shape(
+            "the gate statement with no forwarding write at all",
+            &bare,
+            bare.contains("$13"),
+            &[],
+            1,
+            &[],
+        ));
     }
     let a = format!("{BATCH}{GATE_DO_UPDATE}{QUEUED}{RESULT_JOIN}");
     v.push(shape(
-        "A: shipped without the gate_counters upsert",
+        "A: before, without the gate_counters upsert",
         &a,
         false,
         &[],
@@ -331,6 +398,9 @@ async fn session(
         .parse::<PgConnectOptions>()?
         .options([("search_path", schema.as_str())])
         .disable_statement_logging();
+    if sql == SHIPPED {
+        return shipped_session(opts, seed, dup_ratio, batch, seconds, session_setup).await;
+    }
     let mut conn = PgConnection::connect_with(&opts).await?;
     for sql in session_setup {
         sqlx::query(sql).execute(&mut conn).await?;
@@ -381,6 +451,74 @@ async fn session(
             out.len()
         );
         tx.commit().await?;
+        rows += b.ids.len();
+        batches += 1;
+        i += 1;
+    }
+    Ok((rows, batches, started.elapsed().as_secs_f64()))
+}
+
+/// [`session`] for the [`SHIPPED`] shape: kdedup's own gate function on a pool of one.
+async fn shipped_session(
+    opts: PgConnectOptions,
+    seed: u64,
+    dup_ratio: f64,
+    batch: usize,
+    seconds: f64,
+    session_setup: &'static [&'static str],
+) -> anyhow::Result<(usize, usize, f64)> {
+    use kdedup::store::gate::{gate, GateBatch, GateRow, GateStatement};
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                for sql in session_setup {
+                    sqlx::query(sql).execute(&mut *conn).await?;
+                }
+                Ok(())
+            })
+        })
+        .connect_with(opts)
+        .await?;
+    let statement = GateStatement::outboxed(kdedup::store::outbox::LIVE);
+    let ttl = std::time::Duration::from_secs(7 * 86400);
+    let mut w = Workload::new(seed, dup_ratio);
+    let warmup = 6;
+    let (mut rows, mut batches, mut i) = (0usize, 0usize, 0);
+    let mut started = Instant::now();
+    loop {
+        if i == warmup {
+            started = Instant::now();
+            rows = 0;
+            batches = 0;
+        }
+        if i >= warmup && started.elapsed().as_secs_f64() >= seconds {
+            break;
+        }
+        let b = w.batch(batch);
+        let mut g = GateBatch::with_capacity(b.ids.len());
+        for k in 0..b.ids.len() {
+            g.push(GateRow {
+                scope: b.scopes[k].clone(),
+                event_id: b.ids[k].clone(),
+                topic: b.topics[k].clone(),
+                partition: b.partitions[k],
+                offset: b.offsets[k],
+                timestamp_ms: b.timestamps[k],
+                payload_hash: b.hashes[k].clone(),
+                key: b.keys[k].clone(),
+                value: b.values[k].clone(),
+                headers: vec![("event-id".to_string(), Some(b.ids[k].clone().into_bytes()))],
+            });
+        }
+        let out = gate(&pool, &statement, g.part(0..b.ids.len(), true), ttl)
+            .await
+            .map_err(|e| anyhow::anyhow!("gate: {e}"))?;
+        anyhow::ensure!(
+            out.outcomes.len() == b.ids.len(),
+            "gate returned {} outcomes",
+            out.outcomes.len()
+        );
         rows += b.ids.len();
         batches += 1;
         i += 1;

@@ -3,13 +3,16 @@
 //! One statement inserts the batch's `(scope, event_id)` rows (keyed by [`event_key`], a
 //! 16-byte digest of the two) into `processed_events`, treats a conflict with a live row
 //! as a duplicate (`ON CONFLICT ... DO UPDATE ... WHERE expires_at <= now()`: only an
-//! expired row is taken over), runs the sink's forwarding write for exactly the rows it
-//! inserted, and adds the decisions to the per-scope totals in `gate_counters`. It commits
-//! with the batch, so a crash leaves all of it or none.
+//! expired row is taken over), and adds the decisions to the per-scope totals in
+//! `gate_counters`. The sink's forwarding write for exactly the rows it inserted runs in
+//! the same transaction, which commits with the batch, so a crash leaves all of it or none.
 //!
-//! The sink's part is data-modifying CTEs ([`GateStatement::new`]); they read `batch`
-//! (the candidate rows, with their input order `ord`) joined to `gate` (the keys this
-//! statement inserted), so it sees first-seen events only.
+//! The sink's part is either data-modifying CTEs of the statement ([`GateStatement::new`]),
+//! which read `batch` (the candidate rows, with their input order `ord`) joined to `gate`
+//! (the keys this statement inserted), so they see first-seen events only; or a statement
+//! right after it over the rows it inserted: the Postgres sink's
+//! ([`GateStatement::followed_by`]) and the Kafka sink's outbox rows
+//! ([`GateStatement::outboxed`]).
 //!
 //! A key may appear only once per statement (`ON CONFLICT DO UPDATE` cannot touch one row
 //! twice): [`GateBatch`] removes in-batch duplicates as it is built, and the gate only
@@ -23,6 +26,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::app_rows::{self, Written};
+use super::outbox;
 use super::DbError;
 use crate::model::headers::{self, Headers};
 use crate::model::Position;
@@ -183,13 +187,23 @@ pub struct GateCommit {
     pub taken_over: usize,
 }
 
+/// The forwarding write that follows a gate statement, in its transaction.
+#[derive(Debug, Clone)]
+enum After {
+    /// A statement over the first sightings (see [`super::app_rows`]).
+    AppRows(String),
+    /// The Kafka sink's outbox: one batch row per stream, its streams named with this
+    /// prefix (see [`super::outbox::write_batches`]).
+    Outbox(&'static str),
+}
+
 /// The gate statement for one sink, built once at start.
 #[derive(Debug, Clone)]
 pub struct GateStatement {
     sql: String,
-    /// A statement run after the gate statement in the same transaction, over the rows
-    /// it inserted (see [`super::app_rows`]).
-    after: Option<String>,
+    /// What runs after the gate statement in the same transaction, over the rows it
+    /// inserted.
+    after: Option<After>,
     /// The lease of a status-gated sink ([`GateStatement::leased`]): owner and length.
     lease: Option<(String, Duration)>,
 }
@@ -197,17 +211,13 @@ pub struct GateStatement {
 impl GateStatement {
     /// The gate with `forward` as the sink's forwarding write: data-modifying CTEs (each
     /// `name AS (...),`) that read `batch b JOIN gate g ON g.event_key = b.event_key` (see
-    /// the module docs), or `None` for a sink that writes nothing in the statement. When
-    /// they define `sequenced (ord, seq)`, the statement returns each first sighting's
-    /// stream seq (the Kafka sink's outbox, [`super::outbox::outbox_write`]).
+    /// the module docs), or `None` for a sink that writes nothing in the statement.
     pub fn new(forward: Option<&str>) -> Self {
         let forward = forward.unwrap_or_default();
-        let select = match forward.contains("sequenced AS (") {
-            true => GATE_SELECT_SEQUENCED,
-            false => GATE_SELECT,
-        };
         GateStatement {
-            sql: format!("{GATE_BATCH}{GATE_HEAD}{forward}{GATE_DECIDED}{GATE_COUNTED}{select}"),
+            sql: format!(
+                "{GATE_BATCH}{GATE_HEAD}{forward}{GATE_DECIDED}{GATE_COUNTED}{GATE_SELECT}"
+            ),
             after: None,
             lease: None,
         }
@@ -237,7 +247,7 @@ impl GateStatement {
     pub fn followed_by(statement: String) -> Self {
         GateStatement {
             sql: format!("{GATE_BATCH}{GATE_HEAD}{GATE_DECIDED}{GATE_SELECT}"),
-            after: Some(statement),
+            after: Some(After::AppRows(statement)),
             lease: None,
         }
     }
@@ -247,9 +257,25 @@ impl GateStatement {
         &self.sql
     }
 
+    /// The Kafka sink's gate: the gate statement with no write of its own, followed by
+    /// the outbox write of the first sightings ([`super::outbox::write_batches`]), one row
+    /// per stream (`prefix` + the input partition) holding its events and their next seqs.
+    /// Keys, values and headers go to Postgres once, encoded in that row; the totals are
+    /// upserted last, as in [`GateStatement::followed_by`].
+    pub fn outboxed(prefix: &'static str) -> Self {
+        GateStatement {
+            sql: format!("{GATE_BATCH}{GATE_HEAD}{GATE_DECIDED}{GATE_SELECT}"),
+            after: Some(After::Outbox(prefix)),
+            lease: None,
+        }
+    }
+
     /// The statement that follows the gate, if any.
     pub fn after(&self) -> Option<&str> {
-        self.after.as_deref()
+        match &self.after {
+            Some(After::AppRows(sql)) => Some(sql),
+            _ => None,
+        }
     }
 }
 
@@ -400,14 +426,6 @@ FROM decided
 ORDER BY ord
 "#;
 
-const GATE_SELECT_SEQUENCED: &str = r#"
-SELECT d.ord, d.inserted, d.source_topic, d.source_partition, d.source_offset,
-       d.payload_differs, d.busy, d.taken_over, s.seq
-FROM decided d
-LEFT JOIN sequenced s ON s.ord = d.ord
-ORDER BY d.ord
-"#;
-
 /// The running totals of a gate whose counters are not in its statement (see
 /// [`GateStatement::followed_by`]): the same upsert as the statement's `counted`, from
 /// totals per scope computed by the caller, run last, just before the COMMIT.
@@ -515,18 +533,30 @@ pub async fn gate(
     let result: Vec<GateResultRow> = query.fetch_all(&mut *tx).await?;
     debug_assert_eq!(result.len(), rows.len());
     let mut written = None;
+    let mut seqs: Vec<Option<i64>> = result.iter().map(|r| r.8).collect();
     if let Some(after) = &statement.after {
-        let first_seen: Vec<&GateRow> = result
+        let first_seen: Vec<(usize, &GateRow)> = result
             .iter()
             .zip(rows)
-            .filter(|((_, inserted, ..), _)| *inserted)
-            .map(|(_, row)| row)
+            .enumerate()
+            .filter(|(_, ((_, inserted, ..), _))| *inserted)
+            .map(|(i, (_, row))| (i, row))
             .collect();
         if !first_seen.is_empty() {
-            let w = app_rows::write(&mut tx, after, &first_seen)
-                .await
-                .map_err(DbError::Sink)?;
-            written = Some(w);
+            match after {
+                After::AppRows(sql) => {
+                    let rows: Vec<&GateRow> = first_seen.iter().map(|(_, r)| *r).collect();
+                    let w = app_rows::write(&mut tx, sql, &rows)
+                        .await
+                        .map_err(DbError::Sink)?;
+                    written = Some(w);
+                }
+                After::Outbox(prefix) => {
+                    for (i, seq) in outbox::write_batches(&mut tx, prefix, &first_seen).await? {
+                        seqs[i] = Some(seq);
+                    }
+                }
+            }
         }
         let mut totals: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
         for ((_, inserted, _, _, _, differs, ..), row) in result.iter().zip(rows) {
@@ -553,7 +583,6 @@ pub async fn gate(
     crate::crash::reached(crate::crash::Point::BeforeDbCommit);
     tx.commit().await?;
     let taken_over = result.iter().filter(|r| r.7).count();
-    let seqs = result.iter().map(|r| r.8).collect();
     let outcomes = result
         .into_iter()
         .map(

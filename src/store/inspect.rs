@@ -208,6 +208,15 @@ type SightingRow = (
 const SIGHTING_COLUMNS: &str = "pe.scope, pe.source_topic, pe.source_partition, \
     pe.source_offset, pe.payload_hash, pe.first_seen_at, pe.expires_at, \
     (SELECT min(t) FROM ( \
+        SELECT o.created_at AS t FROM relay_batches o \
+        LEFT JOIN relay_checkpoints c ON c.stream = o.stream \
+        CROSS JOIN LATERAL unnest(o.scopes, o.event_ids) WITH ORDINALITY AS u(scope, event_id, i) \
+        WHERE o.stream IN (pe.source_topic || '/' || pe.source_partition, \
+                           'replay:' || pe.source_topic || '/' || pe.source_partition) \
+          AND o.last_seq > coalesce(c.published_seq, 0) \
+          AND o.first_seq + u.i - 1 > coalesce(c.published_seq, 0) \
+          AND u.scope = pe.scope AND u.event_id = pe.event_id \
+        UNION ALL \
         SELECT o.created_at AS t FROM relay_outbox o \
         LEFT JOIN relay_checkpoints c ON c.stream = o.stream \
         WHERE o.stream IN (pe.source_topic || '/' || pe.source_partition, \

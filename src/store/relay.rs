@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use sqlx::{PgConnection, PgPool};
 
+use super::outbox;
 use super::ADVISORY_LOCK_CLASS;
 use crate::model::headers::{self, Headers};
 
@@ -192,12 +193,129 @@ pub async fn partition_floor(
 }
 
 /// Rows of `stream` after seq `after`, in seq order: at most `max_rows`, and at most
-/// `max_bytes` of keys, values and headers (at least one row, whatever its size). Sizes
+/// `max_bytes` of keys, values and headers (at least one row, whatever its size), from
+/// `relay_batches` and from `relay_outbox`. A batch whose payloads do not decode is an
+/// error naming its stream and seqs: nothing is published in their place.
+pub async fn read_rows(
+    pool: &PgPool,
+    stream: &str,
+    after: i64,
+    max_rows: usize,
+    max_bytes: usize,
+) -> Result<Vec<Pending>, sqlx::Error> {
+    let mut rows = read_batches(pool, stream, after, max_rows, max_bytes).await?;
+    rows.extend(read_outbox_rows(pool, stream, after, max_rows, max_bytes).await?);
+    rows.sort_by_key(|r| r.seq);
+    rows.dedup_by_key(|r| r.seq);
+    let mut bytes = 0usize;
+    let mut keep = 0usize;
+    for r in rows.iter().take(max_rows.max(1)) {
+        bytes += r.size();
+        if keep > 0 && bytes > max_bytes {
+            break;
+        }
+        keep += 1;
+    }
+    rows.truncate(keep);
+    Ok(rows)
+}
+
+/// [`read_rows`] from `relay_batches`: the batches holding seqs after `after`, while the
+/// payloads before each are within `max_bytes` (stored lengths, read without fetching the
+/// values), at most `max_rows` of them; decoded, the rows after `after`.
+async fn read_batches(
+    pool: &PgPool,
+    stream: &str,
+    after: i64,
+    max_rows: usize,
+    max_bytes: usize,
+) -> Result<Vec<Pending>, sqlx::Error> {
+    type Row = (
+        i64,
+        i64,
+        String,
+        i32,
+        Vec<String>,
+        Vec<String>,
+        Vec<i64>,
+        Vec<Option<i64>>,
+        Vec<u8>,
+        chrono::DateTime<chrono::Utc>,
+    );
+    let batches: Vec<Row> = sqlx::query_as(
+        "SELECT o.first_seq, o.last_seq, o.source_topic, o.source_partition, o.scopes,
+                o.event_ids, o.source_offsets, o.source_timestamps_ms, o.payloads, o.created_at
+         FROM (
+             SELECT last_seq,
+                    sum(octet_length(payloads)) OVER (ORDER BY last_seq)
+                        - octet_length(payloads) AS before
+             FROM relay_batches
+             WHERE stream = $1 AND last_seq > $2 AND first_seq <= $2 + $3
+             ORDER BY last_seq LIMIT $3
+         ) sized
+         JOIN relay_batches o ON o.stream = $1 AND o.last_seq = sized.last_seq
+         WHERE sized.before = 0 OR sized.before < $4
+         ORDER BY o.last_seq",
+    )
+    .bind(stream)
+    .bind(after)
+    .bind(i64::try_from(max_rows).unwrap_or(i64::MAX))
+    .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
+    .fetch_all(pool)
+    .await?;
+    let mut rows = Vec::new();
+    for (first, last, topic, partition, scopes, ids, offsets, timestamps, payloads, at) in batches {
+        let count = usize::try_from(last - first + 1).unwrap_or(0);
+        let decoded = outbox::decode_payloads(&payloads, count)
+            .ok()
+            .filter(|_| {
+                scopes.len() == count
+                    && ids.len() == count
+                    && offsets.len() == count
+                    && timestamps.len() == count
+            })
+            .ok_or_else(|| {
+                sqlx::Error::Decode(
+                    format!(
+                        "relay_batches row of stream {stream}, seqs {first}..={last}, does not \
+                         decode (its arrays and payloads must hold {count} events, as kdedup \
+                         writes them); nothing of it is published"
+                    )
+                    .into(),
+                )
+            })?;
+        let events = scopes.into_iter().zip(ids).zip(offsets).zip(timestamps);
+        for ((seq, (((scope, event_id), offset), ts)), (key, value, headers)) in
+            (first..).zip(events).zip(decoded)
+        {
+            if seq <= after {
+                continue;
+            }
+            rows.push(Pending {
+                seq,
+                scope,
+                event_id,
+                source_topic: topic.clone(),
+                source_partition: partition,
+                source_offset: offset,
+                source_timestamp_ms: ts,
+                key,
+                value,
+                headers,
+                committed_at: at,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// [`read_rows`] from `relay_outbox`, one row per event (written by the previous version,
+/// or moved there from its old `outbox`). Sizes
 /// come from `octet_length`, which reads a stored value's length without fetching it, so
 /// rows past the budget are never read. A stream's seqs have no gaps, so the rows are
 /// also bounded by seq: the plan never visits more than `max_rows` index entries, however
 /// large the backlog and whatever the statistics say.
-pub async fn read_rows(
+async fn read_outbox_rows(
     pool: &PgPool,
     stream: &str,
     after: i64,
@@ -339,30 +457,39 @@ pub async fn reclaim(
     let mut next_empty = false;
     // The slot before the current one first: it is the one that fills up.
     for slot in [(current + 2) % 3, next] {
-        let table = format!("relay_outbox_{slot}");
-        let empty: bool = sqlx::query_scalar(&format!("SELECT NOT EXISTS (SELECT 1 FROM {table})"))
-            .fetch_one(&mut *tx)
-            .await?;
+        let (rows, batches) = (
+            format!("relay_outbox_{slot}"),
+            format!("relay_batches_{slot}"),
+        );
+        let empty: bool = sqlx::query_scalar(&format!(
+            "SELECT NOT EXISTS (SELECT 1 FROM {rows}) AND NOT EXISTS (SELECT 1 FROM {batches})"
+        ))
+        .fetch_one(&mut *tx)
+        .await?;
         if empty {
             next_empty |= slot == next;
             continue;
         }
         // Waits (up to lock_timeout) for gate transactions writing into the slot; a lock
         // timeout ends the round without harm.
-        sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(&format!(
+            "LOCK TABLE {batches}, {rows} IN ACCESS EXCLUSIVE MODE"
+        ))
+        .execute(&mut *tx)
+        .await?;
         let waiting: bool = sqlx::query_scalar(&format!(
             "SELECT EXISTS (
                  SELECT 1 FROM outbox_seqs s
                  LEFT JOIN relay_checkpoints c ON c.stream = s.stream
-                 WHERE EXISTS (SELECT 1 FROM {table} o
+                 WHERE EXISTS (SELECT 1 FROM {batches} o
+                               WHERE o.stream = s.stream AND o.last_seq > coalesce(c.published_seq, 0))
+                    OR EXISTS (SELECT 1 FROM {rows} o
                                WHERE o.stream = s.stream AND o.seq > coalesce(c.published_seq, 0)))"
         ))
         .fetch_one(&mut *tx)
         .await?;
         if !waiting {
-            sqlx::query(&format!("TRUNCATE {table}"))
+            sqlx::query(&format!("TRUNCATE {batches}, {rows}"))
                 .execute(&mut *tx)
                 .await?;
             out.truncated.push(slot);

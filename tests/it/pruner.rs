@@ -134,7 +134,7 @@ async fn an_expired_id_is_accepted_again_as_new() {
     // e-1 expired long ago (2026-01-01) but has not been pruned: the gate treats it as
     // absent. e-new is new. Then with a live TTL both are duplicates.
     let ttl = Duration::from_secs(3600);
-    let statement = GateStatement::new(Some(&outbox::outbox_write(outbox::LIVE)));
+    let statement = GateStatement::outboxed(outbox::LIVE);
     let mut batch = GateBatch::default();
     batch.push(row("e-1"));
     batch.push(row("e-new"));
@@ -153,11 +153,16 @@ async fn an_expired_id_is_accepted_again_as_new() {
             .all(|o| matches!(o, GateOutcome::Duplicate { .. })),
         "{again:?}"
     );
-    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM relay_outbox")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(outbox, 2, "one forwarding write each");
+    let outbox: Vec<(String, i64)> =
+        sqlx::query_as("SELECT event_id, seq FROM outbox_pending ORDER BY seq")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        outbox,
+        vec![("e-1".to_string(), 1), ("e-new".to_string(), 2)],
+        "one forwarding write each, numbered in input order"
+    );
     drop_schema(&pg().await, &schema).await;
 }
 

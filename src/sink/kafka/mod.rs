@@ -8,7 +8,6 @@ pub mod topics;
 
 use super::Sink;
 use crate::store::gate::{GateRow, GateStatement};
-use crate::store::outbox::outbox_write;
 use crate::store::relay::Pending;
 
 /// The outbox write, and the hand-off to this process's relay.
@@ -22,7 +21,7 @@ pub struct KafkaSink {
 
 impl Sink for KafkaSink {
     fn statement(&self) -> GateStatement {
-        GateStatement::new(Some(&outbox_write(self.stream_prefix)))
+        GateStatement::outboxed(self.stream_prefix)
     }
 
     fn committed(&self, _first_seen: usize, sequenced: Vec<(GateRow, i64)>) {
