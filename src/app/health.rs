@@ -149,8 +149,12 @@ fn record_check(check: &Check, gauge: &IntGauge, up: bool, what: &str) {
 
 /// The one writer of the table gauges (on every replica, so a standby relay or pruner
 /// still reports them). A refresh that fails (a slow database) is skipped.
+/// Bounded in time like the ping: on a connection that stopped answering (a network that
+/// drops packets) the read would otherwise wait for ever, and with it every later check,
+/// so readiness would never drop.
 async fn refresh_table_gauges(pool: &PgPool, metrics: &Metrics) {
-    if let Ok(t) = stats::table_stats(pool).await {
+    let read = tokio::time::timeout(Duration::from_secs(3), stats::table_stats(pool)).await;
+    if let Ok(Ok(t)) = read {
         metrics.processed_events_rows.set(t.processed_events_rows);
         metrics.outbox_backlog.set(t.outbox_backlog);
         metrics.outbox_oldest_age.set(t.outbox_oldest_age_s);
