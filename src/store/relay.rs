@@ -9,7 +9,8 @@ use super::outbox;
 use super::ADVISORY_LOCK_CLASS;
 use crate::model::headers::{self, Headers};
 
-/// One outbox row to publish, read back from `relay_outbox` or handed over by a gate lane.
+/// One outbox row to publish, read back from `relay_batches` or `relay_outbox`, or handed over
+/// by a gate lane.
 #[derive(Debug, Clone)]
 pub struct Pending {
     pub seq: i64,
