@@ -33,12 +33,28 @@ fn store_offsets(consumer: &Consumer, next: &BTreeMap<(String, i32), i64>) {
 
 /// Next offset to read per partition: one past the last message of the batch.
 pub fn next_offsets(batch: &[InputMessage]) -> BTreeMap<(String, i32), i64> {
-    let mut next = BTreeMap::new();
+    let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    // A batch is long runs of one partition: the topic is cloned once per run, not per
+    // message.
+    let mut run: Option<(&str, i32, i64)> = None;
+    let flush = |next: &mut BTreeMap<(String, i32), i64>,
+                 (topic, partition, to): (&str, i32, i64)| {
+        let e = next.entry((topic.to_string(), partition)).or_insert(to);
+        *e = (*e).max(to);
+    };
     for m in batch {
-        let e = next
-            .entry((m.topic.clone(), m.partition))
-            .or_insert(m.offset + 1);
-        *e = (*e).max(m.offset + 1);
+        match &mut run {
+            Some((t, p, to)) if *t == m.topic && *p == m.partition => *to = (*to).max(m.offset + 1),
+            _ => {
+                if let Some(r) = run.take() {
+                    flush(&mut next, r);
+                }
+                run = Some((&m.topic, m.partition, m.offset + 1));
+            }
+        }
+    }
+    if let Some(r) = run {
+        flush(&mut next, r);
     }
     next
 }

@@ -14,6 +14,12 @@ pub fn encode(headers: &[(String, Option<Vec<u8>>)]) -> Vec<u8> {
         .map(|(k, v)| 8 + k.len() + v.as_ref().map_or(0, Vec::len))
         .sum();
     let mut out = Vec::with_capacity(4 + size);
+    encode_into(&mut out, headers);
+    out
+}
+
+/// [`encode`], appended to `out`.
+pub fn encode_into(out: &mut Vec<u8>, headers: &[(String, Option<Vec<u8>>)]) {
     out.extend_from_slice(&(headers.len() as u32).to_be_bytes());
     for (name, value) in headers {
         out.extend_from_slice(&(name.len() as u32).to_be_bytes());
@@ -26,7 +32,6 @@ pub fn encode(headers: &[(String, Option<Vec<u8>>)]) -> Vec<u8> {
             }
         }
     }
-    out
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

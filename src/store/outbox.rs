@@ -146,7 +146,12 @@ pub fn encode_payloads<'a>(rows: impl Iterator<Item = &'a GateRow> + Clone) -> V
     for r in rows {
         put(&mut out, r.key.as_deref());
         put(&mut out, r.value.as_deref());
-        put(&mut out, Some(&headers::encode(&r.headers)));
+        // The headers' length, then their encoding, written in place.
+        let at = out.len();
+        out.extend_from_slice(&0i32.to_be_bytes());
+        headers::encode_into(&mut out, &r.headers);
+        let len = (out.len() - at - 4) as i32;
+        out[at..at + 4].copy_from_slice(&len.to_be_bytes());
     }
     out
 }

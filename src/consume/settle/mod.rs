@@ -232,11 +232,22 @@ impl Gate {
     ) -> (GateBatch, Vec<(InputMessage, Rejection)>) {
         let mut rejected: Vec<(InputMessage, Rejection)> = Vec::new();
         let mut candidates = GateBatch::with_capacity(batch.len());
+        // Counted per run of one topic (a batch is usually one): a labelled series is
+        // looked up once per run, not once per message.
+        let mut consumed: Option<(String, u64)> = None;
+        let count = |consumed: Option<(String, u64)>| {
+            if let Some((topic, n)) = consumed {
+                self.metrics
+                    .events_consumed
+                    .with_label_values(&[&topic])
+                    .inc_by(n);
+            }
+        };
         for msg in batch {
-            self.metrics
-                .events_consumed
-                .with_label_values(&[&msg.topic])
-                .inc();
+            match &mut consumed {
+                Some((topic, n)) if *topic == msg.topic => *n += 1,
+                _ => count(consumed.replace((msg.topic.clone(), 1))),
+            }
             let (scope, event_id) = match self.identify(&msg).and_then(|id| {
                 self.sink.admit(&msg)?;
                 Ok(id)
@@ -282,6 +293,7 @@ impl Gate {
                 }
             }
         }
+        count(consumed);
         (candidates, rejected)
     }
 

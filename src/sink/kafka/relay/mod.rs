@@ -271,18 +271,24 @@ impl Relay {
 /// Rows of `outbox::stream_of` for one committed gate transaction, grouped by stream in
 /// seq order, ready for [`Feed::hand_over`].
 pub fn group_by_stream(prefix: &str, rows: Vec<Pending>) -> Vec<(String, Vec<Pending>)> {
-    let mut out: Vec<(String, Vec<Pending>)> = Vec::new();
+    // By input partition first: the stream's name is made once per group, not per row.
+    let mut groups: Vec<((String, i32), Vec<Pending>)> = Vec::new();
     for row in rows {
-        let stream = outbox::stream_of(prefix, &row.source_topic, row.source_partition);
-        match out.iter_mut().find(|(s, _)| *s == stream) {
+        let found = groups
+            .iter_mut()
+            .find(|((t, p), _)| *p == row.source_partition && *t == row.source_topic);
+        match found {
             Some((_, v)) => v.push(row),
-            None => out.push((stream, vec![row])),
+            None => groups.push(((row.source_topic.clone(), row.source_partition), vec![row])),
         }
     }
-    for (_, v) in &mut out {
-        v.sort_by_key(|r| r.seq);
-    }
-    out
+    groups
+        .into_iter()
+        .map(|((topic, partition), mut v)| {
+            v.sort_by_key(|r| r.seq);
+            (outbox::stream_of(prefix, &topic, partition), v)
+        })
+        .collect()
 }
 
 #[cfg(test)]
