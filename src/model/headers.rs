@@ -9,13 +9,17 @@
 pub type Headers = Vec<(String, Option<Vec<u8>>)>;
 
 pub fn encode(headers: &[(String, Option<Vec<u8>>)]) -> Vec<u8> {
-    let size: usize = headers
-        .iter()
-        .map(|(k, v)| 8 + k.len() + v.as_ref().map_or(0, Vec::len))
-        .sum();
-    let mut out = Vec::with_capacity(4 + size);
+    let mut out = Vec::with_capacity(encoded_len(headers));
     encode_into(&mut out, headers);
     out
+}
+
+/// How many bytes [`encode`] writes for `headers`.
+pub fn encoded_len(headers: &[(String, Option<Vec<u8>>)]) -> usize {
+    4 + headers
+        .iter()
+        .map(|(k, v)| 8 + k.len() + v.as_ref().map_or(0, Vec::len))
+        .sum::<usize>()
 }
 
 /// [`encode`], appended to `out`.

@@ -421,7 +421,7 @@ counted AS (
 
 const GATE_SELECT: &str = r#"
 SELECT ord, inserted, source_topic, source_partition, source_offset, payload_differs,
-       busy, taken_over, NULL::int8 AS seq
+       busy, taken_over
 FROM decided
 ORDER BY ord
 "#;
@@ -438,7 +438,7 @@ ON CONFLICT (scope) DO UPDATE
         updated_at = now()";
 
 /// `(ord, inserted, first topic, first partition, first offset, payload differs, busy,
-/// taken over, stream seq)`.
+/// taken over)`.
 type GateResultRow = (
     i64,
     bool,
@@ -448,7 +448,6 @@ type GateResultRow = (
     bool,
     bool,
     bool,
-    Option<i64>,
 );
 
 /// Runs the gate for `part` in one transaction (with the statement that follows it, if
@@ -533,7 +532,8 @@ pub async fn gate(
     let result: Vec<GateResultRow> = query.fetch_all(&mut *tx).await?;
     debug_assert_eq!(result.len(), rows.len());
     let mut written = None;
-    let mut seqs: Vec<Option<i64>> = result.iter().map(|r| r.8).collect();
+    // Stream seqs: only the Kafka sink's outbox write hands them out.
+    let mut seqs: Vec<Option<i64>> = vec![None; result.len()];
     if let Some(after) = &statement.after {
         let first_seen: Vec<(usize, &GateRow)> = result
             .iter()

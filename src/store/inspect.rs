@@ -201,9 +201,10 @@ type SightingRow = (
     Option<DateTime<Utc>>,
 );
 
-// An outbox row waits in one of the streams of its first sighting's partition (live, replay
-// or upgrade), past that stream's checkpoint: a range of the (stream, seq) index, short
-// unless the relay has been down for a long time. The previous version's outbox has no
+// An outbox entry waits in one of the streams of its first sighting's partition (live,
+// replay or upgrade), past that stream's checkpoint: a range of the (stream, last_seq)
+// index of relay_batches (its ids unnested) or of the (stream, seq) index of relay_outbox,
+// short unless the relay has been down for a long time. The previous version's outbox has no
 // index on the id, and is empty once a relay of this version ran.
 const SIGHTING_COLUMNS: &str = "pe.scope, pe.source_topic, pe.source_partition, \
     pe.source_offset, pe.payload_hash, pe.first_seen_at, pe.expires_at, \

@@ -128,10 +128,13 @@ const PAYLOADS_V1: u8 = 1;
 /// -1 for none, and the bytes) and its headers (a 4-byte length and kdedup's header
 /// encoding, [`headers::encode`]).
 pub fn encode_payloads<'a>(rows: impl Iterator<Item = &'a GateRow> + Clone) -> Vec<u8> {
+    // Per event: three 4-byte lengths, the key, the value and the encoded headers.
     let size: usize = rows
         .clone()
         .map(|r| {
-            12 + r.key.as_ref().map_or(0, Vec::len) + r.value.as_ref().map_or(0, Vec::len) + 64
+            12 + r.key.as_ref().map_or(0, Vec::len)
+                + r.value.as_ref().map_or(0, Vec::len)
+                + headers::encoded_len(&r.headers)
         })
         .sum();
     let mut out = Vec::with_capacity(1 + size);
