@@ -13,6 +13,12 @@ use kdedup::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+/// jemalloc rather than glibc's malloc: the hot path allocates and frees every message's
+/// key, value and headers, and glibc spent a third of kdedup's CPU on it (bench/README.md,
+/// "The allocator").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
