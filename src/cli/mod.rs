@@ -177,7 +177,8 @@ pub struct RunArgs {
     #[arg(long, env = "KDEDUP_GATE_LANES", default_value_t = 2)]
     pub gate_lanes: usize,
 
-    /// Most message bytes read ahead of the gate lanes (each message counts at least 1 KiB).
+    /// Most bytes of messages read ahead of the gate lanes (key, value, headers and about
+    /// 150 bytes of bookkeeping each).
     /// Lets the lanes work while librdkafka delivers a long run of one partition; the
     /// memory it takes comes on top of librdkafka's prefetch queue.
     #[arg(long, env = "KDEDUP_READ_AHEAD_BYTES", default_value_t = 8 * 1024 * 1024)]

@@ -59,9 +59,10 @@ pub fn next_offsets(batch: &[InputMessage]) -> BTreeMap<(String, i32), i64> {
     next
 }
 
-/// What a message counts against the read-ahead, in KiB (at least 1).
+/// What a message counts against the read-ahead, in bytes: its key, value and headers,
+/// its topic's name and the queued message itself.
 pub(super) fn read_ahead_cost(msg: &InputMessage) -> usize {
-    msg.size().div_ceil(1024).max(1)
+    msg.size() + msg.topic.len() + std::mem::size_of::<Queued>()
 }
 
 /// The lane that owns a partition.
@@ -73,9 +74,9 @@ pub fn lane_of(topic: &str, partition: i32, lanes: usize) -> usize {
     (t.wrapping_add(partition as u64) % lanes.max(1) as u64) as usize
 }
 
-/// Room the lanes have made for the reader, in KiB.
+/// Room the lanes have made for the reader, in bytes.
 pub(super) struct ReadAhead {
-    limit_kib: usize,
+    limit: usize,
     in_lanes: std::sync::atomic::AtomicUsize,
     freed: Notify,
 }
@@ -83,14 +84,14 @@ pub(super) struct ReadAhead {
 impl ReadAhead {
     pub(super) fn new(limit_bytes: usize) -> Self {
         ReadAhead {
-            limit_kib: (limit_bytes / 1024).max(1),
+            limit: limit_bytes.max(1),
             in_lanes: Default::default(),
             freed: Notify::new(),
         }
     }
 
     pub(super) fn full(&self) -> bool {
-        self.in_lanes.load(std::sync::atomic::Ordering::Acquire) >= self.limit_kib
+        self.in_lanes.load(std::sync::atomic::Ordering::Acquire) >= self.limit
     }
 
     pub(super) fn take(&self, cost: usize) {
@@ -308,6 +309,25 @@ mod tests {
         assert_eq!(next[&("a".to_string(), 0)], 7);
         assert_eq!(next[&("a".to_string(), 1)], 10);
         assert_eq!(next[&("b".to_string(), 0)], 2);
+    }
+
+    #[test]
+    fn read_ahead_counts_the_bytes_a_message_holds() {
+        let mut m = msg("orders", 0, 1);
+        m.value = Some(vec![0; 256]);
+        let cost = read_ahead_cost(&m);
+        // Its value, topic and bookkeeping, not a rounded-up KiB: 8 MiB holds about
+        // 20,000 such messages, not 8,192.
+        assert!(cost >= 256 + "orders".len() && cost < 512, "{cost}");
+        let room = ReadAhead::new(10 * cost);
+        for _ in 0..9 {
+            room.take(cost);
+            assert!(!room.full());
+        }
+        room.take(cost);
+        assert!(room.full());
+        room.give_back(cost);
+        assert!(!room.full());
     }
 
     #[test]

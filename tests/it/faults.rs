@@ -37,8 +37,9 @@ async fn postgres_outage_pauses_input_keeps_the_group_and_loses_nothing() {
         .set("KDEDUP_DATABASE_URL", &url)
         .set("KDEDUP_KAFKA_MAX_POLL_INTERVAL_MS", "10000")
         .set("KDEDUP_BATCH_SIZE", "100")
-        // 64 messages read ahead of the lanes: the outage wave fills that at once, so the
-        // input has to be held (paused, polled, rewound) to stay in the group.
+        // 64 KiB read ahead of the lanes, a few hundred of these small messages: the
+        // outage wave (1,200) fills that at once, so the input has to be held (paused,
+        // polled, rewound) to stay in the group.
         .set("KDEDUP_READ_AHEAD_BYTES", "65536");
     let _ = std::fs::remove_file(log_dir().join("pgdown.log"));
     let mut s = Sidecar::start(&cfg, "pgdown");
