@@ -535,29 +535,8 @@ pub async fn gate(
     // Stream seqs: only the Kafka sink's outbox write hands them out.
     let mut seqs: Vec<Option<i64>> = vec![None; result.len()];
     if let Some(after) = &statement.after {
-        let first_seen: Vec<(usize, &GateRow)> = result
-            .iter()
-            .zip(rows)
-            .enumerate()
-            .filter(|(_, ((_, inserted, ..), _))| *inserted)
-            .map(|(i, (_, row))| (i, row))
-            .collect();
-        if !first_seen.is_empty() {
-            match after {
-                After::AppRows(sql) => {
-                    let rows: Vec<&GateRow> = first_seen.iter().map(|(_, r)| *r).collect();
-                    let w = app_rows::write(&mut tx, sql, &rows)
-                        .await
-                        .map_err(DbError::Sink)?;
-                    written = Some(w);
-                }
-                After::Outbox(prefix) => {
-                    for (i, seq) in outbox::write_batches(&mut tx, prefix, &first_seen).await? {
-                        seqs[i] = Some(seq);
-                    }
-                }
-            }
-        }
+        // The running totals, upserted last: by the outbox write's own statement when
+        // there is one (a round trip less), by a statement of their own otherwise.
         let mut totals: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
         for ((_, inserted, _, _, _, differs, ..), row) in result.iter().zip(rows) {
             let t = totals.entry(row.scope.as_str()).or_default();
@@ -570,14 +549,41 @@ pub async fn gate(
         for (scope, n) in dup_scopes.iter().zip(&dup_counts) {
             totals.entry(scope).or_default().0 += n;
         }
-        let (scopes, (duplicates, forwarded)): (Vec<&str>, (Vec<i64>, Vec<i64>)) =
-            totals.into_iter().unzip();
-        sqlx::query(COUNTERS_SQL)
-            .bind(&scopes)
-            .bind(&duplicates)
-            .bind(&forwarded)
-            .execute(&mut *tx)
-            .await?;
+        let totals = outbox::Totals::from_iter(totals);
+        let first_seen: Vec<(usize, &GateRow)> = result
+            .iter()
+            .zip(rows)
+            .enumerate()
+            .filter(|(_, ((_, inserted, ..), _))| *inserted)
+            .map(|(i, (_, row))| (i, row))
+            .collect();
+        let mut counted = false;
+        if !first_seen.is_empty() {
+            match after {
+                After::AppRows(sql) => {
+                    let rows: Vec<&GateRow> = first_seen.iter().map(|(_, r)| *r).collect();
+                    let w = app_rows::write(&mut tx, sql, &rows)
+                        .await
+                        .map_err(DbError::Sink)?;
+                    written = Some(w);
+                }
+                After::Outbox(prefix) => {
+                    let written = outbox::write_batches(&mut tx, prefix, &first_seen, &totals);
+                    for (i, seq) in written.await? {
+                        seqs[i] = Some(seq);
+                    }
+                    counted = true;
+                }
+            }
+        }
+        if !counted {
+            sqlx::query(COUNTERS_SQL)
+                .bind(&totals.scopes)
+                .bind(&totals.duplicates)
+                .bind(&totals.forwarded)
+                .execute(&mut *tx)
+                .await?;
+        }
     }
     crate::crash::gate_delay().await;
     crate::crash::reached(crate::crash::Point::BeforeDbCommit);

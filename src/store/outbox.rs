@@ -16,6 +16,27 @@ pub const LIVE: &str = "";
 /// Stream prefix of `kdedup replay`: its rows are numbered apart from the live ones.
 pub const REPLAY: &str = "replay:";
 
+/// A gate transaction's additions to `gate_counters`, per scope in name order.
+#[derive(Debug, Default)]
+pub struct Totals<'a> {
+    pub scopes: Vec<&'a str>,
+    pub duplicates: Vec<i64>,
+    pub forwarded: Vec<i64>,
+}
+
+impl<'a> FromIterator<(&'a str, (i64, i64))> for Totals<'a> {
+    /// From `(scope, (duplicates, forwarded))` in scope order.
+    fn from_iter<I: IntoIterator<Item = (&'a str, (i64, i64))>>(iter: I) -> Self {
+        let mut t = Totals::default();
+        for (scope, (duplicates, forwarded)) in iter {
+            t.scopes.push(scope);
+            t.duplicates.push(duplicates);
+            t.forwarded.push(forwarded);
+        }
+        t
+    }
+}
+
 /// The Kafka sink's forwarding write, after the gate statement in its transaction (see
 /// [`super::gate::GateStatement::outboxed`]): the first sightings `rows` (each with its
 /// index in the gate part), grouped by stream (`prefix` + `topic/partition` of the input)
@@ -23,11 +44,14 @@ pub const REPLAY: &str = "replay:";
 /// `relay_batches` row per stream in the current slot. The counter's row lock serialises
 /// the gate transactions of a stream, so seq order is commit order and no seq is
 /// skipped. Streams are claimed in name order: two transactions claiming overlapping
-/// streams lock them in the same order. Returns each row's seq, by index.
+/// streams lock them in the same order. The same statement adds the gate's `totals` to
+/// `gate_counters`, after the rows (so the counters' row locks are held for the shortest
+/// time, as when they had a statement of their own). Returns each row's seq, by index.
 pub async fn write_batches(
     tx: &mut PgConnection,
     prefix: &str,
     rows: &[(usize, &GateRow)],
+    totals: &Totals<'_>,
 ) -> Result<Vec<(usize, i64)>, sqlx::Error> {
     // Streams in name order, each stream's rows in input order.
     let mut by_stream: BTreeMap<String, Vec<(usize, &GateRow)>> = BTreeMap::new();
@@ -79,6 +103,9 @@ pub async fn write_batches(
         .bind(&ids)
         .bind(&offsets)
         .bind(&timestamps)
+        .bind(&totals.scopes)
+        .bind(&totals.duplicates)
+        .bind(&totals.forwarded)
         .fetch_all(&mut *tx)
         .await?;
     let firsts: BTreeMap<String, i64> = firsts.into_iter().collect();
@@ -95,7 +122,8 @@ pub async fn write_batches(
 }
 
 // $1..$6: per stream (name order): name, event count, input topic and partition, where
-// its events start in the per-event arrays $7..$10, encoded payloads.
+// its events start in the per-event arrays $7..$10, encoded payloads; $11..$13: the
+// counters to add per scope (name order).
 const WRITE_BATCHES: &str = "
 WITH s AS (
     SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::int4[], $5::int4[], $6::bytea[])
@@ -106,6 +134,16 @@ claimed AS (
     SELECT stream, n FROM s ORDER BY stream
     ON CONFLICT (stream) DO UPDATE SET last_seq = q.last_seq + EXCLUDED.last_seq
     RETURNING stream, last_seq
+),
+-- Not read by the main query: Postgres runs it to completion after it, so the counters'
+-- rows are locked last.
+counted AS (
+    INSERT INTO gate_counters AS g (scope, duplicates, forwarded)
+    SELECT * FROM UNNEST($11::text[], $12::int8[], $13::int8[]) ORDER BY 1
+    ON CONFLICT (scope) DO UPDATE
+        SET duplicates = g.duplicates + EXCLUDED.duplicates,
+            forwarded = g.forwarded + EXCLUDED.forwarded,
+            updated_at = now()
 )
 INSERT INTO relay_batches
     (slot, stream, first_seq, last_seq, source_topic, source_partition, scopes, event_ids,
