@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 /// jemalloc rather than glibc's malloc: the hot path allocates and frees every message's
-/// key, value and headers, and glibc spent a third of kdedup's CPU on it (bench/README.md,
+/// key, value and headers, and glibc spent about a quarter of kdedup's CPU on it (bench/README.md,
 /// "The allocator").
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

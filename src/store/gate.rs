@@ -429,13 +429,29 @@ ORDER BY ord
 /// The running totals of a gate whose counters are not in its statement (see
 /// [`GateStatement::followed_by`]): the same upsert as the statement's `counted`, from
 /// totals per scope computed by the caller, run last, just before the COMMIT.
-const COUNTERS_SQL: &str = "
-INSERT INTO gate_counters AS c (scope, duplicates, forwarded)
-SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[]) ORDER BY 1
-ON CONFLICT (scope) DO UPDATE
-    SET duplicates = c.duplicates + EXCLUDED.duplicates,
-        forwarded = c.forwarded + EXCLUDED.forwarded,
-        updated_at = now()";
+const COUNTERS_SQL: &str = counters_upsert!(1, 2, 3);
+
+/// A gate transaction's additions to `gate_counters`, per scope in name order, as the
+/// arrays `counters_upsert!` binds.
+#[derive(Debug, Default)]
+pub struct Totals<'a> {
+    pub scopes: Vec<&'a str>,
+    pub duplicates: Vec<i64>,
+    pub forwarded: Vec<i64>,
+}
+
+impl<'a> FromIterator<(&'a str, (i64, i64))> for Totals<'a> {
+    /// From `(scope, (duplicates, forwarded))` in scope order.
+    fn from_iter<I: IntoIterator<Item = (&'a str, (i64, i64))>>(iter: I) -> Self {
+        let mut t = Totals::default();
+        for (scope, (duplicates, forwarded)) in iter {
+            t.scopes.push(scope);
+            t.duplicates.push(duplicates);
+            t.forwarded.push(forwarded);
+        }
+        t
+    }
+}
 
 /// `(ord, inserted, first topic, first partition, first offset, payload differs, busy,
 /// taken over)`.
@@ -549,7 +565,7 @@ pub async fn gate(
         for (scope, n) in dup_scopes.iter().zip(&dup_counts) {
             totals.entry(scope).or_default().0 += n;
         }
-        let totals = outbox::Totals::from_iter(totals);
+        let totals = Totals::from_iter(totals);
         let first_seen: Vec<(usize, &GateRow)> = result
             .iter()
             .zip(rows)
@@ -568,8 +584,8 @@ pub async fn gate(
                     written = Some(w);
                 }
                 After::Outbox(prefix) => {
-                    let written = outbox::write_batches(&mut tx, prefix, &first_seen, &totals);
-                    for (i, seq) in written.await? {
+                    let claimed = outbox::write_batches(&mut tx, prefix, &first_seen, &totals);
+                    for (i, seq) in claimed.await? {
                         seqs[i] = Some(seq);
                     }
                     counted = true;

@@ -7,6 +7,29 @@
 //! leases), [`outbox`] (the Kafka sink's outbox), [`prune`], [`stats`] (gauges),
 //! [`inspect`] (`kdedup inspect` / `kdedup stats`), and [`lock`] (one active relay or pruner per schema).
 
+/// The `gate_counters` upsert from a gate transaction's totals bound as three arrays at
+/// the given parameter numbers: scopes (in name order, so concurrent upserts lock their
+/// rows in one order), duplicates and forwarded counts. Used by the statement of its own
+/// (`store::gate`) and inside the outbox write (`store::outbox`).
+macro_rules! counters_upsert {
+    ($scopes:literal, $duplicates:literal, $forwarded:literal) => {
+        concat!(
+            "INSERT INTO gate_counters AS c (scope, duplicates, forwarded)
+SELECT * FROM UNNEST($",
+            $scopes,
+            "::text[], $",
+            $duplicates,
+            "::int8[], $",
+            $forwarded,
+            "::int8[]) ORDER BY 1
+ON CONFLICT (scope) DO UPDATE
+    SET duplicates = c.duplicates + EXCLUDED.duplicates,
+        forwarded = c.forwarded + EXCLUDED.forwarded,
+        updated_at = now()"
+        )
+    };
+}
+
 pub mod app_rows;
 pub mod delivery;
 pub mod gate;

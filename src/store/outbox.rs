@@ -8,34 +8,13 @@ use std::collections::BTreeMap;
 
 use sqlx::{PgConnection, PgExecutor};
 
-use super::gate::GateRow;
+use super::gate::{GateRow, Totals};
 use crate::model::headers::{self, Headers};
 
 /// Stream of live input: the input partition, `topic/partition`.
 pub const LIVE: &str = "";
 /// Stream prefix of `kdedup replay`: its rows are numbered apart from the live ones.
 pub const REPLAY: &str = "replay:";
-
-/// A gate transaction's additions to `gate_counters`, per scope in name order.
-#[derive(Debug, Default)]
-pub struct Totals<'a> {
-    pub scopes: Vec<&'a str>,
-    pub duplicates: Vec<i64>,
-    pub forwarded: Vec<i64>,
-}
-
-impl<'a> FromIterator<(&'a str, (i64, i64))> for Totals<'a> {
-    /// From `(scope, (duplicates, forwarded))` in scope order.
-    fn from_iter<I: IntoIterator<Item = (&'a str, (i64, i64))>>(iter: I) -> Self {
-        let mut t = Totals::default();
-        for (scope, (duplicates, forwarded)) in iter {
-            t.scopes.push(scope);
-            t.duplicates.push(duplicates);
-            t.forwarded.push(forwarded);
-        }
-        t
-    }
-}
 
 /// The Kafka sink's forwarding write, after the gate statement in its transaction (see
 /// [`super::gate::GateStatement::outboxed`]): the first sightings `rows` (each with its
@@ -124,7 +103,8 @@ pub async fn write_batches(
 // $1..$6: per stream (name order): name, event count, input topic and partition, where
 // its events start in the per-event arrays $7..$10, encoded payloads; $11..$13: the
 // counters to add per scope (name order).
-const WRITE_BATCHES: &str = "
+const WRITE_BATCHES: &str = concat!(
+    "
 WITH s AS (
     SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::int4[], $5::int4[], $6::bytea[])
         AS s(stream, n, source_topic, source_partition, start, payloads)
@@ -138,12 +118,9 @@ claimed AS (
 -- Not read by the main query: Postgres runs it to completion after it, so the counters'
 -- rows are locked last.
 counted AS (
-    INSERT INTO gate_counters AS g (scope, duplicates, forwarded)
-    SELECT * FROM UNNEST($11::text[], $12::int8[], $13::int8[]) ORDER BY 1
-    ON CONFLICT (scope) DO UPDATE
-        SET duplicates = g.duplicates + EXCLUDED.duplicates,
-            forwarded = g.forwarded + EXCLUDED.forwarded,
-            updated_at = now()
+",
+    counters_upsert!(11, 12, 13),
+    "
 )
 INSERT INTO relay_batches
     (slot, stream, first_seq, last_seq, source_topic, source_partition, scopes, event_ids,
@@ -156,7 +133,8 @@ SELECT (SELECT slot FROM relay_rotation), s.stream, c.last_seq - s.n + 1, c.last
        ($10::int8[])[s.start : s.start + s.n - 1],
        s.payloads
 FROM s JOIN claimed c ON c.stream = s.stream
-RETURNING stream, first_seq";
+RETURNING stream, first_seq",
+);
 
 /// Version byte of [`encode_payloads`]' format.
 const PAYLOADS_V1: u8 = 1;
