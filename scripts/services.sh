@@ -117,7 +117,17 @@ ensure_pg_tls() {
 
 stop_broker() {
   if [ -f "$TMP/tansu.pid" ]; then
-    kill "$(cat "$TMP/tansu.pid")" 2>/dev/null || true
+    local pid
+    pid="$(cat "$TMP/tansu.pid")"
+    kill "$pid" 2>/dev/null || true
+    # Until it is gone and its port is free: a `broker` right after must start a new one,
+    # not find the old one still listening.
+    for _ in $(seq 1 50); do
+      if ! kill -0 "$pid" 2>/dev/null && ! port_open "$BROKER_PORT"; then
+        break
+      fi
+      sleep 0.2
+    done
     rm -f "$TMP/tansu.pid"
   fi
 }

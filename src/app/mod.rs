@@ -285,7 +285,8 @@ async fn connect_postgres(
             }
         }
     }
-    let pool = store::pool(&cfg.db)?;
+    // Each gate lane holds a connection of its own (store::lane).
+    let pool = store::pool_beside_lanes(&cfg.db, cfg.consume.gate_lanes)?;
     let ready = match cfg.migrate_on_start {
         true => migrate(cfg, &pool, stop).await?,
         false => wait_for_migrations(cfg, &pool, health, stop).await,

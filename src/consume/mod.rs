@@ -30,6 +30,7 @@ use tracing::{error, info, warn};
 use crate::health::Health;
 use crate::kafka::{self, Consumer};
 use crate::settings::ConsumeSettings;
+use crate::store::lane::LaneConnection;
 use lanes::{lane_of, read_ahead_cost, Lane, Queued, ReadAhead};
 use settle::Gate;
 
@@ -73,6 +74,7 @@ impl Pipeline {
                 // Lanes never poll the consumer: the reader is its only poller.
                 gate: Gate {
                     keepalive: None,
+                    lane_connection: Some(Arc::new(LaneConnection::new(&self.gate.pool))),
                     ..self.gate.clone()
                 },
                 settings: self.settings.clone(),

@@ -467,9 +467,10 @@ type GateResultRow = (
 );
 
 /// Runs the gate for `part` in one transaction (with the statement that follows it, if
-/// any) and commits it. A failure of the following statement is [`DbError::Sink`].
-pub async fn gate(
-    pool: &PgPool,
+/// any) on `db` (a pool, or a connection of its own: [`super::lane`]) and commits it. A
+/// failure of the following statement is [`DbError::Sink`].
+pub async fn gate<'c>(
+    db: impl sqlx::Acquire<'c, Database = sqlx::Postgres>,
     statement: &GateStatement,
     part: GatePart<'_>,
     ttl: Duration,
@@ -522,7 +523,7 @@ pub async fn gate(
             values.push(r.value.as_deref());
         }
     }
-    let mut tx = pool.begin().await?;
+    let mut tx = db.begin().await?;
     let (owner, lease_secs) = match &statement.lease {
         Some((owner, lease)) => (Some(owner.as_str()), Some(lease.as_secs_f64())),
         None => (None, None),

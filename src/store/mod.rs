@@ -34,6 +34,7 @@ pub mod app_rows;
 pub mod delivery;
 pub mod gate;
 pub mod inspect;
+pub mod lane;
 pub mod lock;
 pub mod outbox;
 pub mod prune;
@@ -304,8 +305,20 @@ pub fn connect_options(cfg: &DbSettings) -> Result<PgConnectOptions, DbError> {
 /// A pool whose connections all use kdedup's schema. Connects lazily, so a database that is
 /// down at start is retried by the callers instead of failing the process.
 pub fn pool(cfg: &DbSettings) -> Result<PgPool, DbError> {
+    pool_of(cfg, cfg.max_connections)
+}
+
+/// The pool of `kdedup run`, whose gate lanes each hold one of `--db-max-connections`
+/// of their own ([`lane::LaneConnection`]): the rest, and at least one, for everything
+/// else.
+pub fn pool_beside_lanes(cfg: &DbSettings, lanes: usize) -> Result<PgPool, DbError> {
+    let lanes = u32::try_from(lanes).unwrap_or(u32::MAX);
+    pool_of(cfg, cfg.max_connections.saturating_sub(lanes).max(1))
+}
+
+fn pool_of(cfg: &DbSettings, size: u32) -> Result<PgPool, DbError> {
     Ok(PgPoolOptions::new()
-        .max_connections(cfg.max_connections)
+        .max_connections(size)
         .acquire_timeout(Duration::from_secs(5))
         .connect_lazy_with(connect_options(cfg)?))
 }

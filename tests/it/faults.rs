@@ -420,3 +420,55 @@ async fn a_blackholed_postgres_keeps_the_group_and_sigterm_still_exits_cleanly()
     drop(s2);
     drop_schema(&pg().await, &t.schema).await;
 }
+
+/// The backend pid of the lane connection's session, with the connection given back
+/// after the query (kept, or dropped after an error that may have broken it).
+async fn lane_session(lane: &kdedup::store::lane::LaneConnection) -> Option<i32> {
+    let mut lent = lane.lend().await.expect("lend");
+    let r: Result<i32, kdedup::store::DbError> = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(lent.conn())
+        .await
+        .map_err(Into::into);
+    lent.give_back(&r);
+    r.ok()
+}
+
+#[tokio::test]
+async fn a_gate_lane_connection_ended_by_the_server_is_replaced() {
+    use kdedup::store::lane::{LaneConnection, TEST_AFTER_IDLE};
+    let pool = pg().await;
+    let terminate = |pid: i32| {
+        let pool = pool.clone();
+        async move {
+            let done: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
+                .bind(pid)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            assert!(done, "session {pid} not terminated");
+        }
+    };
+    let lane = LaneConnection::new(&pool);
+    let first = lane_session(&lane).await.expect("first use");
+    assert_eq!(lane_session(&lane).await, Some(first), "kept between uses");
+
+    // Ended by the server (a failover, an administrator) while in use moments ago: the
+    // next use fails (and is retried by the gate), the one after it has a new session.
+    terminate(first).await;
+    assert_eq!(
+        lane_session(&lane).await,
+        None,
+        "the ended session fails once"
+    );
+    let second = lane_session(&lane).await.expect("a new session");
+    assert_ne!(second, first);
+
+    // Ended while idle for longer than TEST_AFTER_IDLE: tested before use, so the use
+    // itself does not fail.
+    terminate(second).await;
+    tokio::time::sleep(TEST_AFTER_IDLE + Duration::from_millis(300)).await;
+    let third = lane_session(&lane)
+        .await
+        .expect("tested and replaced before use");
+    assert_ne!(third, second);
+}

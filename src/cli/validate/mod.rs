@@ -455,7 +455,7 @@ impl RunArgs {
                 ConfigError::new(
                     "gate_lanes",
                     format!(
-                        "{} lanes need a connection each, but the pool holds {}",
+                        "{} lanes keep a connection each, but --db-max-connections allows {}",
                         self.gate_lanes, db.max_connections
                     ),
                     "raise --db-max-connections (KDEDUP_DB_MAX_CONNECTIONS) or lower --gate-lanes",

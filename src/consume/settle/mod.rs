@@ -33,6 +33,7 @@ use crate::retry::Backoff;
 use crate::settings::{GateSettings, RunSettings};
 use crate::sink::Sink;
 use crate::store::gate::{self, GateBatch, GateOutcome, GateRow, GateStatement, Pushed};
+use crate::store::lane::LaneConnection;
 use crate::store::{DbError, Refused};
 
 /// How a batch's events were settled.
@@ -78,6 +79,8 @@ pub struct Gate {
     pub settings: Arc<GateSettings>,
     pub dlq_topic: String,
     pub pool: PgPool,
+    /// A gate lane's own connection for its gate transactions (`None`: the pool's).
+    pub lane_connection: Option<Arc<LaneConnection>>,
     pub dlq: Producer,
     pub metrics: Metrics,
     pub sink: Arc<dyn Sink>,
@@ -126,6 +129,7 @@ impl Gate {
             settings: Arc::new(cfg.gate.clone()),
             dlq_topic: cfg.kafka.dlq_topic.clone(),
             pool,
+            lane_connection: None,
             dlq,
             metrics,
             statement: Arc::new(sink.statement()),
@@ -494,7 +498,18 @@ impl Gate {
         let timeout = self.settings.attempt_timeout;
         loop {
             let started = Instant::now();
-            let attempt = gate::gate(&self.pool, &self.statement, part, self.settings.ttl);
+            let attempt = async {
+                match &self.lane_connection {
+                    Some(own) => {
+                        let mut lent = own.lend().await?;
+                        let r =
+                            gate::gate(lent.conn(), &self.statement, part, self.settings.ttl).await;
+                        lent.give_back(&r);
+                        r
+                    }
+                    None => gate::gate(&self.pool, &self.statement, part, self.settings.ttl).await,
+                }
+            };
             // A timed-out attempt may still have committed (the answer to COMMIT was lost):
             // the retry then finds its rows at their own positions, counts them as
             // redeliveries and forwards nothing twice.
