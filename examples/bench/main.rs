@@ -1409,6 +1409,14 @@ FROM ids;
         side.stop();
         self.drop_schema(&schema).await;
 
+        if let Ok(dir) = std::env::var("KDEDUP_BENCH_LATENCY_DUMP") {
+            let path = format!("{dir}/latency-{input}.txt");
+            let text: String = samples
+                .iter()
+                .map(|(ts, read)| format!("{} {}\n", ts - start_ms, read - ts))
+                .collect();
+            std::fs::write(path, text)?;
+        }
         // The first second is warm-up (fetch sessions, first relay round).
         let mut lat: Vec<i64> = samples
             .iter()

@@ -85,19 +85,31 @@ impl Session<'_> {
         let mut stopping: Option<Instant> = None;
         let mut intake_open = true;
         loop {
-            // An acknowledgement moves its own stream on (and those waiting for room in
+            // Acknowledgements move their own streams on (and those waiting for room in
             // the producer); the others are pumped on the next hand-off or tick.
-            let mut only: Option<String> = None;
+            let mut only: Option<Vec<String>> = None;
             tokio::select! {
                 h = intake.recv(), if intake_open => match h {
                     Some(h) => self.take(h),
                     None => intake_open = false,
                 },
-                Some((stream, seq, result)) = self.acks.next(), if !self.acks.is_empty() => {
-                    if let Err(e) = self.settle(&stream, seq, result).await {
-                        return Exit::ConnectionLost(e);
+                Some(first) = self.acks.next(), if !self.acks.is_empty() => {
+                    // They come a produce request at a time: the others already in are
+                    // recorded too, and each of their streams advances once, so that one
+                    // pass of this loop serves a request rather than a message.
+                    let mut acked: Vec<String> = Vec::new();
+                    let mut next = Some(first);
+                    while let Some((stream, seq, result)) = next {
+                        self.record(&stream, seq, result);
+                        if !acked.contains(&stream) {
+                            acked.push(stream);
+                        }
+                        next = self.acks.next().now_or_never().flatten();
                     }
-                    only = Some(stream);
+                    for stream in &acked {
+                        self.advance(stream).await;
+                    }
+                    only = Some(acked);
                 }
                 _ = tick.tick() => {}
                 _ = stop.cancelled(), if stopping.is_none() => stopping = Some(Instant::now()),
@@ -183,13 +195,13 @@ impl Session<'_> {
     }
 
     /// Takes streams, reads back, and sends what is queued.
-    async fn pump(&mut self, stopping: bool, only: Option<String>) -> Result<(), sqlx::Error> {
-        // After an acknowledgement: its stream, and the streams with rows queued (the
+    async fn pump(&mut self, stopping: bool, only: Option<Vec<String>>) -> Result<(), sqlx::Error> {
+        // After acknowledgements: their streams, and the streams with rows queued (the
         // producer's queue has room again); otherwise every stream.
         let names: Vec<String> = self
             .streams
             .values()
-            .filter(|s| only.as_ref().map_or(true, |o| *o == s.name) || !s.queue.is_empty())
+            .filter(|s| only.as_ref().map_or(true, |o| o.contains(&s.name)) || !s.queue.is_empty())
             .map(|s| s.name.clone())
             .collect();
         for name in names {
@@ -452,14 +464,11 @@ impl Session<'_> {
     }
 
     /// A send settled: the stream's unbroken acknowledged run moves on.
-    async fn settle(
-        &mut self,
-        stream: &str,
-        seq: i64,
-        result: Result<(i32, i64), KafkaError>,
-    ) -> Result<(), sqlx::Error> {
+    /// Records the broker's answer to one send; [`Session::advance`] then moves the
+    /// stream on.
+    fn record(&mut self, stream: &str, seq: i64, result: Result<(i32, i64), KafkaError>) {
         let Some(s) = self.streams.get_mut(stream) else {
-            return Ok(());
+            return;
         };
         if let Some(front) = s.in_flight.front() {
             let i = (seq - front.seq) as usize;
@@ -467,13 +476,16 @@ impl Session<'_> {
                 f.result = Some(result);
             }
         }
-        self.advance(stream).await;
-        Ok(())
     }
 
     /// Moves `published_seq` over the settled front of the stream's sends.
     async fn advance(&mut self, stream: &str) {
         let now = chrono::Utc::now();
+        let commit_to_ack = self
+            .relay
+            .metrics
+            .latency
+            .with_label_values(&["commit_to_ack"]);
         loop {
             let Some(s) = self.streams.get_mut(stream) else {
                 return;
@@ -502,11 +514,7 @@ impl Session<'_> {
                         self.relay.metrics.events_forwarded.inc();
                         let secs =
                             (now - row.committed_at).num_milliseconds().max(0) as f64 / 1000.0;
-                        self.relay
-                            .metrics
-                            .latency
-                            .with_label_values(&["commit_to_ack"])
-                            .observe(secs);
+                        commit_to_ack.observe(secs);
                         pending_event!(Level::DEBUG, stream, row, "forwarded");
                     }
                 }
