@@ -137,6 +137,9 @@ pub(super) struct Collecting {
     deadline: Option<tokio::time::Instant>,
 }
 
+/// The most messages a batch makes room for at its first message; past that it grows.
+const MAX_BATCH_RESERVE: usize = 4096;
+
 /// Batches a pipelined lane has in hand at once: one being delivered, the next being
 /// gated (and delivered as far as its keys allow).
 const PIPELINE_DEPTH: usize = 2;
@@ -270,6 +273,11 @@ impl Lane {
             };
             let Some((read_at, msg)) = next else { break };
             c.bytes += msg.size();
+            if c.batch.is_empty() {
+                // Room for a full batch at once rather than growing (and copying) it ten
+                // times on the way to --batch-size.
+                c.batch.reserve(cfg.batch_size.min(MAX_BATCH_RESERVE));
+            }
             c.batch.push(msg);
             // From when the reader queued it, not from when this lane took it: a message
             // that waited while the lane gated the batch before it has used its linger up,
