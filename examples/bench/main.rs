@@ -59,7 +59,8 @@ const VALUE_BYTES: usize = 256;
 /// The dedup scope of every kdedup run and prefill (so prefilled rows share its key space).
 const SCOPE: &str = "bench";
 /// Default kdedup tuning for the bench (see bench/README.md, "Tuning"). All but the fetch
-/// wait are kdedup's own defaults, set explicitly so that a change of default is visible.
+/// wait and the read-ahead are kdedup's own defaults, set explicitly so that a change of
+/// default is visible; those two make up for the test broker (tansu).
 const TUNING: &[(&str, &str)] = &[
     ("KDEDUP_BATCH_SIZE", "1000"),
     ("KDEDUP_GATE_LANES", "2"),
@@ -70,6 +71,11 @@ const TUNING: &[(&str, &str)] = &[
     // waiting (Apache Kafka answers as soon as fetch.min.bytes are there), so the default
     // 500 ms is added to every hop of a live stream.
     ("KDEDUP_KAFKA_FETCH_WAIT_MAX_MS", "20"),
+    // tansu fills a fetch response with one partition's backlog, 20,000-40,000 of the
+    // bench's messages (10-20 MiB) per partition, where Apache Kafka stops at
+    // max.partition.fetch.bytes (1 MiB): the default 8 MiB read-ahead then fills with one
+    // lane's partition while the other lane waits (bench/README.md, "The read-ahead").
+    ("KDEDUP_READ_AHEAD_BYTES", "33554432"),
     // kdedup's default (librdkafka's own is 64 MiB): 16 MiB, one full batch at the
     // default --batch-max-bytes, is plenty ahead of a gate that takes ~1000 events per
     // transaction, and keeps the sidecar's memory bounded.
