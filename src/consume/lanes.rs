@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::settle::{Abandoned, Gate};
+use super::settle::{Abandoned, Gate, Prepared};
 use crate::crash;
 use crate::kafka::Consumer;
 use crate::model::InputMessage;
@@ -144,6 +144,13 @@ const MAX_BATCH_RESERVE: usize = 4096;
 /// gated (and delivered as far as its keys allow).
 const PIPELINE_DEPTH: usize = 2;
 
+/// A batch collected and prepared, not yet gated.
+struct Ready {
+    prepared: Prepared,
+    next: BTreeMap<(String, i32), i64>,
+    cost: usize,
+}
+
 /// A batch a pipelined lane settles in a task of its own, with what storing its offsets
 /// needs.
 struct InHand {
@@ -235,25 +242,67 @@ impl Lane {
         }
     }
 
+    /// A sink whose write is in the gate transaction: batch after batch, each settled and
+    /// its offsets stored before the next is gated. The next batch is collected and
+    /// prepared ([`Gate::prepare`]: ids, payload hashes) while the one before is in its
+    /// transaction, so the connection waits for nothing but the lane's own work in it.
     async fn run_one_at_a_time(mut self, stop: CancellationToken) {
+        let mut ready: Option<Ready> = None;
+        let mut reader_done = false;
         loop {
-            let batch = tokio::select! {
-                biased;
-                _ = stop.cancelled() => break,
-                batch = self.collect_batch() => batch,
-            };
-            if batch.is_empty() {
-                break; // the reader has stopped
+            if stop.is_cancelled() {
+                // A batch prepared but not gated is redelivered, as what is still queued.
+                break;
             }
-            let next = next_offsets(&batch);
-            let cost: usize = batch.iter().map(read_ahead_cost).sum();
-            self.gate.metrics.batch_size.observe(batch.len() as f64);
-            if let Err(Abandoned) = self.gate.settle(batch, &stop).await {
+            let current = match ready.take() {
+                Some(r) => r,
+                None if reader_done => break,
+                None => {
+                    let batch = tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => break,
+                        batch = self.collect_batch() => batch,
+                    };
+                    if batch.is_empty() {
+                        break; // the reader has stopped
+                    }
+                    self.ready(batch)
+                }
+            };
+            let gate = self.gate.clone();
+            let settled = gate.settle_prepared(current.prepared, &stop);
+            tokio::pin!(settled);
+            let result = loop {
+                tokio::select! {
+                    biased;
+                    r = &mut settled => break r,
+                    batch = self.collect_batch(), if ready.is_none() && !reader_done => {
+                        match batch.is_empty() {
+                            true => reader_done = true,
+                            false => ready = Some(self.ready(batch)),
+                        }
+                    }
+                }
+            };
+            if let Err(Abandoned) = result {
                 info!("stop requested; unfinished batch abandoned, it will be redelivered");
                 break;
             }
-            self.batch_durable(next).await;
-            self.read_ahead.give_back(cost);
+            self.batch_durable(current.next).await;
+            self.read_ahead.give_back(current.cost);
+        }
+    }
+
+    /// A collected batch made ready for the gate, with what storing its offsets and
+    /// giving its read-ahead back need.
+    fn ready(&self, batch: Vec<InputMessage>) -> Ready {
+        let next = next_offsets(&batch);
+        let cost: usize = batch.iter().map(read_ahead_cost).sum();
+        self.gate.metrics.batch_size.observe(batch.len() as f64);
+        Ready {
+            prepared: self.gate.prepare(batch),
+            next,
+            cost,
         }
     }
 

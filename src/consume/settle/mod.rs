@@ -4,7 +4,7 @@
 //! Contract:
 //! - Every message of a batch ends in exactly one of: forwarded (gate row + the sink's
 //!   forwarding write committed), duplicate (gate row already there), dead-lettered
-//!   (acknowledged by the broker on the DLQ topic). [`Gate::settle`] returns only once all
+//!   (acknowledged by the broker on the DLQ topic). [`Gate::settle_prepared`] returns only once all
 //!   three are durable; the caller stores offsets after that.
 //! - A Postgres or DLQ failure retries the same batch with capped, jittered backoff. On
 //!   shutdown an unfinished batch is abandoned ([`Abandoned`]): its offsets were never
@@ -50,6 +50,13 @@ pub struct BatchSummary {
     pub delivery_failed: usize,
     /// Same id as an earlier event, different payload (dead-lettered too with `dlq`).
     pub mismatched: usize,
+}
+
+/// A batch identified for the gate ([`Gate::prepare`]), not yet gated.
+pub struct Prepared {
+    candidates: GateBatch,
+    rejected: Vec<(InputMessage, Rejection)>,
+    summary: BatchSummary,
 }
 
 /// Where duplicates come from, for `kdedup_duplicates_total{cause}`.
@@ -140,17 +147,7 @@ impl Gate {
         }
     }
 
-    /// Settles every message of `batch` durably (see the module contract), retrying on
-    /// failure until it succeeds or `stop` fires.
-    pub async fn settle(
-        &self,
-        batch: Vec<InputMessage>,
-        stop: &CancellationToken,
-    ) -> Result<BatchSummary, Abandoned> {
-        self.settle_inner(batch, stop, true, None).await
-    }
-
-    /// [`Gate::settle`] for a lane that settles its next batch while this one is still
+    /// [`Gate::settle_prepared`] for a lane that settles its next batch while this one is still
     /// being delivered (a pipelined sink, see [`Sink::pipelined`]): `delivering` is sent
     /// (or dropped) once this batch's deliveries are registered with the sink, so that
     /// the next batch's, registered after them, keep their keys' input order.
@@ -163,7 +160,7 @@ impl Gate {
         self.settle_inner(batch, stop, true, Some(delivering)).await
     }
 
-    /// Like [`Gate::settle`], but messages without a usable id are only counted and logged
+    /// Like [`Gate::settle_prepared`], but messages without a usable id are only counted and logged
     /// (in `dead_lettered`), not produced: replay uses it so that re-reading the
     /// dead-letter topic never writes into it again.
     pub async fn settle_without_dead_letters(
@@ -174,6 +171,30 @@ impl Gate {
         self.settle_inner(batch, stop, false, None).await
     }
 
+    /// Identifies a batch's messages for the gate (ids, payload hashes, in-batch
+    /// repeats): work without Postgres that a lane does for its next batch while the gate
+    /// transaction of the one before runs ([`Gate::settle_prepared`]).
+    pub fn prepare(&self, batch: Vec<InputMessage>) -> Prepared {
+        let mut summary = BatchSummary::default();
+        let (candidates, rejected) = self.candidates(batch, &mut summary);
+        Prepared {
+            candidates,
+            rejected,
+            summary,
+        }
+    }
+
+    /// Settles every message of a batch [`Gate::prepare`]d before durably (see the module
+    /// contract), retrying on failure until it succeeds or `stop` fires.
+    pub async fn settle_prepared(
+        &self,
+        prepared: Prepared,
+        stop: &CancellationToken,
+    ) -> Result<BatchSummary, Abandoned> {
+        self.settle_from(prepared, Instant::now(), stop, true, None)
+            .await
+    }
+
     async fn settle_inner(
         &self,
         batch: Vec<InputMessage>,
@@ -182,8 +203,26 @@ impl Gate {
         delivering: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Result<BatchSummary, Abandoned> {
         let started = Instant::now();
-        let mut summary = BatchSummary::default();
-        let (candidates, rejected) = self.candidates(batch, &mut summary);
+        let prepared = self.prepare(batch);
+        self.settle_from(prepared, started, stop, produce_dead_letters, delivering)
+            .await
+    }
+
+    /// `started`: when the batch's settling began, for `kdedup_batch_duration_seconds`
+    /// (a lane's preparation that overlapped the batch before is not counted twice).
+    async fn settle_from(
+        &self,
+        prepared: Prepared,
+        started: Instant,
+        stop: &CancellationToken,
+        produce_dead_letters: bool,
+        delivering: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> Result<BatchSummary, Abandoned> {
+        let Prepared {
+            candidates,
+            rejected,
+            mut summary,
+        } = prepared;
 
         // Dead letters first: they are durable once acknowledged, and a retry of the gate
         // below must not send them twice.
