@@ -6,6 +6,7 @@
 //! statement), [`delivery`] (the HTTP sink's status gate after the gate: final statuses,
 //! leases), [`outbox`] (the Kafka sink's outbox), [`prune`], [`stats`] (gauges),
 //! [`inspect`] (`kdedup inspect` / `kdedup stats`), and [`lock`] (one active relay or pruner per schema).
+//! [`lane`] is the connection each gate lane keeps for its transactions.
 
 /// The `gate_counters` upsert from a gate transaction's totals bound as three arrays at
 /// the given parameter numbers: scopes (in name order, so concurrent upserts lock their

@@ -4,8 +4,8 @@
 //! Contract:
 //! - Every message of a batch ends in exactly one of: forwarded (gate row + the sink's
 //!   forwarding write committed), duplicate (gate row already there), dead-lettered
-//!   (acknowledged by the broker on the DLQ topic). [`Gate::settle_prepared`] returns only once all
-//!   three are durable; the caller stores offsets after that.
+//!   (acknowledged by the broker on the DLQ topic). [`Gate::settle_prepared`] returns
+//!   only once all three are durable; the caller stores offsets after that.
 //! - A Postgres or DLQ failure retries the same batch with capped, jittered backoff. On
 //!   shutdown an unfinished batch is abandoned ([`Abandoned`]): its offsets were never
 //!   stored, so it is redelivered and the gate absorbs whatever part of it did commit.
@@ -147,7 +147,7 @@ impl Gate {
         }
     }
 
-    /// [`Gate::settle_prepared`] for a lane that settles its next batch while this one is still
+    /// Settles a batch, for a lane that settles its next batch while this one is still
     /// being delivered (a pipelined sink, see [`Sink::pipelined`]): `delivering` is sent
     /// (or dropped) once this batch's deliveries are registered with the sink, so that
     /// the next batch's, registered after them, keep their keys' input order.
@@ -160,9 +160,9 @@ impl Gate {
         self.settle_inner(batch, stop, true, Some(delivering)).await
     }
 
-    /// Like [`Gate::settle_prepared`], but messages without a usable id are only counted and logged
-    /// (in `dead_lettered`), not produced: replay uses it so that re-reading the
-    /// dead-letter topic never writes into it again.
+    /// Settles a batch as [`Gate::settle_prepared`] does, but messages without a usable id
+    /// are only counted and logged (in `dead_lettered`), not produced: replay uses it so
+    /// that re-reading the dead-letter topic never writes into it again.
     pub async fn settle_without_dead_letters(
         &self,
         batch: Vec<InputMessage>,
