@@ -69,7 +69,8 @@ pub struct DbArgs {
     #[arg(long, env = "KDEDUP_DB_SCHEMA", default_value = "kdedup")]
     pub db_schema: String,
 
-    /// Size of the Postgres connection pool.
+    /// Postgres connections besides the relay's and the pruner's: in `kdedup run` each
+    /// gate lane keeps one for its transactions and the rest (at least one) are a pool.
     #[arg(long, env = "KDEDUP_DB_MAX_CONNECTIONS", default_value_t = 4)]
     pub db_max_connections: u32,
 }
@@ -179,8 +180,9 @@ pub struct RunArgs {
 
     /// Most bytes of messages read ahead of the gate lanes (key, value, headers and about
     /// 150 bytes of bookkeeping each).
-    /// Lets the lanes work while librdkafka delivers a long run of one partition; the
-    /// memory it takes comes on top of librdkafka's prefetch queue.
+    /// Lets the lanes work while librdkafka delivers a long run of one partition (Apache
+    /// Kafka: at most max.partition.fetch.bytes, 1 MiB); the memory it takes comes on top
+    /// of librdkafka's prefetch queue.
     #[arg(long, env = "KDEDUP_READ_AHEAD_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub read_ahead_bytes: usize,
 
