@@ -463,7 +463,6 @@ impl Session<'_> {
         }
     }
 
-    /// A send settled: the stream's unbroken acknowledged run moves on.
     /// Records the broker's answer to one send; [`Session::advance`] then moves the
     /// stream on.
     fn record(&mut self, stream: &str, seq: i64, result: Result<(i32, i64), KafkaError>) {
