@@ -15,6 +15,7 @@ both rates and their ratio per round. Uses the services of `make test`
 (KDEDUP_TEST_BROKERS, KDEDUP_TEST_DATABASE_URL) and drops its schemas afterwards.
 """
 import argparse
+import json
 import os
 import pathlib
 import subprocess
@@ -126,6 +127,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--n", type=int, default=200_000)
+    ap.add_argument("--json", action="store_true",
+                    help="print each round as one JSON object per line (for the bench)")
     args = ap.parse_args()
     if not KDEDUP.exists():
         sys.exit(f"{KDEDUP} is missing: cargo build --release --locked --bin kdedup")
@@ -134,9 +137,13 @@ def main():
     for r in range(args.rounds):
         one, s1 = run(1, args.n, logs)
         two, s2 = run(2, args.n, logs)
-        print(f"round {r + 1}: one replica {one:.0f} events/s (streams {s1}), "
-              f"two replicas {two:.0f} events/s (streams {s2}): two / one = {two / one:.2f}",
-              flush=True)
+        if args.json:
+            print(json.dumps({"one": one, "two": two, "streams_one": s1, "streams_two": s2}),
+                  flush=True)
+        else:
+            print(f"round {r + 1}: one replica {one:.0f} events/s (streams {s1}), "
+                  f"two replicas {two:.0f} events/s (streams {s2}): two / one = {two / one:.2f}",
+                  flush=True)
 
 
 if __name__ == "__main__":

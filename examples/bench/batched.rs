@@ -47,7 +47,7 @@ pub(super) struct BatchedRun {
 
 /// The Python the bench runs the script with: the one on PATH, which
 /// scripts/bench-python.sh installs the client libraries into.
-fn python() -> &'static str {
+pub(super) fn python() -> &'static str {
     "python3"
 }
 

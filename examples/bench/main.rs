@@ -50,6 +50,7 @@ use sqlx::PgPool;
 mod batched;
 mod httpsink;
 mod pgsink;
+mod relays;
 mod shapes;
 
 /// Input partitions of every bench topic.
@@ -93,7 +94,7 @@ struct Args {
     sweep: bool,
     #[arg(long)]
     no_sweep: bool,
-    /// Run only these scenarios (comma-separated): ldb,lkafka,sweep,e2e,batched,pgsink,httpsink,naive,prefill,prune,latency,shapes,keys.
+    /// Run only these scenarios (comma-separated): ldb,lkafka,sweep,e2e,batched,pgsink,httpsink,naive,prefill,prune,latency,relays,shapes,keys.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Messages per end-to-end run (default: 20000 quick, 300000 full).
@@ -494,6 +495,22 @@ impl Bench {
                     l.p50_ms, l.p99_ms
                 );
                 report.latency.push((label, l));
+            }
+        }
+        if self.wants("relays") && !self.args.quick {
+            let (rounds, n) = (2, 200_000);
+            step(&format!(
+                "two relays against one: {rounds} rounds of {n} events (bench/relays.py)"
+            ));
+            report.relays = self.relays(rounds, n)?;
+            report.relays_n = n;
+            for r in &report.relays {
+                println!(
+                    "    one replica {:.0} events/s, two {:.0}: {:.2}x",
+                    r.one,
+                    r.two,
+                    r.two / r.one
+                );
             }
         }
         if self.wants("ldb") && !self.args.quick {
@@ -2161,6 +2178,9 @@ struct Report {
     keys: Vec<KeyRun>,
     /// The HTTP sink scenario.
     http: httpsink::HttpReport,
+    /// Two relays against one, per round, and the events of each run.
+    relays: Vec<relays::RelayRound>,
+    relays_n: usize,
     notes: Vec<String>,
     total_seconds: f64,
 }
@@ -2332,6 +2352,8 @@ impl Report {
             shapes: Vec::new(),
             keys: Vec::new(),
             http: Default::default(),
+            relays: Vec::new(),
+            relays_n: 0,
             notes: Vec::new(),
             total_seconds: 0.0,
         })
@@ -2838,6 +2860,8 @@ impl Report {
                 );
             }
         }
+
+        self.render_relays(&mut s);
 
         if !self.sweep.is_empty() {
             let _ = writeln!(s, "\n## Tuning sweep (0% duplicates, same input topic)\n");
