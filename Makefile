@@ -39,7 +39,8 @@ image:
 
 ## Benchmark (bench/README.md): kdedup vs its Postgres and Kafka ceilings, a naive
 ## consumer and a hand-written batched one (Python: scripts/bench-python.sh installs its
-## client libraries), on the local services; writes bench/RESULTS.md. Takes 12-20 minutes.
+## client libraries), two replicas against one, on the local services; writes
+## bench/RESULTS.md. Takes 12-20 minutes.
 .PHONY: bench bench-quick
 bench: services
 	scripts/bench-python.sh
