@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """One kdedup replica against two in one consumer group, Kafka sink: does a second
-replica add relay (and gate) capacity? Run by hand, after `make bench-quick` has built
-the release binary (bench/README.md, "Two relays against one"):
+replica add relay (and gate) capacity? `make bench` runs it (two rounds, `--json`); by
+hand, after `make bench-quick` has built the release binary (bench/README.md, "Two relays
+against one"):
 
     python3 bench/relays.py [--rounds 2] [--n 200000]
 
