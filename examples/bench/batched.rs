@@ -106,14 +106,7 @@ impl Bench {
             .output()
             .with_context(|| format!("run {SCRIPT}"))?;
         self.drop_schema(&schema).await;
-        let text = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() {
-            bail!(
-                "{SCRIPT} failed ({}): {text} (see {})",
-                out.status,
-                log.display()
-            );
-        }
+        let text = super::stdout_of(SCRIPT, &out, &log)?;
         let v: serde_json::Value = serde_json::from_str(text.trim())
             .with_context(|| format!("{SCRIPT} printed {text:?}"))?;
         let num = |k: &str| v[k].as_f64().unwrap_or(0.0);

@@ -1226,14 +1226,7 @@ FROM ids;
             .output()
             .context("run naive_consumer")?;
         self.drop_schema(&schema).await;
-        let text = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() {
-            bail!(
-                "naive_consumer failed ({}): {text} (see {})",
-                out.status,
-                log.display()
-            );
-        }
+        let text = stdout_of("naive_consumer", &out, &log)?;
         let v: serde_json::Value = serde_json::from_str(text.trim())
             .with_context(|| format!("naive_consumer printed {text:?}"))?;
         Ok(NaiveRun {
@@ -1474,6 +1467,20 @@ FROM ids;
             cpu,
         })
     }
+}
+
+/// The standard output of a helper program the bench ran (`what`), once it exited 0; its
+/// standard error went to `log`.
+fn stdout_of(what: &str, out: &std::process::Output, log: &Path) -> anyhow::Result<String> {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {text} (see {})",
+            out.status,
+            log.display()
+        );
+    }
+    Ok(text)
 }
 
 fn step(what: &str) {

@@ -6,7 +6,7 @@
 
 use std::process::{Command, Stdio};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 
 const SCRIPT: &str = "bench/relays.py";
 
@@ -37,15 +37,8 @@ impl super::Bench {
             .stderr(Stdio::from(std::fs::File::create(&log)?))
             .output()
             .with_context(|| format!("run {SCRIPT}"))?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() {
-            bail!(
-                "{SCRIPT} failed ({}): {text} (see {})",
-                out.status,
-                log.display()
-            );
-        }
-        text.lines()
+        super::stdout_of(SCRIPT, &out, &log)?
+            .lines()
             .filter(|l| !l.trim().is_empty())
             .map(|l| serde_json::from_str(l).with_context(|| format!("{SCRIPT} printed {l:?}")))
             .collect()
