@@ -42,6 +42,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use sqlx::postgres::PgPoolOptions;
@@ -477,25 +478,7 @@ impl Bench {
                 .or(self.args.latency_rate.map(|r| r * 2.0))
                 .unwrap_or(10_000.0);
             let rate = (max / 2.0).round();
-            let default_wait = [("KDEDUP_KAFKA_FETCH_WAIT_MAX_MS".to_string(), String::new())];
-            for (label, extra) in [
-                ("bench tuning (fetch.wait.max.ms=20)", &[][..]),
-                (
-                    "librdkafka's default fetch.wait.max.ms=500",
-                    &default_wait[..],
-                ),
-            ] {
-                step(&format!(
-                    "latency at a paced {rate:.0} events/s for {}s, {label}",
-                    self.sizes.latency_seconds
-                ));
-                let l = self.latency(rate, extra).await?;
-                println!(
-                    "    p50 {:.1} ms, p99 {:.1} ms (output read by a live consumer)",
-                    l.p50_ms, l.p99_ms
-                );
-                report.latency.push((label, l));
-            }
+            self.latency_runs(report, rate).await?;
         }
         if self.wants("relays") && !self.args.quick {
             let (rounds, n) = (2, 200_000);
@@ -1352,14 +1335,204 @@ FROM ids;
 
     // ---------------------------------------------------------------- latency
 
+    /// The latency rows at a paced `rate`: on the test broker with the bench's fetch wait
+    /// and with librdkafka's default, and on librdkafka's mock cluster, each with
+    /// Postgres's `max_wal_size` sized for the run; then, where that sizing changed
+    /// anything, once more on the test broker with `max_wal_size` as the server had it.
+    async fn latency_runs(&mut self, report: &mut Report, rate: f64) -> anyhow::Result<()> {
+        let default_wait = [("KDEDUP_KAFKA_FETCH_WAIT_MAX_MS".to_string(), String::new())];
+        let found = self.size_wal_for(rate * self.sizes.latency_seconds).await;
+        let row = |label: &str, extra: &[(String, String)], broker, wal_sized| LatencyRow {
+            label: label.to_string(),
+            extra: extra.to_vec(),
+            broker,
+            wal_sized,
+        };
+        let mut rows = vec![
+            row(LATENCY_TEST, &[], LatencyBroker::Test, true),
+            row(
+                "librdkafka's default fetch.wait.max.ms=500",
+                &default_wait,
+                LatencyBroker::Test,
+                true,
+            ),
+            row(LATENCY_MOCK, &[], LatencyBroker::Mock, true),
+        ];
+        if let Some(wal) = &found {
+            rows.push(row(
+                &format!(
+                    "bench tuning, Postgres's max_wal_size left at {}",
+                    wal.setting
+                ),
+                &[],
+                LatencyBroker::Test,
+                false,
+            ));
+        }
+        let mut result = Ok(());
+        for LatencyRow {
+            label,
+            extra,
+            broker,
+            wal_sized,
+        } in rows
+        {
+            if !wal_sized {
+                if let Some(wal) = &found {
+                    self.restore_wal(wal).await;
+                }
+            }
+            step(&format!(
+                "latency at a paced {rate:.0} events/s for {}s, {label}",
+                self.sizes.latency_seconds
+            ));
+            match self.latency(rate, &extra, broker).await {
+                Ok(l) => {
+                    println!(
+                        "    p50 {:.1} ms, p99 {:.1} ms (output read by a live consumer)",
+                        l.p50_ms, l.p99_ms
+                    );
+                    report.latency.push((label, l));
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if let Some(wal) = &found {
+            self.restore_wal(wal).await;
+        }
+        report.latency_wal = found.map(|w| w.raised_to);
+        result
+    }
+
+    /// Raises Postgres's `max_wal_size` (`ALTER SYSTEM`, a reload) so that a run of
+    /// `events` events cannot request a checkpoint by WAL volume: deploy/POSTGRES.md says to
+    /// size it for the event rate, and a checkpoint in the middle of a 2-core run takes
+    /// the gate below the input rate. Sized at 4 KiB of WAL per event, about five times what
+    /// the Kafka sink writes. `None` when the setting is large enough already, or cannot be
+    /// changed (the runs then go on as the server is).
+    async fn size_wal_for(&self, events: f64) -> Option<WalSetting> {
+        const GIB: f64 = (1u64 << 30) as f64;
+        let needed_gib = (events * 4096.0 / GIB).ceil().max(1.0) as i64;
+        let row: Option<(String, i64, Option<String>)> = sqlx::query_as(
+            "SELECT current_setting('max_wal_size'), pg_size_bytes(current_setting('max_wal_size')), \
+                    (SELECT sourcefile FROM pg_settings WHERE name = 'max_wal_size')",
+        )
+        .fetch_optional(&self.pg)
+        .await
+        .ok()
+        .flatten();
+        let (setting, bytes, sourcefile) = row?;
+        if bytes as f64 >= needed_gib as f64 * GIB {
+            return None;
+        }
+        let raised_to = format!("{needed_gib}GB");
+        let wal = WalSetting {
+            setting,
+            // Set by an earlier ALTER SYSTEM: put that value back, not the file's.
+            by_alter_system: sourcefile.is_some_and(|f| f.ends_with("postgresql.auto.conf")),
+            raised_to,
+        };
+        match self
+            .set_wal(
+                &format!("ALTER SYSTEM SET max_wal_size = '{}'", wal.raised_to),
+                &wal.raised_to,
+            )
+            .await
+        {
+            Ok(()) => Some(wal),
+            Err(e) => {
+                println!("    (max_wal_size stays at {}: {e:#})", wal.setting);
+                None
+            }
+        }
+    }
+
+    /// Puts `max_wal_size` back as [`Self::size_wal_for`] found it.
+    async fn restore_wal(&self, wal: &WalSetting) {
+        let statement = match wal.by_alter_system {
+            true => format!("ALTER SYSTEM SET max_wal_size = '{}'", wal.setting),
+            false => "ALTER SYSTEM RESET max_wal_size".to_string(),
+        };
+        if let Err(e) = self.set_wal(&statement, &wal.setting).await {
+            println!(
+                "    WARNING: could not put max_wal_size back to {} ({e:#}); run `{statement}` and `SELECT pg_reload_conf()`",
+                wal.setting
+            );
+        }
+    }
+
+    /// Runs an `ALTER SYSTEM` for `max_wal_size`, reloads, and waits until the server
+    /// reports `expect`.
+    async fn set_wal(&self, statement: &str, expect: &str) -> anyhow::Result<()> {
+        sqlx::query(statement).execute(&self.pg).await?;
+        sqlx::query("SELECT pg_reload_conf()")
+            .execute(&self.pg)
+            .await?;
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now: String = sqlx::query_scalar("SELECT current_setting('max_wal_size')")
+                .fetch_one(&self.pg)
+                .await?;
+            if now == expect {
+                return Ok(());
+            }
+            if Instant::now() > until {
+                bail!("the server still reports max_wal_size = {now} after the reload");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Produces at a paced `rate` into a fresh topic while kdedup runs; a live consumer of
     /// the output topic records (time read) - (input timestamp) for every message.
-    async fn latency(&mut self, rate: f64, extra: &[(String, String)]) -> anyhow::Result<Latency> {
+    ///
+    /// `broker`: the test broker, or librdkafka's mock cluster, hosted in this process for
+    /// the run. The mock answers a fetch at once when it holds data for it, as Apache Kafka
+    /// does; the test broker (tansu) holds every fetch for its full `fetch.wait.max.ms`.
+    async fn latency(
+        &mut self,
+        rate: f64,
+        extra: &[(String, String)],
+        broker: LatencyBroker,
+    ) -> anyhow::Result<Latency> {
         let input = self.name(&format!("lat{}", rand::rng().random::<u16>()));
-        self.create_topic(&input, PARTITIONS).await?;
+        let mut extra = extra.to_vec();
+        let cluster = match broker {
+            LatencyBroker::Test => {
+                self.create_topic(&input, PARTITIONS).await?;
+                None
+            }
+            LatencyBroker::Mock => {
+                let cluster =
+                    MockCluster::new(1).context("cannot start librdkafka's mock cluster")?;
+                // The mock cluster does not serve CreateTopics: every topic is made here.
+                let (out, dlq) = (format!("{input}.out"), format!("{input}.dlq"));
+                for t in [&input, &out, &dlq] {
+                    cluster.create_topic(t, PARTITIONS, 1)?;
+                }
+                extra.extend([
+                    ("KDEDUP_BROKERS".to_string(), cluster.bootstrap_servers()),
+                    ("KDEDUP_OUTPUT_TOPIC".to_string(), out),
+                    ("KDEDUP_DLQ_TOPIC".to_string(), dlq),
+                    ("KDEDUP_CREATE_TOPICS".to_string(), "false".to_string()),
+                ]);
+                Some(cluster)
+            }
+        };
+        let brokers = cluster
+            .as_ref()
+            .map_or_else(|| self.brokers.clone(), |c| c.bootstrap_servers());
         let schema = input.clone();
         self.checkpoint().await;
-        let mut side = self.start_sidecar("lat", &input, &schema, extra)?;
+        let topics_before = self.topics.len();
+        let mut side = self.start_sidecar("lat", &input, &schema, &extra)?;
+        if cluster.is_some() {
+            // They live in the mock cluster, not on the test broker.
+            self.topics.truncate(topics_before);
+        }
         let ready_by = Instant::now() + Duration::from_secs(60);
         while !side.ready() {
             if Instant::now() > ready_by {
@@ -1372,15 +1545,16 @@ FROM ids;
         let seconds = self.sizes.latency_seconds;
         let total = (rate * seconds) as usize;
         let output = side.output_topic.clone();
-        let brokers = self.brokers.clone();
+        let reader_brokers = brokers.clone();
         let group = format!("{input}-reader");
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let reader =
-            std::thread::spawn(move || read_latencies(&brokers, &group, &output, total, ready_tx));
+        let reader = std::thread::spawn(move || {
+            read_latencies(&reader_brokers, &group, &output, total, ready_tx)
+        });
         let _ = ready_rx.recv_timeout(Duration::from_secs(20));
 
         let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
+            .set("bootstrap.servers", &brokers)
             .set("linger.ms", "5")
             .create()?;
         let cpu0 = CpuSnap::take(side.child.id());
@@ -1432,6 +1606,7 @@ FROM ids;
                 .map(|(ts, read)| format!("{} {}\n", ts - start_ms, read - ts))
                 .collect();
             std::fs::write(path, text)?;
+            std::fs::write(format!("{dir}/metrics-{input}.txt"), &metrics)?;
         }
         // The first second is warm-up (fetch sessions, first relay round).
         let mut lat: Vec<i64> = samples
@@ -1486,6 +1661,13 @@ fn stdout_of(what: &str, out: &std::process::Output, log: &Path) -> anyhow::Resu
 fn step(what: &str) {
     println!("==> {what}");
 }
+
+/// The latency row that the p99 target is read from on the test broker.
+const LATENCY_TEST: &str = "bench tuning (fetch.wait.max.ms=20)";
+
+/// The latency row run on librdkafka's mock cluster instead of the test broker.
+const LATENCY_MOCK: &str =
+    "bench tuning, on librdkafka's mock cluster (answers a fetch at once when it has data)";
 
 /// The sweep row that raises librdkafka's prefetch queue back to its 64 MiB default: an
 /// experiment on memory, so the peak-RSS target (which is about kdedup as shipped) reports
@@ -2144,6 +2326,29 @@ struct Bloat {
     vacuum_seconds: f64,
 }
 
+/// Postgres's `max_wal_size` as the latency runs found it, and what they raised it to.
+struct WalSetting {
+    setting: String,
+    by_alter_system: bool,
+    raised_to: String,
+}
+
+/// One latency run: its label, extra kdedup environment, broker, and whether it runs
+/// with `max_wal_size` sized for it.
+struct LatencyRow {
+    label: String,
+    extra: Vec<(String, String)>,
+    broker: LatencyBroker,
+    wal_sized: bool,
+}
+
+/// Where a latency run's topics live (see [`Bench::latency`]).
+#[derive(Clone, Copy)]
+enum LatencyBroker {
+    Test,
+    Mock,
+}
+
 struct Latency {
     target_rate: f64,
     achieved_rate: f64,
@@ -2180,7 +2385,9 @@ struct Report {
     prefill: Option<Prefill>,
     prefill_stats: Option<TableStats>,
     bloat: Option<Bloat>,
-    latency: Vec<(&'static str, Latency)>,
+    latency: Vec<(String, Latency)>,
+    /// `max_wal_size` the latency runs had (raised for them), if the bench raised it.
+    latency_wal: Option<String>,
     shapes: Vec<shapes::ShapeResult>,
     keys: Vec<KeyRun>,
     /// The HTTP sink scenario.
@@ -2356,6 +2563,7 @@ impl Report {
             prefill_stats: None,
             bloat: None,
             latency: Vec::new(),
+            latency_wal: None,
             shapes: Vec::new(),
             keys: Vec::new(),
             http: Default::default(),
@@ -2633,6 +2841,25 @@ impl Report {
                 let _ = writeln!(s, "| peak RSS ≤ 100 MiB | n/a | n/a |");
             }
         }
+        for (row, broker) in [
+            (
+                LATENCY_TEST,
+                "on the test broker (tansu holds every fetch for its full fetch.wait.max.ms)",
+            ),
+            (
+                LATENCY_MOCK,
+                "on librdkafka's mock cluster (answers a fetch at once when it has data, as Apache Kafka does)",
+            ),
+        ] {
+            if let Some((_, l)) = self.latency.iter().find(|(label, _)| label == row) {
+                let _ = writeln!(
+                    s,
+                    "| latency p99 ≤ 100 ms at half the 0% rate, input timestamp to output read back, {broker} | {:.0} ms | {} |",
+                    l.p99_ms,
+                    if l.p99_ms <= 100.0 { "yes" } else { "**no**" }
+                );
+            }
+        }
 
         if let Some((_, l0)) = self.latency.first() {
             let _ = writeln!(s, "\n## Latency at a fixed input rate\n");
@@ -2645,6 +2872,20 @@ impl Report {
                  `kdedup_latency_seconds` histograms of the same run are shown beside it (bucket-interpolated \
                  quantiles, so coarse). The first second is left out as warm-up.\n",
                 l0.target_rate, l0.seconds
+            );
+            if let Some(wal) = &self.latency_wal {
+                let _ = writeln!(
+                    s,
+                    "Postgres's `max_wal_size` was raised to {wal} for these runs (`ALTER SYSTEM` and a reload, put \
+                     back afterwards), so that no run requests a checkpoint by WAL volume: deploy/POSTGRES.md says to \
+                     size it for the event rate. The row that says so ran with it as the server had it.\n"
+                );
+            }
+            let _ = writeln!(
+                s,
+                "The mock cluster row runs on librdkafka's mock cluster, hosted by the bench process (its CPU is \
+                 counted as \"other\"), instead of the test broker: it answers a fetch at once when it has data for \
+                 it, where tansu holds every fetch for its full `fetch.wait.max.ms`.\n"
             );
             let f = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.0} ms"));
             let _ = writeln!(
