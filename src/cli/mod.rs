@@ -521,7 +521,8 @@ pub struct ReplayArgs {
 
     /// Fallback end: a partition whose end offset the broker does not report, or that
     /// stays short of it (a gap: transaction markers, aborted records), ends once nothing
-    /// arrived for this long.
+    /// arrived for this long. Before the first message of a pass, at least 30 s (a loaded
+    /// broker can be slow to answer the first fetches).
     #[arg(long, default_value = "3s")]
     pub idle_timeout: String,
 

@@ -34,6 +34,8 @@ pub enum KafkaSetupError {
     MissingInputTopic { topic: String },
     #[error("broker refused to create topic {topic:?}: {reason}. Create it yourself, or grant this principal the CREATE permission on the topic (or cluster), or set KDEDUP_CREATE_TOPICS=false if it exists")]
     CreateTopic { topic: String, reason: String },
+    #[error("the brokers did not answer the request to create topic {topic:?} within {seconds} s (some Kafka-compatible brokers and proxies do not serve CreateTopics). Create it yourself and set KDEDUP_CREATE_TOPICS=false")]
+    CreateTopicUnanswered { topic: String, seconds: u64 },
     #[error("could not read cluster metadata from {brokers}: {source}. Check KDEDUP_BROKERS and the security settings (KDEDUP_KAFKA_SECURITY_PROTOCOL, ...)")]
     Metadata {
         brokers: String,

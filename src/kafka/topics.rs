@@ -5,11 +5,35 @@ use std::time::Duration;
 use crate::kafka::log::ClientLog;
 use crate::kafka::Producer;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::metadata::{Metadata, MetadataTopic};
 use tracing::info;
 
 use super::properties::{ClientKind, KafkaProperties};
 use super::{base_config, client, KafkaSetupError};
+
+/// Cluster metadata for `topic`, or for every topic (`None`).
+fn metadata(
+    producer: &Producer,
+    brokers: &str,
+    topic: Option<&str>,
+    timeout: Duration,
+) -> Result<Metadata, KafkaSetupError> {
+    use rdkafka::producer::Producer as _;
+    producer
+        .client()
+        .fetch_metadata(topic, timeout)
+        .map_err(|source| KafkaSetupError::Metadata {
+            brokers: brokers.to_string(),
+            source,
+        })
+}
+
+/// A listed topic's partition count; `None` when the broker listed it with an error or
+/// without partitions (it does not exist, or this principal may not Describe it).
+fn usable_partitions(t: &MetadataTopic) -> Option<usize> {
+    (t.error().is_none() && !t.partitions().is_empty()).then(|| t.partitions().len())
+}
 
 /// Partition count of each named topic; `None` when the topic does not exist.
 pub fn partition_count(
@@ -18,21 +42,32 @@ pub fn partition_count(
     topic: &str,
     timeout: Duration,
 ) -> Result<Option<usize>, KafkaSetupError> {
-    use rdkafka::producer::Producer as _;
-    let md = producer
-        .client()
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|source| KafkaSetupError::Metadata {
-            brokers: brokers.to_string(),
-            source,
-        })?;
+    let md = metadata(producer, brokers, Some(topic), timeout)?;
     Ok(md
         .topics()
         .iter()
         .find(|t| t.name() == topic)
-        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
-        .map(|t| t.partitions().len()))
+        .and_then(usable_partitions))
 }
+
+/// Partition count of every topic the cluster lists to this principal. One metadata
+/// request for all topics: a request that names a topic can create it, with the broker's
+/// default partition count, on a broker with `auto.create.topics.enable`.
+pub fn partition_counts(
+    producer: &Producer,
+    brokers: &str,
+    timeout: Duration,
+) -> Result<std::collections::BTreeMap<String, usize>, KafkaSetupError> {
+    let md = metadata(producer, brokers, None, timeout)?;
+    Ok(md
+        .topics()
+        .iter()
+        .filter_map(|t| Some((t.name().to_string(), usable_partitions(t)?)))
+        .collect())
+}
+
+/// How long a CreateTopics request may take before kdedup gives up on it.
+const CREATE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Creates each topic in `topics` that does not exist yet, with `partitions` partitions.
 pub async fn ensure_topics(
@@ -50,13 +85,23 @@ pub async fn ensure_topics(
         .iter()
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication)))
         .collect();
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(CREATE_TIMEOUT))
+        .request_timeout(Some(CREATE_TIMEOUT));
     let results = admin
         .create_topics(new_topics.iter(), &opts)
         .await
-        .map_err(|e| KafkaSetupError::CreateTopic {
-            topic: topics.join(","),
-            reason: e.to_string(),
+        .map_err(|e| match e {
+            KafkaError::AdminOp(RDKafkaErrorCode::OperationTimedOut) => {
+                KafkaSetupError::CreateTopicUnanswered {
+                    topic: topics.join(","),
+                    seconds: CREATE_TIMEOUT.as_secs(),
+                }
+            }
+            _ => KafkaSetupError::CreateTopic {
+                topic: topics.join(","),
+                reason: e.to_string(),
+            },
         })?;
     for result in results {
         match result {

@@ -153,8 +153,16 @@ pub(super) struct Reader<'c> {
     reached: BTreeMap<i32, i64>,
     pub(super) ended_short: Vec<i32>,
     idle_timeout: Duration,
-    last_message: Instant,
+    /// When the reader started, and when its last message arrived (`None` before the
+    /// first).
+    started: Instant,
+    last_message: Option<Instant>,
 }
+
+/// How long a reader waits for its first message at least, whatever `--idle-timeout`
+/// says: a loaded broker can take seconds to answer the first fetches after an
+/// assignment, and a partition ended before them would be replayed not at all.
+const FIRST_MESSAGE_WAIT: Duration = Duration::from_secs(30);
 
 impl<'c> Reader<'c> {
     pub(super) fn start(
@@ -184,7 +192,8 @@ impl<'c> Reader<'c> {
                 .collect(),
             ended_short: Vec::new(),
             idle_timeout,
-            last_message: Instant::now(),
+            started: Instant::now(),
+            last_message: None,
         })
     }
 
@@ -296,7 +305,7 @@ impl<'c> Reader<'c> {
             } else {
                 continue;
             }
-            self.last_message = Instant::now();
+            self.last_message = Some(Instant::now());
             let b = self.remaining[&partition];
             if b.end.is_some_and(|end| offset + 1 >= end) {
                 self.remaining.remove(&partition);
@@ -334,7 +343,11 @@ impl<'c> Reader<'c> {
                 self.finish(p);
             }
         }
-        if self.last_message.elapsed() <= self.idle_timeout {
+        let (since, wait) = match self.last_message {
+            Some(at) => (at, self.idle_timeout),
+            None => (self.started, self.idle_timeout.max(FIRST_MESSAGE_WAIT)),
+        };
+        if since.elapsed() <= wait {
             return;
         }
         let idle: Vec<(i32, Bounds)> = self.remaining.iter().map(|(p, b)| (*p, *b)).collect();
@@ -346,7 +359,7 @@ impl<'c> Reader<'c> {
                     partition = p,
                     end,
                     reached,
-                    idle_timeout = %humantime::format_duration(self.idle_timeout),
+                    idle_for = %humantime::format_duration(wait),
                     "nothing arrived before the end listed at start; this partition stops here"
                 );
                 self.ended_short.push(p);

@@ -33,3 +33,4 @@ mod prometheus;
 mod pruner;
 mod replay;
 mod tls;
+mod topics;

@@ -526,3 +526,47 @@ async fn a_dry_run_counts_what_the_real_run_does_mismatches_included() {
     assert_eq!(summary_value(&real, "forwarded"), 11, "{real}");
     drop_schema(&pg().await, &t.schema).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_slower_than_the_idle_timeout_does_not_end_a_replay_before_its_first_message() {
+    // librdkafka's mock cluster, made to answer every request 1.5 s late: the first fetch
+    // after the assignment comes back later than a 1 s --idle-timeout.
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let t = names("replay_slow");
+    for topic in [&t.input, &t.output, &t.dlq] {
+        mock.create_topic(topic, 2, 1).unwrap();
+    }
+    let kafka = Cluster {
+        brokers: mock.bootstrap_servers(),
+    };
+    let events: Vec<In> = (0..10)
+        .map(|i| In::event(i % 2, &format!("slow-{i}"), i as u64))
+        .collect();
+    // One record batch per partition, so that the first fetch brings all of it: this is
+    // about the wait for the first message, not about a pause between two fetches.
+    let producer = kafka.producer_with(&[("linger.ms", "200"), ("batch.num.messages", "100")]);
+    let sent: Vec<_> = events
+        .iter()
+        .map(|m| send_waiting(&producer, record(&t.input, m)))
+        .collect();
+    for d in sent {
+        d.await.expect("delivery").expect("produce acknowledged");
+    }
+    mock.broker_round_trip_time(1, Duration::from_millis(1500))
+        .unwrap();
+    let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
+        .set("KDEDUP_BROKERS", &kafka.brokers)
+        .set("KDEDUP_CREATE_TOPICS", "false");
+
+    let (code, out, err) = kdedup_command(
+        &cfg,
+        &["replay", "--from-topic", &t.input, "--idle-timeout", "1s"],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(summary_value(&out, "read"), 10, "{out}\n{err}");
+    assert_eq!(summary_value(&out, "forwarded"), 10, "{out}");
+    mock.broker_round_trip_time(1, Duration::ZERO).unwrap();
+    let output = kafka.read_topic(&t.output, 10, Duration::from_secs(20));
+    assert_exactly_once(&output, &id_set("slow", 10));
+    drop_schema(&pg().await, &t.schema).await;
+}

@@ -4,31 +4,42 @@
 use std::time::Duration;
 
 use crate::kafka::Producer;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::kafka::{topics, KafkaSetupError};
 use crate::settings::RunSettings;
 
 /// Creates the output topic (for the Kafka sink) and the dead-letter topic with the first
-/// input topic's partition count.
+/// input topic's partition count, where they do not exist: topics made beforehand are used
+/// as they are, and no CreateTopics request is sent for them (a principal without the
+/// CREATE permission, or a broker that does not serve CreateTopics, then still starts).
 pub async fn create_topics(cfg: &RunSettings, producer: &Producer) -> anyhow::Result<()> {
-    let first = cfg.kafka.input_topics[0].clone();
     let (p, brokers) = (producer.clone(), cfg.kafka.brokers.clone());
-    let partitions = tokio::task::spawn_blocking(move || {
-        topics::partition_count(&p, &brokers, &first, Duration::from_secs(10))
+    let counts = tokio::task::spawn_blocking(move || {
+        topics::partition_counts(&p, &brokers, Duration::from_secs(10))
     })
-    .await??
-    .ok_or_else(|| KafkaSetupError::MissingInputTopic {
-        topic: cfg.kafka.input_topics[0].clone(),
-    })?;
+    .await??;
+    let first = &cfg.kafka.input_topics[0];
+    let partitions = *counts
+        .get(first)
+        .ok_or_else(|| KafkaSetupError::MissingInputTopic {
+            topic: first.clone(),
+        })?;
+    let missing: Vec<&str> = cfg
+        .sink
+        .output_topic()
+        .into_iter()
+        .chain([cfg.kafka.dlq_topic.as_str()])
+        .filter(|t| !counts.contains_key(*t))
+        .collect();
+    if missing.is_empty() {
+        debug!("the output and dead-letter topics exist; none to create");
+        return Ok(());
+    }
     topics::ensure_topics(
         &cfg.kafka.brokers,
         &cfg.kafka.properties,
-        &cfg.sink
-            .output_topic()
-            .into_iter()
-            .chain([cfg.kafka.dlq_topic.as_str()])
-            .collect::<Vec<_>>(),
+        &missing,
         partitions as i32,
         cfg.kafka.topic_replication_factor,
     )
