@@ -114,7 +114,9 @@ impl ReadAhead {
 
 /// One gate lane: its own batches, gate transactions and offsets.
 pub(super) struct Lane {
-    pub(super) gate: Gate,
+    /// Shared with the batch being settled while the next one is collected: one
+    /// reference count per batch, not a copy of the gate.
+    pub(super) gate: Arc<Gate>,
     pub(super) settings: ConsumeSettings,
     pub(super) consumer: Arc<Consumer>,
     pub(super) rx: tokio::sync::mpsc::UnboundedReceiver<Queued>,

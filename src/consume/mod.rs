@@ -72,11 +72,11 @@ impl Pipeline {
             senders.push(tx);
             let lane = Lane {
                 // Lanes never poll the consumer: the reader is its only poller.
-                gate: Gate {
+                gate: Arc::new(Gate {
                     keepalive: None,
                     lane_connection: Some(Arc::new(LaneConnection::new(&self.gate.pool))),
                     ..self.gate.clone()
-                },
+                }),
                 settings: self.settings.clone(),
                 consumer: self.consumer.clone(),
                 rx,
