@@ -1342,69 +1342,53 @@ FROM ids;
     async fn latency_runs(&mut self, report: &mut Report, rate: f64) -> anyhow::Result<()> {
         let default_wait = [("KDEDUP_KAFKA_FETCH_WAIT_MAX_MS".to_string(), String::new())];
         let found = self.size_wal_for(rate * self.sizes.latency_seconds).await;
-        let row = |label: &str, extra: &[(String, String)], broker, wal_sized| LatencyRow {
-            label: label.to_string(),
-            extra: extra.to_vec(),
-            broker,
-            wal_sized,
-        };
-        let mut rows = vec![
-            row(LATENCY_TEST, &[], LatencyBroker::Test, true),
-            row(
-                "librdkafka's default fetch.wait.max.ms=500",
+        let sized: [LatencyRow<'_>; 3] = [
+            (LATENCY_TEST.to_string(), &[], LatencyBroker::Test),
+            (
+                "librdkafka's default fetch.wait.max.ms=500".to_string(),
                 &default_wait,
                 LatencyBroker::Test,
-                true,
             ),
-            row(LATENCY_MOCK, &[], LatencyBroker::Mock, true),
+            (LATENCY_MOCK.to_string(), &[], LatencyBroker::Mock),
         ];
+        let result = self.latency_rows(report, rate, sized).await;
+        // Put back whatever happened, before the row that runs as the server had it.
         if let Some(wal) = &found {
-            rows.push(row(
-                &format!(
-                    "bench tuning, Postgres's max_wal_size left at {}",
-                    wal.setting
-                ),
-                &[],
-                LatencyBroker::Test,
-                false,
-            ));
+            self.restore_wal(wal).await;
+            report.latency_wal = Some(wal.raised_to.clone());
         }
-        let mut result = Ok(());
-        for LatencyRow {
-            label,
-            extra,
-            broker,
-            wal_sized,
-        } in rows
-        {
-            if !wal_sized {
-                if let Some(wal) = &found {
-                    self.restore_wal(wal).await;
-                }
-            }
+        result?;
+        if let Some(wal) = found {
+            let label = format!(
+                "bench tuning, Postgres's max_wal_size left at {}",
+                wal.setting
+            );
+            let row: LatencyRow<'_> = (label, &[], LatencyBroker::Test);
+            self.latency_rows(report, rate, [row]).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs each latency row in turn and adds it to the report.
+    async fn latency_rows<'a>(
+        &mut self,
+        report: &mut Report,
+        rate: f64,
+        rows: impl IntoIterator<Item = LatencyRow<'a>>,
+    ) -> anyhow::Result<()> {
+        for (label, extra, broker) in rows {
             step(&format!(
                 "latency at a paced {rate:.0} events/s for {}s, {label}",
                 self.sizes.latency_seconds
             ));
-            match self.latency(rate, &extra, broker).await {
-                Ok(l) => {
-                    println!(
-                        "    p50 {:.1} ms, p99 {:.1} ms (output read by a live consumer)",
-                        l.p50_ms, l.p99_ms
-                    );
-                    report.latency.push((label, l));
-                }
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            }
+            let l = self.latency(rate, extra, broker).await?;
+            println!(
+                "    p50 {:.1} ms, p99 {:.1} ms (output read by a live consumer)",
+                l.p50_ms, l.p99_ms
+            );
+            report.latency.push((label, l));
         }
-        if let Some(wal) = &found {
-            self.restore_wal(wal).await;
-        }
-        report.latency_wal = found.map(|w| w.raised_to);
-        result
+        Ok(())
     }
 
     /// Raises Postgres's `max_wal_size` (`ALTER SYSTEM`, a reload) so that a run of
@@ -2333,14 +2317,8 @@ struct WalSetting {
     raised_to: String,
 }
 
-/// One latency run: its label, extra kdedup environment, broker, and whether it runs
-/// with `max_wal_size` sized for it.
-struct LatencyRow {
-    label: String,
-    extra: Vec<(String, String)>,
-    broker: LatencyBroker,
-    wal_sized: bool,
-}
+/// One latency run: its label, extra kdedup environment and broker.
+type LatencyRow<'a> = (String, &'a [(String, String)], LatencyBroker);
 
 /// Where a latency run's topics live (see [`Bench::latency`]).
 #[derive(Clone, Copy)]
