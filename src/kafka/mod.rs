@@ -112,6 +112,12 @@ pub fn producer_config(brokers: &str, props: &KafkaProperties) -> ClientConfig {
     // a full queue makes the relay wait (QueueFull), it loses nothing.
     c.set_default("queue.buffering.max.kbytes", "32768");
     c.set("enable.idempotence", "true").set("acks", "all");
+    // librdkafka's producer asks brokers with `auto.create.topics.enable` to create a
+    // topic it looks up (the relay's output lookup, the health check's every 2 s, a dead
+    // letter's first produce). Such a topic would get the broker's default partition
+    // count; kdedup creates its topics itself (KDEDUP_CREATE_TOPICS), or they are missing
+    // and /readyz says so.
+    c.set("allow.auto.create.topics", "false");
     c
 }
 

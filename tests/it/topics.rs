@@ -1,13 +1,35 @@
 //! The topics kdedup writes to, at start, on a broker that does not serve CreateTopics
 //! (librdkafka's mock cluster, like some Kafka-compatible brokers and proxies, never
 //! answers it): with the default `KDEDUP_CREATE_TOPICS=true`, topics made beforehand are
-//! used as they are, and a missing one ends the start with the fix.
+//! used as they are, and a missing one ends the start with the fix; with it off, a missing
+//! output is reported and waited for, and no look-up creates it.
 
 use std::time::{Duration, Instant};
 
 use rdkafka::mocking::MockCluster;
 
 use crate::helpers::*;
+
+/// Events a, b and a again, on two partitions.
+async fn produce_a_b_a(cluster: &Cluster, input: &str) {
+    let events = [
+        In::event(0, "a", 1),
+        In::event(1, "b", 2),
+        In::event(0, "a", 1),
+    ];
+    cluster.produce(input, &events).await;
+}
+
+/// The output holds a and b, once each.
+fn assert_each_forwarded_once(cluster: &Cluster, output: &str) {
+    let out = cluster.read_topic(output, 2, Duration::from_secs(60));
+    let mut ids: Vec<&str> = out
+        .iter()
+        .filter_map(|m| m.header("kdedup-event-id"))
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["a", "b"], "each event once");
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn topics_made_beforehand_are_used_without_asking_to_create_them() {
@@ -23,23 +45,8 @@ async fn topics_made_beforehand_are_used_without_asking_to_create_them() {
         .set("KDEDUP_BROKERS", &cluster.brokers);
     let side = Sidecar::start(&cfg, "premade-topics");
     side.wait_ready(Duration::from_secs(30)).await;
-    cluster
-        .produce(
-            &n.input,
-            &[
-                In::event(0, "a", 1),
-                In::event(1, "b", 2),
-                In::event(0, "a", 1),
-            ],
-        )
-        .await;
-    let out = cluster.read_topic(&n.output, 2, Duration::from_secs(30));
-    let mut ids: Vec<&str> = out
-        .iter()
-        .filter_map(|m| m.header("kdedup-event-id"))
-        .collect();
-    ids.sort_unstable();
-    assert_eq!(ids, ["a", "b"], "each event once");
+    produce_a_b_a(&cluster, &n.input).await;
+    assert_each_forwarded_once(&cluster, &n.output);
     let log = side.log_tail();
     assert!(!log.contains("created topic"), "nothing created:\n{log}");
     drop(side);
@@ -70,5 +77,66 @@ async fn a_create_request_the_brokers_never_answer_ends_the_start_with_the_fix()
         "{:?}",
         started.elapsed()
     );
+    drop_schema(&pg().await, &n.schema).await;
+}
+
+/// Topics the cluster lists (a request that names none, so it creates none).
+fn listed_topics(brokers: &str) -> Vec<String> {
+    use rdkafka::producer::{BaseProducer, Producer as _};
+    let p: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let md = p
+        .client()
+        .fetch_metadata(None, Duration::from_secs(10))
+        .unwrap();
+    md.topics().iter().map(|t| t.name().to_string()).collect()
+}
+
+/// The mock cluster creates a topic that a producer's metadata lookup names, with 4
+/// partitions, as a broker with `auto.create.topics.enable` does with its default count.
+/// kdedup's lookups of its own topics (the relay's, the health check's every 2 s) must not
+/// create one: with `KDEDUP_CREATE_TOPICS=false` the operator makes them.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_topic_creation_off_a_missing_output_is_reported_and_no_lookup_creates_it() {
+    let mock = MockCluster::new(1).unwrap();
+    let n = names("nocreate");
+    mock.create_topic(&n.input, 2, 1).unwrap();
+    mock.create_topic(&n.dlq, 2, 1).unwrap();
+    let cluster = Cluster {
+        brokers: mock.bootstrap_servers(),
+    };
+    let cfg = SidecarConfig::new(&n.group, &n.input, &n.output, &n.schema)
+        .set("KDEDUP_BROKERS", &cluster.brokers)
+        .set("KDEDUP_CREATE_TOPICS", "false");
+    let side = Sidecar::start(&cfg, "no-create");
+    wait_until(
+        Duration::from_secs(60),
+        "the missing output reported",
+        || {
+            let log = std::fs::read_to_string(&side.log).unwrap_or_default();
+            log.lines().any(|l| {
+                l.contains("a topic kdedup writes to does not exist") && l.contains(&n.output)
+            })
+        },
+    )
+    .await;
+    produce_a_b_a(&cluster, &n.input).await;
+    // Several health checks and relay look-ups later, the output is still missing.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let listed = listed_topics(&cluster.brokers);
+    assert!(
+        !listed.contains(&n.output),
+        "a look-up created the output topic: {listed:?}\n{}",
+        side.log_tail()
+    );
+    assert!(!side.ready(), "/readyz fails while the output is missing");
+
+    // The operator creates it: what waited is forwarded, once each.
+    mock.create_topic(&n.output, 2, 1).unwrap();
+    assert_each_forwarded_once(&cluster, &n.output);
+    side.wait_ready(Duration::from_secs(30)).await;
+    drop(side);
     drop_schema(&pg().await, &n.schema).await;
 }

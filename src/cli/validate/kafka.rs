@@ -36,6 +36,10 @@ pub(super) const RESERVED_PROPERTIES: &[(&str, &str)] = &[
         "enable.partition.eof",
         "the consumer loop treats every consumer error as a fault",
     ),
+    (
+        "allow.auto.create.topics",
+        "kdedup creates its own topics, with the input's partition count, when KDEDUP_CREATE_TOPICS is on; a metadata lookup must never create one with the broker's default",
+    ),
 ];
 
 /// Values of reserved properties that equal what kdedup sets anyway.
@@ -49,6 +53,7 @@ pub(super) fn reserved_value_is_harmless(property: &str, value: &str) -> bool {
             | ("enable.auto.commit", "true")
             | ("isolation.level", "read_committed")
             | ("enable.partition.eof", "false")
+            | ("allow.auto.create.topics", "false")
     )
 }
 

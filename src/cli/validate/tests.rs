@@ -86,6 +86,17 @@ fn kafka_properties_pass_through_and_reserved_ones_are_refused() {
         err.contains("KDEDUP_KAFKA_ENABLE_AUTO_OFFSET_STORE"),
         "{err}"
     );
+
+    // A broker-side auto-create would give kdedup's topics the broker's partition count.
+    let e = env(&[("KDEDUP_KAFKA_ALLOW_AUTO_CREATE_TOPICS", "true")]);
+    let err = args(&[]).validate(&e).unwrap_err().to_string();
+    assert!(
+        err.contains("KDEDUP_KAFKA_ALLOW_AUTO_CREATE_TOPICS"),
+        "{err}"
+    );
+    assert!(err.contains("KDEDUP_CREATE_TOPICS"), "{err}");
+    let e = env(&[("KDEDUP_KAFKA_ALLOW_AUTO_CREATE_TOPICS", "false")]);
+    assert!(args(&[]).validate(&e).is_ok());
 }
 
 #[test]
