@@ -519,10 +519,10 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub force: bool,
 
-    /// Fallback end: a partition whose end offset the broker does not report, or that
-    /// stays short of it (a gap: transaction markers, aborted records), ends once nothing
-    /// arrived for this long. Before the first message of a pass, at least 30 s (a loaded
-    /// broker can be slow to answer the first fetches).
+    /// Fallback end: a partition whose end offset the broker does not report (or reports
+    /// below a message it serves) ends once nothing arrived for this long. A partition short
+    /// of its known end, and every partition before a pass's first message, waits at least
+    /// 30 s: its records are there, and a loaded broker can pause that long.
     #[arg(long, default_value = "3s")]
     pub idle_timeout: String,
 

@@ -459,7 +459,8 @@ fn print_summary(topic: &str, dry_run: bool, summary: &ReplaySummary) {
     }
     if !summary.ended_short.is_empty() {
         println!(
-            "  partitions that stopped idle before the end listed at start: {:?}",
+            "  partitions that stopped idle before the end listed at start: {:?} \
+             (replay again with a longer --idle-timeout; what was read is gated, so it is not forwarded twice)",
             summary.ended_short
         );
     }

@@ -159,10 +159,12 @@ pub(super) struct Reader<'c> {
     last_message: Option<Instant>,
 }
 
-/// How long a reader waits for its first message at least, whatever `--idle-timeout`
-/// says: a loaded broker can take seconds to answer the first fetches after an
-/// assignment, and a partition ended before them would be replayed not at all.
-const FIRST_MESSAGE_WAIT: Duration = Duration::from_secs(30);
+/// How long a reader waits at least, whatever `--idle-timeout` says, for a message it
+/// knows is coming: the pass's first one (a loaded broker can take seconds to answer the
+/// first fetches after an assignment), and the next one of a partition short of its known
+/// end (its records exist up to there: a silence is the broker pausing, not the end).
+/// Ending such a partition early would replay it short.
+const KNOWN_MESSAGE_WAIT: Duration = Duration::from_secs(30);
 
 impl<'c> Reader<'c> {
     pub(super) fn start(
@@ -343,15 +345,14 @@ impl<'c> Reader<'c> {
                 self.finish(p);
             }
         }
-        let (since, wait) = match self.last_message {
-            Some(at) => (at, self.idle_timeout),
-            None => (self.started, self.idle_timeout.max(FIRST_MESSAGE_WAIT)),
-        };
-        if since.elapsed() <= wait {
-            return;
-        }
-        let idle: Vec<(i32, Bounds)> = self.remaining.iter().map(|(p, b)| (*p, *b)).collect();
-        for (p, b) in idle {
+        let silent_for = self.last_message.unwrap_or(self.started).elapsed();
+        let idle: Vec<(i32, Bounds, Duration)> = self
+            .remaining
+            .iter()
+            .map(|(p, b)| (*p, *b, self.wait_for(b)))
+            .filter(|(_, _, wait)| silent_for > *wait)
+            .collect();
+        for (p, b, wait) in idle {
             if let Some(end) = b.end {
                 let reached = self.reached.get(&p).copied().unwrap_or_default();
                 tracing::warn!(
@@ -367,6 +368,17 @@ impl<'c> Reader<'c> {
                 tracing::debug!(topic = self.topic, partition = p, "idle; partition ends");
             }
             self.finish(p);
+        }
+    }
+
+    /// How long a silence ends `b`'s partition: `--idle-timeout` once the pass has read a
+    /// message and the partition has no known end; [`KNOWN_MESSAGE_WAIT`] at least
+    /// otherwise.
+    fn wait_for(&self, b: &Bounds) -> Duration {
+        if self.last_message.is_some() && b.end.is_none() {
+            self.idle_timeout
+        } else {
+            self.idle_timeout.max(KNOWN_MESSAGE_WAIT)
         }
     }
 

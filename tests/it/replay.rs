@@ -527,24 +527,41 @@ async fn a_dry_run_counts_what_the_real_run_does_mismatches_included() {
     drop_schema(&pg().await, &t.schema).await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_broker_slower_than_the_idle_timeout_does_not_end_a_replay_before_its_first_message() {
-    // librdkafka's mock cluster, made to answer every request 1.5 s late: the first fetch
-    // after the assignment comes back later than a 1 s --idle-timeout.
+/// How the input of [`replay_through_a_slow_broker`] is produced.
+enum Batches {
+    /// One record batch per partition.
+    OnePerPartition,
+    /// One record batch per message.
+    OnePerMessage,
+}
+
+/// `n` events (`<name>-<i>`, on two partitions) on the input of librdkafka's mock cluster,
+/// which then answers every request 1.5 s late; a replay of them with a 1 s
+/// `--idle-timeout` and the `extra` settings reads and forwards every one, once each.
+/// Returns the replay's log.
+async fn replay_through_a_slow_broker(
+    name: &str,
+    n: usize,
+    batches: Batches,
+    extra: &[(&str, &str)],
+) -> String {
     let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
-    let t = names("replay_slow");
+    let t = names(&format!("replay_{name}"));
     for topic in [&t.input, &t.output, &t.dlq] {
         mock.create_topic(topic, 2, 1).unwrap();
     }
     let kafka = Cluster {
         brokers: mock.bootstrap_servers(),
     };
-    let events: Vec<In> = (0..10)
-        .map(|i| In::event(i % 2, &format!("slow-{i}"), i as u64))
+    let events: Vec<In> = (0..n)
+        .map(|i| In::event(i as i32 % 2, &format!("{name}-{i}"), i as u64))
         .collect();
-    // One record batch per partition, so that the first fetch brings all of it: this is
-    // about the wait for the first message, not about a pause between two fetches.
-    let producer = kafka.producer_with(&[("linger.ms", "200"), ("batch.num.messages", "100")]);
+    let producer = match batches {
+        Batches::OnePerPartition => {
+            kafka.producer_with(&[("linger.ms", "200"), ("batch.num.messages", "100")])
+        }
+        Batches::OnePerMessage => kafka.producer(),
+    };
     let sent: Vec<_> = events
         .iter()
         .map(|m| send_waiting(&producer, record(&t.input, m)))
@@ -554,19 +571,46 @@ async fn a_broker_slower_than_the_idle_timeout_does_not_end_a_replay_before_its_
     }
     mock.broker_round_trip_time(1, Duration::from_millis(1500))
         .unwrap();
-    let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
+    let mut cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
         .set("KDEDUP_BROKERS", &kafka.brokers)
         .set("KDEDUP_CREATE_TOPICS", "false");
+    for (k, v) in extra {
+        cfg = cfg.set(k, v);
+    }
 
     let (code, out, err) = kdedup_command(
         &cfg,
         &["replay", "--from-topic", &t.input, "--idle-timeout", "1s"],
     );
     assert_eq!(code, Some(0), "{out}{err}");
-    assert_eq!(summary_value(&out, "read"), 10, "{out}\n{err}");
-    assert_eq!(summary_value(&out, "forwarded"), 10, "{out}");
+    assert_eq!(summary_value(&out, "read"), n, "{out}\n{err}");
+    assert_eq!(summary_value(&out, "forwarded"), n, "{out}");
     mock.broker_round_trip_time(1, Duration::ZERO).unwrap();
-    let output = kafka.read_topic(&t.output, 10, Duration::from_secs(20));
-    assert_exactly_once(&output, &id_set("slow", 10));
+    let output = kafka.read_topic(&t.output, n, Duration::from_secs(20));
+    assert_exactly_once(&output, &id_set(name, n));
     drop_schema(&pg().await, &t.schema).await;
+    err
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_slower_than_the_idle_timeout_does_not_end_a_replay_before_its_first_message() {
+    // The first fetch after the assignment comes back later than the 1 s --idle-timeout.
+    // One record batch per partition, so that the first fetch brings all of it: this is
+    // about the wait for the first message, not about a pause between two fetches.
+    replay_through_a_slow_broker("slow", 10, Batches::OnePerPartition, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_pausing_between_fetches_does_not_end_a_partition_short_of_its_end() {
+    // The replay's consumer takes one record batch (here: one message) per partition per
+    // fetch, so each partition falls silent for 1.5 s between two of its messages, longer
+    // than the 1 s --idle-timeout, while the end listed at start says more are there.
+    let log = replay_through_a_slow_broker(
+        "pause",
+        8,
+        Batches::OnePerMessage,
+        &[("KDEDUP_KAFKA_MAX_PARTITION_FETCH_BYTES", "1")],
+    )
+    .await;
+    assert!(!log.contains("this partition stops here"), "{log}");
 }

@@ -89,11 +89,12 @@ fn one_shot(cfg: &SidecarConfig, args: &[&str]) -> Command {
     let mut c = kdedup(cfg, args);
     c.env("KDEDUP_METRICS_ADDR", "127.0.0.1:0")
         .env("KDEDUP_LOG", "warn");
-    // A replay ends a partition that delivers nothing for --idle-timeout (3 s) between two
-    // messages short of the end it listed at start (before its first message it waits 30 s
-    // itself). Under the whole suite the shared test broker has paused a partition for
-    // longer than that: 20 s, unless the test sets its own. A healthy replay ends at its
-    // listed end and never waits for it.
+    // A replay ends a partition without a trustworthy end once it delivered nothing for
+    // --idle-timeout (3 s); one short of a known end waits 30 s itself. The test broker
+    // lists an end inside the last record batch, so a topic kdedup wrote in batches (a
+    // dead-letter topic) has no trustworthy end there, and under the whole suite that
+    // broker has paused a partition for longer than 3 s: 20 s, unless the test sets its
+    // own. A healthy replay ends at its end and never waits for it.
     if args.first() == Some(&"replay") && !args.contains(&"--idle-timeout") {
         c.args(["--idle-timeout", "20s"]);
     }
