@@ -112,9 +112,13 @@ pub async fn run(
     if cfg.kafka.create_topics {
         crate::sink::kafka::topics::create_topics(&cfg, &producer).await?;
     }
-    checks::check_retention(&cfg, &metrics).await;
-    checks::check_scope(&cfg, &pool).await;
-    let max_message_bytes = crate::sink::kafka::topics::input_size_limit(&cfg).await;
+    // Together: on a broker that does not serve DescribeConfigs, each topic check waits
+    // out its request timeout before it warns.
+    let ((), (), max_message_bytes) = tokio::join!(
+        checks::check_retention(&cfg, &metrics),
+        checks::check_scope(&cfg, &pool),
+        crate::sink::kafka::topics::input_size_limit(&cfg),
+    );
     info!(
         max_message_bytes,
         "largest input message accepted (larger ones are dead-lettered)"
