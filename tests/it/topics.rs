@@ -1,8 +1,8 @@
 //! The topics kdedup writes to, at start, on a broker that does not serve CreateTopics
 //! (librdkafka's mock cluster, like some Kafka-compatible brokers and proxies, never
 //! answers it): with the default `KDEDUP_CREATE_TOPICS=true`, topics made beforehand are
-//! used as they are, and a missing one ends the start with the fix; with it off, a missing
-//! output is reported and waited for, and no look-up creates it.
+//! used as they are, and a missing one ends the start with the fix; with it off, missing
+//! topics are reported and waited for, and no look-up creates them.
 
 use std::time::{Duration, Instant};
 
@@ -99,11 +99,10 @@ fn listed_topics(brokers: &str) -> Vec<String> {
 /// kdedup's lookups of its own topics (the relay's, the health check's every 2 s) must not
 /// create one: with `KDEDUP_CREATE_TOPICS=false` the operator makes them.
 #[tokio::test(flavor = "multi_thread")]
-async fn with_topic_creation_off_a_missing_output_is_reported_and_no_lookup_creates_it() {
+async fn with_topic_creation_off_missing_topics_are_reported_and_no_lookup_creates_them() {
     let mock = MockCluster::new(1).unwrap();
     let n = names("nocreate");
     mock.create_topic(&n.input, 2, 1).unwrap();
-    mock.create_topic(&n.dlq, 2, 1).unwrap();
     let cluster = Cluster {
         brokers: mock.bootstrap_servers(),
     };
@@ -111,31 +110,46 @@ async fn with_topic_creation_off_a_missing_output_is_reported_and_no_lookup_crea
         .set("KDEDUP_BROKERS", &cluster.brokers)
         .set("KDEDUP_CREATE_TOPICS", "false");
     let side = Sidecar::start(&cfg, "no-create");
-    wait_until(
-        Duration::from_secs(60),
-        "the missing output reported",
-        || {
+    for topic in [&n.output, &n.dlq] {
+        wait_until(Duration::from_secs(60), "a missing topic reported", || {
             let log = std::fs::read_to_string(&side.log).unwrap_or_default();
-            log.lines().any(|l| {
-                l.contains("a topic kdedup writes to does not exist") && l.contains(&n.output)
-            })
-        },
-    )
-    .await;
+            log.lines()
+                .any(|l| l.contains("a topic kdedup writes to does not exist") && l.contains(topic))
+        })
+        .await;
+    }
     produce_a_b_a(&cluster, &n.input).await;
-    // Several health checks and relay look-ups later, the output is still missing.
+    // A message without an event id, bound for the dead-letter topic.
+    let no_id = In {
+        partition: Some(1),
+        value: Some(b"{}".to_vec()),
+        ..In::default()
+    };
+    cluster.produce(&n.input, &[no_id]).await;
+    // Several health checks, relay look-ups and dead-letter attempts later, both topics
+    // are still missing.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let listed = listed_topics(&cluster.brokers);
-    assert!(
-        !listed.contains(&n.output),
-        "a look-up created the output topic: {listed:?}\n{}",
-        side.log_tail()
-    );
-    assert!(!side.ready(), "/readyz fails while the output is missing");
+    for topic in [&n.output, &n.dlq] {
+        assert!(
+            !listed.contains(topic),
+            "a look-up created {topic}: {listed:?}\n{}",
+            side.log_tail()
+        );
+    }
+    assert!(!side.ready(), "/readyz fails while they are missing");
 
-    // The operator creates it: what waited is forwarded, once each.
+    // The operator creates them: what waited is delivered, nothing lost.
     mock.create_topic(&n.output, 2, 1).unwrap();
+    mock.create_topic(&n.dlq, 2, 1).unwrap();
     assert_each_forwarded_once(&cluster, &n.output);
+    let dead = cluster.read_topic(&n.dlq, 1, Duration::from_secs(90));
+    assert_eq!(
+        dead.len(),
+        1,
+        "the message without an id, dead-lettered once"
+    );
+    assert_eq!(dead[0].header("kdedup-dlq-reason"), Some("missing_id"));
     side.wait_ready(Duration::from_secs(30)).await;
     drop(side);
     drop_schema(&pg().await, &n.schema).await;
