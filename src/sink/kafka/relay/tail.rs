@@ -65,10 +65,20 @@ impl ClientContext for TailLog {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        if !is_partition_end(&error) {
             self.0.client_error(&error, reason);
         }
     }
+}
+
+/// The end of a partition, as librdkafka's error callback reports it: through the error
+/// callback it comes as a global error carrying the code, not as [`KafkaError::PartitionEOF`].
+fn is_partition_end(error: &KafkaError) -> bool {
+    matches!(
+        error,
+        KafkaError::PartitionEOF(_)
+            | KafkaError::Global(rdkafka::error::RDKafkaErrorCode::PartitionEOF)
+    )
 }
 
 impl ConsumerContext for TailLog {}
@@ -227,5 +237,17 @@ mod tests {
         }
         assert_eq!(parse_position(b"no-seq"), None);
         assert_eq!(parse_position(b"s@x"), None);
+    }
+
+    #[test]
+    fn the_end_of_a_partition_is_not_a_client_error_whichever_way_it_comes() {
+        use rdkafka::error::RDKafkaErrorCode;
+        assert!(is_partition_end(&KafkaError::PartitionEOF(3)));
+        assert!(is_partition_end(&KafkaError::Global(
+            RDKafkaErrorCode::PartitionEOF
+        )));
+        assert!(!is_partition_end(&KafkaError::Global(
+            RDKafkaErrorCode::BrokerTransportFailure
+        )));
     }
 }
