@@ -94,6 +94,15 @@ impl RunSettings {
             SinkSettings::Kafka { .. } | SinkSettings::Http(_) => None,
         }
     }
+
+    /// The topics kdedup writes to: the output topic (Kafka sink) and the dead-letter topic.
+    pub fn own_topics(&self) -> Vec<&str> {
+        self.sink
+            .output_topic()
+            .into_iter()
+            .chain([self.kafka.dlq_topic.as_str()])
+            .collect()
+    }
 }
 
 impl SinkSettings {

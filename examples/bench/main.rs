@@ -1592,23 +1592,18 @@ FROM ids;
             std::fs::write(path, text)?;
             std::fs::write(format!("{dir}/metrics-{input}.txt"), &metrics)?;
         }
-        // The first second is warm-up (fetch sessions, first relay round).
-        let mut lat: Vec<i64> = samples
-            .iter()
-            .filter(|(ts, _)| *ts >= start_ms + 1000)
-            .map(|(ts, read)| read - ts)
-            .collect();
-        lat.sort_unstable();
-        let pct = |q: f64| -> f64 { quantile(&lat, q) };
+        // The first second is warm-up (fetch sessions, first relay round). The rest, all
+        // together and per whole second.
+        let mut lat: Vec<i64> = Vec::with_capacity(samples.len());
         let mut seconds: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
-        for (ts, read) in &samples {
-            if *ts >= start_ms + 1000 {
-                seconds
-                    .entry((ts - start_ms) / 1000)
-                    .or_default()
-                    .push(read - ts);
-            }
+        for (ts, read) in samples.iter().filter(|(ts, _)| *ts >= start_ms + 1000) {
+            lat.push(read - ts);
+            seconds
+                .entry((ts - start_ms) / 1000)
+                .or_default()
+                .push(read - ts);
         }
+        lat.sort_unstable();
         // The last second is cut short by the end of the input.
         seconds.pop_last();
         let mut second_p99: Vec<i64> = seconds
@@ -1629,8 +1624,8 @@ FROM ids;
             received: samples.len(),
             sent,
             measured: lat.len(),
-            p50_ms: pct(0.50),
-            p99_ms: pct(0.99),
+            p50_ms: quantile(&lat, 0.50),
+            p99_ms: quantile(&lat, 0.99),
             max_ms: lat.last().copied().unwrap_or(0) as f64,
             second_p99_ms: (
                 quantile(&second_p99, 0.5),

@@ -147,13 +147,7 @@ pub async fn run(
         HealthChecks {
             pool: pool.clone(),
             producer: producer.clone(),
-            own_topics: cfg
-                .sink
-                .output_topic()
-                .into_iter()
-                .chain([cfg.kafka.dlq_topic.as_str()])
-                .map(str::to_string)
-                .collect(),
+            own_topics: cfg.own_topics().into_iter().map(str::to_string).collect(),
             health: health.clone(),
             metrics: metrics.clone(),
             fatal: Fatal {

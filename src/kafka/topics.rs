@@ -50,9 +50,9 @@ pub fn partition_count(
         .and_then(usable_partitions))
 }
 
-/// Partition count of every topic the cluster lists to this principal. One metadata
-/// request for all topics: a request that names a topic can create it, with the broker's
-/// default partition count, on a broker with `auto.create.topics.enable`.
+/// Partition count of every topic the cluster lists to this principal, in one metadata
+/// request (start-up needs the input's and whether each of kdedup's own topics exists).
+/// No lookup creates a topic: kdedup's producer sets `allow.auto.create.topics=false`.
 pub fn partition_counts(
     producer: &Producer,
     brokers: &str,

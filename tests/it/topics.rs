@@ -80,20 +80,6 @@ async fn a_create_request_the_brokers_never_answer_ends_the_start_with_the_fix()
     drop_schema(&pg().await, &n.schema).await;
 }
 
-/// Topics the cluster lists (a request that names none, so it creates none).
-fn listed_topics(brokers: &str) -> Vec<String> {
-    use rdkafka::producer::{BaseProducer, Producer as _};
-    let p: BaseProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .unwrap();
-    let md = p
-        .client()
-        .fetch_metadata(None, Duration::from_secs(10))
-        .unwrap();
-    md.topics().iter().map(|t| t.name().to_string()).collect()
-}
-
 /// The mock cluster creates a topic that a producer's metadata lookup names, with 4
 /// partitions, as a broker with `auto.create.topics.enable` does with its default count.
 /// kdedup's lookups of its own topics (the relay's, the health check's every 2 s) must not
@@ -129,7 +115,7 @@ async fn with_topic_creation_off_missing_topics_are_reported_and_no_lookup_creat
     // Several health checks, relay look-ups and dead-letter attempts later, both topics
     // are still missing.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let listed = listed_topics(&cluster.brokers);
+    let listed = cluster.topics();
     for topic in [&n.output, &n.dlq] {
         assert!(
             !listed.contains(topic),

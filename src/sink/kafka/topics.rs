@@ -25,13 +25,8 @@ pub async fn create_topics(cfg: &RunSettings, producer: &Producer) -> anyhow::Re
         .ok_or_else(|| KafkaSetupError::MissingInputTopic {
             topic: first.clone(),
         })?;
-    let missing: Vec<&str> = cfg
-        .sink
-        .output_topic()
-        .into_iter()
-        .chain([cfg.kafka.dlq_topic.as_str()])
-        .filter(|t| !counts.contains_key(*t))
-        .collect();
+    let mut missing = cfg.own_topics();
+    missing.retain(|t| !counts.contains_key(*t));
     if missing.is_empty() {
         debug!("the output and dead-letter topics exist; none to create");
         return Ok(());

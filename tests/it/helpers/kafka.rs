@@ -192,6 +192,15 @@ impl Cluster {
             .collect()
     }
 
+    /// The topics the cluster lists (a request that names none, so it creates none).
+    pub fn topics(&self) -> Vec<String> {
+        let c: BaseConsumer = self.client().create().expect("consumer");
+        let md = c
+            .fetch_metadata(None, Duration::from_secs(10))
+            .expect("metadata");
+        md.topics().iter().map(|t| t.name().to_string()).collect()
+    }
+
     /// Whether the cluster answers a metadata request within two seconds.
     pub fn answers(&self) -> bool {
         let c: BaseConsumer = self.client().create().expect("consumer");
