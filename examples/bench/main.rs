@@ -50,6 +50,7 @@ use sqlx::PgPool;
 
 mod batched;
 mod httpsink;
+mod passthrough;
 mod pgsink;
 mod relays;
 mod shapes;
@@ -1342,14 +1343,37 @@ FROM ids;
     async fn latency_runs(&mut self, report: &mut Report, rate: f64) -> anyhow::Result<()> {
         let default_wait = [("KDEDUP_KAFKA_FETCH_WAIT_MAX_MS".to_string(), String::new())];
         let found = self.size_wal_for(rate * self.sizes.latency_seconds).await;
-        let sized: [LatencyRow<'_>; 3] = [
-            (LATENCY_TEST.to_string(), &[], LatencyBroker::Test),
+        let sized: [LatencyRow<'_>; 5] = [
+            (
+                LATENCY_TEST.to_string(),
+                &[],
+                LatencyBroker::Test,
+                Forwarder::Kdedup,
+            ),
+            (
+                LATENCY_PASS_TEST.to_string(),
+                &[],
+                LatencyBroker::Test,
+                Forwarder::PassThrough,
+            ),
             (
                 "librdkafka's default fetch.wait.max.ms=500".to_string(),
                 &default_wait,
                 LatencyBroker::Test,
+                Forwarder::Kdedup,
             ),
-            (LATENCY_MOCK.to_string(), &[], LatencyBroker::Mock),
+            (
+                LATENCY_MOCK.to_string(),
+                &[],
+                LatencyBroker::Mock,
+                Forwarder::Kdedup,
+            ),
+            (
+                LATENCY_PASS_MOCK.to_string(),
+                &[],
+                LatencyBroker::Mock,
+                Forwarder::PassThrough,
+            ),
         ];
         let result = self.latency_rows(report, rate, sized).await;
         // Put back whatever happened, before the row that runs as the server had it.
@@ -1363,7 +1387,7 @@ FROM ids;
                 "bench tuning, Postgres's max_wal_size left at {}",
                 wal.setting
             );
-            let row: LatencyRow<'_> = (label, &[], LatencyBroker::Test);
+            let row: LatencyRow<'_> = (label, &[], LatencyBroker::Test, Forwarder::Kdedup);
             self.latency_rows(report, rate, [row]).await?;
         }
         Ok(())
@@ -1376,12 +1400,12 @@ FROM ids;
         rate: f64,
         rows: impl IntoIterator<Item = LatencyRow<'a>>,
     ) -> anyhow::Result<()> {
-        for (label, extra, broker) in rows {
+        for (label, extra, broker, forwarder) in rows {
             step(&format!(
                 "latency at a paced {rate:.0} events/s for {}s, {label}",
                 self.sizes.latency_seconds
             ));
-            let l = self.latency(rate, extra, broker).await?;
+            let l = self.latency(rate, extra, broker, forwarder).await?;
             println!(
                 "    p50 {:.1} ms, p99 {:.1} ms (output read by a live consumer)",
                 l.p50_ms, l.p99_ms
@@ -1481,25 +1505,30 @@ FROM ids;
         rate: f64,
         extra: &[(String, String)],
         broker: LatencyBroker,
+        forwarder: Forwarder,
     ) -> anyhow::Result<Latency> {
         let input = self.name(&format!("lat{}", rand::rng().random::<u16>()));
+        let out = format!("{input}.out");
         let mut extra = extra.to_vec();
         let cluster = match broker {
             LatencyBroker::Test => {
                 self.create_topic(&input, PARTITIONS).await?;
+                if let Forwarder::PassThrough = forwarder {
+                    self.create_topic(&out, PARTITIONS).await?;
+                }
                 None
             }
             LatencyBroker::Mock => {
                 let cluster =
                     MockCluster::new(1).context("cannot start librdkafka's mock cluster")?;
                 // The mock cluster does not serve CreateTopics: every topic is made here.
-                let (out, dlq) = (format!("{input}.out"), format!("{input}.dlq"));
+                let dlq = format!("{input}.dlq");
                 for t in [&input, &out, &dlq] {
                     cluster.create_topic(t, PARTITIONS, 1)?;
                 }
                 extra.extend([
                     ("KDEDUP_BROKERS".to_string(), cluster.bootstrap_servers()),
-                    ("KDEDUP_OUTPUT_TOPIC".to_string(), out),
+                    ("KDEDUP_OUTPUT_TOPIC".to_string(), out.clone()),
                     ("KDEDUP_DLQ_TOPIC".to_string(), dlq),
                     ("KDEDUP_CREATE_TOPICS".to_string(), "false".to_string()),
                 ]);
@@ -1511,24 +1540,41 @@ FROM ids;
             .map_or_else(|| self.brokers.clone(), |c| c.bootstrap_servers());
         let schema = input.clone();
         self.checkpoint().await;
-        let topics_before = self.topics.len();
-        let mut side = self.start_sidecar("lat", &input, &schema, &extra)?;
-        if cluster.is_some() {
-            // They live in the mock cluster, not on the test broker.
-            self.topics.truncate(topics_before);
-        }
-        let ready_by = Instant::now() + Duration::from_secs(60);
-        while !side.ready() {
-            if Instant::now() > ready_by {
-                let tail = side.log_tail();
-                side.stop();
-                bail!("latency: kdedup not ready in 60s\n{tail}");
+        let mut side = match forwarder {
+            Forwarder::Kdedup => {
+                let topics_before = self.topics.len();
+                let side = self.start_sidecar("lat", &input, &schema, &extra)?;
+                if cluster.is_some() {
+                    // They live in the mock cluster, not on the test broker.
+                    self.topics.truncate(topics_before);
+                }
+                let ready_by = Instant::now() + Duration::from_secs(60);
+                while !side.ready() {
+                    if Instant::now() > ready_by {
+                        let tail = side.log_tail();
+                        let mut side = side;
+                        side.stop();
+                        bail!("latency: kdedup not ready in 60s\n{tail}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Some(side)
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            Forwarder::PassThrough => None,
+        };
+        let pass = match forwarder {
+            Forwarder::Kdedup => None,
+            Forwarder::PassThrough => Some(passthrough::PassThrough::start(
+                &brokers,
+                &input,
+                &out,
+                PARTITIONS,
+                &self.tuning("KDEDUP_KAFKA_FETCH_WAIT_MAX_MS"),
+            )?),
+        };
         let seconds = self.sizes.latency_seconds;
         let total = (rate * seconds) as usize;
-        let output = side.output_topic.clone();
+        let output = side.as_ref().map_or(out, |side| side.output_topic.clone());
         let reader_brokers = brokers.clone();
         let group = format!("{input}-reader");
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -1541,7 +1587,9 @@ FROM ids;
             .set("bootstrap.servers", &brokers)
             .set("linger.ms", "5")
             .create()?;
-        let cpu0 = CpuSnap::take(side.child.id());
+        // The pass-through forwarder runs in this process: its CPU is "other".
+        let pid = side.as_ref().map_or(0, |side| side.child.id());
+        let cpu0 = CpuSnap::take(pid);
         let start_ms = now_ms();
         let started = Instant::now();
         let mut sent = 0usize;
@@ -1577,11 +1625,17 @@ FROM ids;
         let samples = tokio::task::spawn_blocking(move || reader.join())
             .await?
             .map_err(|_| anyhow::anyhow!("latency reader panicked"))??;
-        let cpu = CpuSnap::take(side.child.id()).since(&cpu0);
-        let metrics = side.metrics_text();
-        let peak_rss_kib = side.vm_hwm_kib();
-        side.stop();
-        self.drop_schema(&schema).await;
+        let cpu = CpuSnap::take(pid).since(&cpu0);
+        let metrics = side.as_ref().map(|side| side.metrics_text());
+        let peak_rss_kib = side.as_ref().and_then(|side| side.vm_hwm_kib());
+        if let Some(side) = side.as_mut() {
+            side.stop();
+            self.drop_schema(&schema).await;
+        }
+        if let Some(pass) = pass {
+            pass.stop()?;
+        }
+        let metrics = metrics.unwrap_or_default();
 
         if let Ok(dir) = std::env::var("KDEDUP_BENCH_LATENCY_DUMP") {
             let path = format!("{dir}/latency-{input}.txt");
@@ -1673,6 +1727,14 @@ const LATENCY_TEST: &str = "bench tuning (fetch.wait.max.ms=20)";
 /// The latency row run on librdkafka's mock cluster instead of the test broker.
 const LATENCY_MOCK: &str =
     "bench tuning, on librdkafka's mock cluster (answers a fetch at once when it has data)";
+
+/// The pass-through forwarder's row on the test broker: the floor of [`LATENCY_TEST`].
+const LATENCY_PASS_TEST: &str =
+    "no kdedup: a pass-through consumer and producer, same client settings (the broker's floor)";
+
+/// The pass-through forwarder's row on the mock cluster: the floor of [`LATENCY_MOCK`].
+const LATENCY_PASS_MOCK: &str =
+    "no kdedup: the pass-through, on librdkafka's mock cluster (the broker's floor)";
 
 /// The sweep row that raises librdkafka's prefetch queue back to its 64 MiB default: an
 /// experiment on memory, so the peak-RSS target (which is about kdedup as shipped) reports
@@ -2338,8 +2400,16 @@ struct WalSetting {
     raised_to: String,
 }
 
-/// One latency run: its label, extra kdedup environment and broker.
-type LatencyRow<'a> = (String, &'a [(String, String)], LatencyBroker);
+/// One latency run: its label, extra kdedup environment, broker, and what forwards.
+type LatencyRow<'a> = (String, &'a [(String, String)], LatencyBroker, Forwarder);
+
+/// What reads the latency run's input and writes its output topic.
+#[derive(Clone, Copy)]
+enum Forwarder {
+    Kdedup,
+    /// [`passthrough::PassThrough`]: the broker's floor, with no Postgres and no dedup.
+    PassThrough,
+}
 
 /// Where a latency run's topics live (see [`Bench::latency`]).
 #[derive(Clone, Copy)]
@@ -2844,20 +2914,34 @@ impl Report {
                 let _ = writeln!(s, "| peak RSS ≤ 100 MiB | n/a | n/a |");
             }
         }
-        for (row, broker) in [
+        let latency_of = |row: &str| {
+            self.latency
+                .iter()
+                .find(|(label, _)| label == row)
+                .map(|(_, l)| l)
+        };
+        for (row, floor, broker) in [
             (
                 LATENCY_TEST,
+                LATENCY_PASS_TEST,
                 "on the test broker (tansu holds every fetch for its full fetch.wait.max.ms)",
             ),
             (
                 LATENCY_MOCK,
+                LATENCY_PASS_MOCK,
                 "on librdkafka's mock cluster (answers a fetch at once when it has data, as Apache Kafka does)",
             ),
         ] {
-            if let Some((_, l)) = self.latency.iter().find(|(label, _)| label == row) {
+            if let Some(l) = latency_of(row) {
+                let floor = latency_of(floor).map_or(String::new(), |f| {
+                    format!(
+                        "; the broker's floor, a pass-through forwarder in the same run: p99 {:.0} ms, median second {:.0} ms",
+                        f.p99_ms, f.second_p99_ms.0
+                    )
+                });
                 let _ = writeln!(
                     s,
-                    "| latency p99 ≤ 100 ms at half the 0% rate, input timestamp to output read back, {broker} | {:.0} ms (p99 of the median second {:.0} ms, of the worst {:.0} ms) | {} |",
+                    "| latency p99 ≤ 100 ms at half the 0% rate, input timestamp to output read back, {broker} | {:.0} ms (p99 of the median second {:.0} ms, of the worst {:.0} ms{floor}) | {} |",
                     l.p99_ms,
                     l.second_p99_ms.0,
                     l.second_p99_ms.1,
@@ -2894,10 +2978,18 @@ impl Report {
                  counted as \"other\"), instead of the test broker: it answers a fetch at once when it has data for \
                  it, where tansu holds every fetch for its full `fetch.wait.max.ms`.\n"
             );
+            let _ = writeln!(
+                s,
+                "The \"no kdedup\" rows are the broker's floor: in place of kdedup, a pass-through forwarder in the \
+                 bench process (examples/bench/passthrough.rs) reads the input with kdedup's consumer settings and \
+                 produces each message at once to the output topic with kdedup's producer settings, keeping its \
+                 timestamp, with no Postgres, no batching and no dedup. The path has the same two broker hops as \
+                 kdedup's, read by the same reader: what any consume-and-forward sidecar pays on that broker.\n"
+            );
             let f = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.0} ms"));
             let _ = writeln!(
                 s,
-                "| kdedup consumer settings | input rate achieved | read back / sent (measured) | **p50** | **p99** | max | p99 of each second: median / worst | input_to_commit p50 / p99 | commit_to_ack p50 / p99 | peak RSS | CPU kdedup / postgres / tansu / other |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+                "| run | input rate achieved | read back / sent (measured) | **p50** | **p99** | max | p99 of each second: median / worst | input_to_commit p50 / p99 | commit_to_ack p50 / p99 | peak RSS | CPU kdedup / postgres / tansu / other |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
             );
             for (label, l) in &self.latency {
                 let _ = writeln!(
