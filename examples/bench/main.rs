@@ -67,7 +67,7 @@ const SCOPE: &str = "bench";
 const TUNING: &[(&str, &str)] = &[
     ("KDEDUP_BATCH_SIZE", "1000"),
     ("KDEDUP_GATE_LANES", "2"),
-    ("KDEDUP_BATCH_LINGER", "5ms"),
+    ("KDEDUP_BATCH_LINGER", "1ms"),
     ("KDEDUP_DB_MAX_CONNECTIONS", "4"),
     ("KDEDUP_RELAY_BATCH_SIZE", "2000"),
     // tansu answers a fetch only when fetch.wait.max.ms has passed, even with data

@@ -463,13 +463,13 @@ impl RunArgs {
             });
         }
         f.kib("read_ahead_bytes", self.read_ahead_bytes, 8 << 20);
-        let batch_linger = f.ok(parse_duration("batch_linger", &self.batch_linger, "5ms"));
+        let batch_linger = f.ok(parse_duration("batch_linger", &self.batch_linger, "1ms"));
         if let Some(linger) = batch_linger {
             f.rule(linger > Duration::from_secs(10), || {
                 ConfigError::new(
                     "batch_linger",
                     format!("{} would hold events for too long", self.batch_linger),
-                    "choose at most 10s (default 20ms)",
+                    "choose at most 10s (default 1ms)",
                 )
             });
         }
