@@ -57,7 +57,7 @@ def parse_args():
         "--batch-wait-ms",
         type=int,
         default=20,
-        help="longest wait for a batch to fill (kdedup's default batch linger)",
+        help="longest wait for a batch to fill (kdedup's default batch linger when this baseline was written)",
     )
     p.add_argument(
         "--count", type=int, default=0, help="stop after this many messages (0: no limit)"

@@ -1336,8 +1336,9 @@ FROM ids;
 
     // ---------------------------------------------------------------- latency
 
-    /// The latency rows at a paced `rate`: on the test broker with the bench's fetch wait
-    /// and with librdkafka's default, and on librdkafka's mock cluster, each with
+    /// The latency rows at a paced `rate`: on the test broker with the bench's fetch wait,
+    /// its floor (the pass-through forwarder) and librdkafka's default fetch wait; on
+    /// librdkafka's mock cluster with the bench's fetch wait and its floor; each with
     /// Postgres's `max_wal_size` sized for the run; then, where that sizing changed
     /// anything, once more on the test broker with `max_wal_size` as the server had it.
     async fn latency_runs(&mut self, report: &mut Report, rate: f64) -> anyhow::Result<()> {
@@ -2569,7 +2570,7 @@ impl Report {
             .fetch_one(&b.pg)
             .await?;
         let pg_settings: Vec<(String, String)> = sqlx::query_as(
-            "SELECT name, setting || coalesce(unit, '') FROM pg_settings
+            "SELECT name, current_setting(name) FROM pg_settings
              WHERE name IN ('shared_buffers', 'synchronous_commit', 'max_wal_size', 'fsync', 'wal_level')
              ORDER BY name",
         )
@@ -2974,7 +2975,7 @@ impl Report {
             }
             let _ = writeln!(
                 s,
-                "The mock cluster row runs on librdkafka's mock cluster, hosted by the bench process (its CPU is \
+                "The mock cluster rows run on librdkafka's mock cluster, hosted by the bench process (its CPU is \
                  counted as \"other\"), instead of the test broker: it answers a fetch at once when it has data for \
                  it, where tansu holds every fetch for its full `fetch.wait.max.ms`.\n"
             );
@@ -2984,7 +2985,8 @@ impl Report {
                  bench process (examples/bench/passthrough.rs) reads the input with kdedup's consumer settings and \
                  produces each message at once to the output topic with kdedup's producer settings, keeping its \
                  timestamp, with no Postgres, no batching and no dedup. The path has the same two broker hops as \
-                 kdedup's, read by the same reader: what any consume-and-forward sidecar pays on that broker.\n"
+                 kdedup's, read by the same reader: the floor of a consume-and-forward hop with kdedup's client settings \
+                 on that broker (it joins no group and commits no offsets).\n"
             );
             let f = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.0} ms"));
             let _ = writeln!(

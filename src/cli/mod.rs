@@ -187,9 +187,9 @@ pub struct RunArgs {
     pub read_ahead_bytes: usize,
 
     /// Longest wait for a batch to fill, counted from when its first message was read
-    /// from Kafka (e.g. `1ms`). A broker delivers a live stream in fetch-sized bursts, and
-    /// a lane busy with the batch before collects the next one meanwhile: a longer wait
-    /// mostly adds itself to every event's latency.
+    /// from Kafka. A broker delivers a live stream in fetch-sized bursts, and while a lane
+    /// gates one batch the next is read ahead: a longer wait mostly adds to every event's
+    /// latency.
     #[arg(long, env = "KDEDUP_BATCH_LINGER", default_value = "1ms")]
     pub batch_linger: String,
 

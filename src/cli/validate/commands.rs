@@ -109,7 +109,7 @@ pub(super) fn demo_schema(name: &str) -> Result<String, ConfigError> {
 }
 
 /// The settings `kdedup demo` runs the sidecar with, on its embedded cluster at
-/// `brokers`: the defaults of `kdedup run`, a short linger and session, no environment
+/// `brokers`: the defaults of `kdedup run`, a short session, no environment
 /// (the demo must not pick up a real cluster's `KDEDUP_KAFKA_*`).
 pub fn demo_run_settings(
     demo: &DemoSettings,
@@ -144,7 +144,7 @@ pub fn demo_run_settings(
         batch_size: 1000,
         gate_lanes: 2,
         read_ahead_bytes: 8 << 20,
-        batch_linger: "10ms".into(),
+        batch_linger: "1ms".into(),
         batch_max_bytes: 16 << 20,
         relay_batch_size: 2000,
         relay_batch_max_bytes: 16 * 1024 * 1024,
