@@ -1541,7 +1541,7 @@ FROM ids;
             .map_or_else(|| self.brokers.clone(), |c| c.bootstrap_servers());
         let schema = input.clone();
         self.checkpoint().await;
-        let mut side = match forwarder {
+        let running = match forwarder {
             Forwarder::Kdedup => {
                 let topics_before = self.topics.len();
                 let side = self.start_sidecar("lat", &input, &schema, &extra)?;
@@ -1559,13 +1559,9 @@ FROM ids;
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Some(side)
+                Running::Kdedup(side)
             }
-            Forwarder::PassThrough => None,
-        };
-        let pass = match forwarder {
-            Forwarder::Kdedup => None,
-            Forwarder::PassThrough => Some(passthrough::PassThrough::start(
+            Forwarder::PassThrough => Running::PassThrough(passthrough::PassThrough::start(
                 &brokers,
                 &input,
                 &out,
@@ -1575,7 +1571,10 @@ FROM ids;
         };
         let seconds = self.sizes.latency_seconds;
         let total = (rate * seconds) as usize;
-        let output = side.as_ref().map_or(out, |side| side.output_topic.clone());
+        let output = match &running {
+            Running::Kdedup(side) => side.output_topic.clone(),
+            Running::PassThrough(_) => out,
+        };
         let reader_brokers = brokers.clone();
         let group = format!("{input}-reader");
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -1589,7 +1588,10 @@ FROM ids;
             .set("linger.ms", "5")
             .create()?;
         // The pass-through forwarder runs in this process: its CPU is "other".
-        let pid = side.as_ref().map_or(0, |side| side.child.id());
+        let pid = match &running {
+            Running::Kdedup(side) => side.child.id(),
+            Running::PassThrough(_) => 0,
+        };
         let cpu0 = CpuSnap::take(pid);
         let start_ms = now_ms();
         let started = Instant::now();
@@ -1627,16 +1629,18 @@ FROM ids;
             .await?
             .map_err(|_| anyhow::anyhow!("latency reader panicked"))??;
         let cpu = CpuSnap::take(pid).since(&cpu0);
-        let metrics = side.as_ref().map(|side| side.metrics_text());
-        let peak_rss_kib = side.as_ref().and_then(|side| side.vm_hwm_kib());
-        if let Some(side) = side.as_mut() {
-            side.stop();
-            self.drop_schema(&schema).await;
-        }
-        if let Some(pass) = pass {
-            pass.stop()?;
-        }
-        let metrics = metrics.unwrap_or_default();
+        let (metrics, peak_rss_kib) = match running {
+            Running::Kdedup(mut side) => {
+                let found = (side.metrics_text(), side.vm_hwm_kib());
+                side.stop();
+                self.drop_schema(&schema).await;
+                found
+            }
+            Running::PassThrough(pass) => {
+                pass.stop()?;
+                (String::new(), None)
+            }
+        };
 
         if let Ok(dir) = std::env::var("KDEDUP_BENCH_LATENCY_DUMP") {
             let path = format!("{dir}/latency-{input}.txt");
@@ -1645,7 +1649,9 @@ FROM ids;
                 .map(|(ts, read)| format!("{} {}\n", ts - start_ms, read - ts))
                 .collect();
             std::fs::write(path, text)?;
-            std::fs::write(format!("{dir}/metrics-{input}.txt"), &metrics)?;
+            if !metrics.is_empty() {
+                std::fs::write(format!("{dir}/metrics-{input}.txt"), &metrics)?;
+            }
         }
         // The first second is warm-up (fetch sessions, first relay round). The rest, all
         // together and per whole second.
@@ -2403,6 +2409,12 @@ struct WalSetting {
 
 /// One latency run: its label, extra kdedup environment, broker, and what forwards.
 type LatencyRow<'a> = (String, &'a [(String, String)], LatencyBroker, Forwarder);
+
+/// What a latency run forwards with, once started (see [`Forwarder`]).
+enum Running {
+    Kdedup(Sidecar),
+    PassThrough(passthrough::PassThrough),
+}
 
 /// What reads the latency run's input and writes its output topic.
 #[derive(Clone, Copy)]
