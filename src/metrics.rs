@@ -284,7 +284,7 @@ impl Metrics {
                 &registry,
                 prometheus::Counter::new(
                     "kdedup_relay_postgres_seconds_total",
-                    "Time the relay spent waiting on Postgres: stream locks, checkpoints, read-backs, counter checks and slot reclaim (none of it per row).",
+                    "Time the relay's publishing loop spent waiting on Postgres: stream locks, checkpoints, read-backs and counter checks (none of it per row; slots are reclaimed beside the loop).",
                 )
                 .expect("valid metric"),
             ),

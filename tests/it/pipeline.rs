@@ -460,3 +460,104 @@ async fn lanes_committing_out_of_order_lose_nothing_and_repeat_nothing() {
     drop(sidecar);
     drop_schema(&pg().await, &t.schema).await;
 }
+
+/// The event ids in `relay_batches`, over all three slots.
+async fn outbox_ids(pool: &sqlx::PgPool, schema: &str) -> HashSet<String> {
+    sqlx::query_scalar(&format!(
+        "SELECT e FROM \"{schema}\".relay_batches, unnest(event_ids) AS e"
+    ))
+    .fetch_all(pool)
+    .await
+    .expect("read relay_batches")
+    .into_iter()
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outbox_slots_are_emptied_only_once_every_row_in_them_is_published() {
+    let kafka = Cluster::shared();
+    let t = names("reclaim");
+    kafka.create_topic(&t.input, 2).await;
+    let wave = |from: usize, to: usize| -> Vec<In> {
+        (from..to)
+            .map(|i| In::event((i % 2) as i32, &format!("rc-{i}"), i as u64))
+            .collect()
+    };
+    let cfg = SidecarConfig::new(&t.group, &t.input, &t.output, &t.schema)
+        .set("KDEDUP_OUTBOX_ROTATE_INTERVAL", "1s")
+        .set("KDEDUP_BATCH_SIZE", "50");
+
+    // A gate with no relay: its rows wait in the outbox, unpublished.
+    let mut gating = Sidecar::start(&cfg.clone().set("KDEDUP_RELAY", "false"), "reclaim_gate");
+    gating.wait_ready(Duration::from_secs(60)).await;
+    kafka.produce(&t.input, &wave(0, 200)).await;
+    wait_until(Duration::from_secs(60), "the first wave gated", || {
+        gating.metric("kdedup_events_gated_total") >= 200.0
+    })
+    .await;
+    assert_eq!(gating.sigterm(Duration::from_secs(30)), Some(0));
+
+    // Reclaim rounds over unpublished rows: the gate moves on to other slots, and
+    // nothing is emptied.
+    let schema = t.schema.clone();
+    let in_schema = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .after_connect(move |conn, _| {
+            let set = format!("SET search_path TO \"{schema}\"");
+            Box::pin(async move {
+                sqlx::query(&set).execute(conn).await?;
+                Ok(())
+            })
+        })
+        .connect(&database_url())
+        .await
+        .expect("connect");
+    let mut rotated = 0;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let r = kdedup::store::relay::reclaim(&in_schema, &t.schema, Duration::from_secs(1))
+            .await
+            .expect("reclaim");
+        assert!(
+            r.truncated.is_empty(),
+            "emptied a slot of unpublished rows: {r:?}"
+        );
+        rotated += usize::from(r.rotated_to.is_some());
+    }
+    assert!(rotated >= 1, "the gate never moved to another slot");
+    let pool = pg().await;
+    assert_eq!(outbox_ids(&pool, &t.schema).await.len(), 200);
+
+    // A sidecar with its relay publishes them and the next wave; the slots they filled
+    // are emptied in bulk once published.
+    let sidecar = Sidecar::start(&cfg, "reclaim_relay");
+    sidecar.wait_ready(Duration::from_secs(60)).await;
+    kafka.produce(&t.input, &wave(200, 400)).await;
+    wait_until(Duration::from_secs(60), "both waves forwarded", || {
+        sidecar.metric("kdedup_events_forwarded_total") >= 400.0
+            && sidecar.metric("kdedup_outbox_backlog") == 0.0
+    })
+    .await;
+    wait_until(Duration::from_secs(60), "published slots emptied", || {
+        sidecar.metric("kdedup_outbox_slots_truncated_total") >= 1.0
+    })
+    .await;
+    let out = kafka.read_topic(&t.output, 400, Duration::from_secs(30));
+    assert_exactly_once_in_order(&out, 400);
+    // The first wave's slot went; the second wave may still be in the slot the gate
+    // writes into.
+    let left = outbox_ids(&pool, &t.schema).await;
+    let first_wave: Vec<_> = left
+        .iter()
+        .filter(|id| id[3..].parse::<usize>().unwrap() < 200)
+        .collect();
+    assert!(
+        first_wave.is_empty(),
+        "{} events of the first wave still in the outbox after its slot was emptied",
+        first_wave.len()
+    );
+    assert_eq!(count(&pool, &t.schema, "outbox_pending").await, 0);
+    assert_eq!(count(&pool, &t.schema, "processed_events").await, 400);
+    drop(sidecar);
+    drop_schema(&pool, &t.schema).await;
+}

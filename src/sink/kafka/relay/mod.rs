@@ -175,11 +175,21 @@ impl Relay {
 
     /// Runs until `stop` fires; then publishes what it holds and returns.
     pub async fn run(mut self, stop: CancellationToken) {
-        let Some(mut intake) = self.intake.take() else {
+        let Some(intake) = self.intake.take() else {
             return;
         };
+        // Reclaiming ends with `stop`, or when publishing gives up (no tail reader).
+        let reclaim_stop = stop.child_token();
+        let publish = async {
+            self.publish(intake, &stop).await;
+            reclaim_stop.cancel();
+        };
+        tokio::join!(publish, upkeep::reclaim_slots(&self, &reclaim_stop));
+    }
+
+    async fn publish(&self, mut intake: Intake, stop: &CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        let Some(partitions) = self.output_partitions(&stop).await else {
+        let Some(partitions) = self.output_partitions(stop).await else {
             return;
         };
         let tail = match tail::reader(&self.cfg) {
@@ -203,13 +213,13 @@ impl Relay {
                 Ok(c) => c,
                 Err(e) => {
                     warn!(error = %e, "relay cannot reach Postgres; retrying");
-                    sleep_or_stop(backoff.next_delay(), &stop).await;
+                    sleep_or_stop(backoff.next_delay(), stop).await;
                     continue;
                 }
             };
             backoff.reset();
             let mut session = Session {
-                relay: &self,
+                relay: self,
                 conn,
                 owner: owner.clone(),
                 partitions,
@@ -219,7 +229,7 @@ impl Relay {
                 legacy_lock: false,
                 was_empty: false,
             };
-            let exit = session.run(&mut IntakeRef(&mut intake), &stop).await;
+            let exit = session.run(&mut IntakeRef(&mut intake), stop).await;
             let Session { acks, .. } = session;
             // Whatever is still in flight settles before any stream is taken again, so
             // the next take-over reads a tail that no longer changes.
@@ -232,7 +242,7 @@ impl Relay {
                 }
                 Exit::ConnectionLost(e) => {
                     warn!(error = %e, "relay lost its Postgres connection (and its stream locks); taking them again");
-                    sleep_or_stop(backoff.next_delay(), &stop).await;
+                    sleep_or_stop(backoff.next_delay(), stop).await;
                     if stop.is_cancelled() {
                         return;
                     }

@@ -1,11 +1,15 @@
 //! A relay session's upkeep, a few times a second: checkpoints, idle streams compared
-//! with their counters, streams let go or adopted, the outbox's slots reclaimed, the
-//! previous version's outbox moved.
+//! with their counters, streams let go or adopted, the previous version's outbox moved.
+//! The outbox's slots are reclaimed beside the session, not in it ([`reclaim_slots`]).
 
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::session::{Session, ADOPT_AFTER, RELEASE_IDLE};
 use super::stream::{Source, StreamState};
+use super::Relay;
 use crate::store::relay::{self as sql, Checkpoint};
 use crate::store::{self as db};
 
@@ -119,8 +123,8 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Adopts streams with rows past their checkpoint that nobody moves, reclaims the
-    /// outbox's slots, and moves rows the previous version left in the old outbox.
+    /// Adopts streams with rows past their checkpoint that nobody moves, and moves rows
+    /// the previous version left in the old outbox.
     pub(super) async fn adopt(&mut self) -> Result<(), sqlx::Error> {
         for name in sql::orphans(&self.relay.pool, ADOPT_AFTER).await? {
             if !self.streams.contains_key(&name) {
@@ -133,25 +137,6 @@ impl Session<'_> {
                     StreamState::new(name, Source::Adopted, &self.relay.output_topic),
                 );
             }
-        }
-        match sql::reclaim(
-            &self.relay.pool,
-            &self.relay.cfg.db.schema,
-            self.relay.settings.rotate_every,
-        )
-        .await
-        {
-            Ok(r) => {
-                if !r.truncated.is_empty() || r.rotated_to.is_some() {
-                    debug!(truncated = ?r.truncated, rotated_to = ?r.rotated_to, "outbox slots reclaimed");
-                }
-                self.relay
-                    .metrics
-                    .outbox_slots_truncated
-                    .inc_by(r.truncated.len() as u64);
-            }
-            // A lock timeout (a long read, a slow gate transaction) only postpones it.
-            Err(e) => debug!(error = %e, "outbox reclaim postponed"),
         }
         self.adopt_legacy().await
     }
@@ -185,5 +170,43 @@ impl Session<'_> {
             );
         }
         Ok(())
+    }
+}
+
+/// How often the outbox's slots are reclaimed.
+const RECLAIM_EVERY: Duration = Duration::from_secs(5);
+
+/// Empties the outbox's published slots and moves the gate on to the next one, every
+/// [`RECLAIM_EVERY`] until `stop`. It runs beside the session, not in its loop: a TRUNCATE
+/// of a slot full of rows (and the lock it waits for) takes tens of milliseconds, which
+/// would hold back every acknowledgement and hand-off the session has to publish.
+pub(super) async fn reclaim_slots(relay: &Relay, stop: &CancellationToken) {
+    let mut tick = tokio::time::interval(RECLAIM_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match sql::reclaim(
+            &relay.pool,
+            &relay.cfg.db.schema,
+            relay.settings.rotate_every,
+        )
+        .await
+        {
+            Ok(r) => {
+                if !r.truncated.is_empty() || r.rotated_to.is_some() {
+                    debug!(truncated = ?r.truncated, rotated_to = ?r.rotated_to, "outbox slots reclaimed");
+                }
+                relay
+                    .metrics
+                    .outbox_slots_truncated
+                    .inc_by(r.truncated.len() as u64);
+            }
+            // A lock timeout (a long read, a slow gate transaction) or Postgres away only
+            // postpones it.
+            Err(e) => debug!(error = %e, "outbox reclaim postponed"),
+        }
     }
 }
