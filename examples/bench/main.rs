@@ -3132,7 +3132,7 @@ impl Report {
             s,
             "Over the timed window: gate share = time inside the gate transaction \
              (`kdedup_batch_duration_seconds`, summed over the gate lanes, so above 100% while lanes overlap) / wall time; relay share = time the relay waited on Postgres \
-             (`kdedup_relay_postgres_seconds_total`: stream locks, checkpoints, read-backs, slot reclaim) / wall time, \
+             (`kdedup_relay_postgres_seconds_total`: stream locks, checkpoints, read-backs, counter checks; slots are reclaimed beside it) / wall time, \
              with the outbox rows it read back instead of taking them from the lanes in memory (the relay runs concurrently \
              with the gate; before the per-stream relay, its rounds of read-back, produce and delete took 43-45%). CPU = cores used on average, from /proc (this machine has {} cores; \
              \"other\" is everything else on the machine, e.g. builds of other engineers).\n",
