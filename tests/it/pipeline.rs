@@ -525,6 +525,7 @@ async fn outbox_slots_are_emptied_only_once_every_row_in_them_is_published() {
         rotated += usize::from(r.rotated_to.is_some());
     }
     assert!(rotated >= 1, "the gate never moved to another slot");
+    in_schema.close().await;
     let pool = pg().await;
     assert_eq!(outbox_ids(&pool, &t.schema).await.len(), 200);
 

@@ -178,13 +178,13 @@ impl Relay {
         let Some(intake) = self.intake.take() else {
             return;
         };
-        // Reclaiming ends with `stop`, or when publishing gives up (no tail reader).
-        let reclaim_stop = stop.child_token();
-        let publish = async {
-            self.publish(intake, &stop).await;
-            reclaim_stop.cancel();
-        };
-        tokio::join!(publish, upkeep::reclaim_slots(&self, &reclaim_stop));
+        // Slots are reclaimed for as long as the relay publishes, its drain included; a
+        // round cut short when publishing ends is rolled back.
+        tokio::select! {
+            biased;
+            _ = self.publish(intake, &stop) => {}
+            _ = upkeep::reclaim_slots(&self) => {}
+        }
     }
 
     async fn publish(&self, mut intake: Intake, stop: &CancellationToken) {

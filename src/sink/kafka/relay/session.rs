@@ -56,7 +56,7 @@ impl IntakeRef<'_> {
 pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// How often idle held streams are compared with their counters.
 pub(super) const COUNTER_CHECK_EVERY: Duration = Duration::from_secs(1);
-/// How often streams nobody moves are looked for, and the outbox's slots reclaimed.
+/// How often streams nobody moves are looked for.
 pub(super) const ADOPT_EVERY: Duration = Duration::from_secs(5);
 /// A stream whose checkpoint has not moved for this long, with rows past it, is adopted.
 pub(super) const ADOPT_AFTER: Duration = Duration::from_secs(10);

@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::session::{Session, ADOPT_AFTER, RELEASE_IDLE};
@@ -177,17 +176,15 @@ impl Session<'_> {
 const RECLAIM_EVERY: Duration = Duration::from_secs(5);
 
 /// Empties the outbox's published slots and moves the gate on to the next one, every
-/// [`RECLAIM_EVERY`] until `stop`. It runs beside the session, not in its loop: a TRUNCATE
-/// of a slot full of rows (and the lock it waits for) takes tens of milliseconds, which
-/// would hold back every acknowledgement and hand-off the session has to publish.
-pub(super) async fn reclaim_slots(relay: &Relay, stop: &CancellationToken) {
+/// [`RECLAIM_EVERY`], for as long as the relay runs (it is dropped with the relay; a round
+/// cut short is rolled back). It runs beside the session, not in its loop: a TRUNCATE of
+/// a slot full of rows (and the lock it waits for) takes tens of milliseconds, which would
+/// hold back every acknowledgement and hand-off the session has to publish.
+pub(super) async fn reclaim_slots(relay: &Relay) {
     let mut tick = tokio::time::interval(RECLAIM_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+        tick.tick().await;
         match sql::reclaim(
             &relay.pool,
             &relay.cfg.db.schema,
