@@ -461,18 +461,6 @@ async fn lanes_committing_out_of_order_lose_nothing_and_repeat_nothing() {
     drop_schema(&pg().await, &t.schema).await;
 }
 
-/// The event ids in `relay_batches`, over all three slots.
-async fn outbox_ids(pool: &sqlx::PgPool, schema: &str) -> HashSet<String> {
-    sqlx::query_scalar(&format!(
-        "SELECT e FROM \"{schema}\".relay_batches, unnest(event_ids) AS e"
-    ))
-    .fetch_all(pool)
-    .await
-    .expect("read relay_batches")
-    .into_iter()
-    .collect()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn outbox_slots_are_emptied_only_once_every_row_in_them_is_published() {
     let kafka = Cluster::shared();

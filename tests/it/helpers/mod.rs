@@ -151,12 +151,28 @@ pub async fn gate_totals(pool: &sqlx::PgPool, schema: &str) -> (i64, i64) {
 
 /// The event ids `schema`'s gate holds.
 pub async fn gated_ids(pool: &sqlx::PgPool, schema: &str) -> std::collections::HashSet<String> {
-    sqlx::query_scalar(&format!(
-        "SELECT event_id FROM \"{schema}\".processed_events"
-    ))
-    .fetch_all(pool)
+    id_set(
+        pool,
+        &format!("SELECT event_id FROM \"{schema}\".processed_events"),
+    )
     .await
-    .expect("read processed_events")
-    .into_iter()
-    .collect()
+}
+
+/// The event ids in `schema`'s outbox (`relay_batches`), over all three slots.
+pub async fn outbox_ids(pool: &sqlx::PgPool, schema: &str) -> std::collections::HashSet<String> {
+    id_set(
+        pool,
+        &format!("SELECT e FROM \"{schema}\".relay_batches, unnest(event_ids) AS e"),
+    )
+    .await
+}
+
+/// The distinct values of `sql`'s one text column.
+async fn id_set(pool: &sqlx::PgPool, sql: &str) -> std::collections::HashSet<String> {
+    sqlx::query_scalar(sql)
+        .fetch_all(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .into_iter()
+        .collect()
 }
