@@ -248,6 +248,28 @@ pub struct RunArgs {
     pub kafka_property: Vec<String>,
 }
 
+impl RunArgs {
+    /// `kdedup run`'s settings as its flags declare them, with no command line and no
+    /// environment: the base of settings built in code (the demo's), so that each default
+    /// is written once, on its flag. The demo must not pick up a real cluster's
+    /// `KDEDUP_*`, so the environment is not read.
+    pub fn defaults() -> RunArgs {
+        use clap::FromArgMatches;
+        let parsed = Self::without_env()
+            .try_get_matches_from(std::iter::empty::<&str>())
+            .and_then(|m| RunArgs::from_arg_matches(&m));
+        // No flag of `kdedup run` is required and every default parses: the unit tests
+        // build these defaults, so a flag that broke this would fail them first.
+        parsed.expect("kdedup run's flags have defaults that parse")
+    }
+
+    /// `kdedup run`'s flags with their defaults and no `KDEDUP_*` behind them.
+    fn without_env() -> clap::Command {
+        RunArgs::augment_args(clap::Command::new("run").no_binary_name(true))
+            .mut_args(|a| a.env(None::<&'static str>))
+    }
+}
+
 /// `--sink http`'s flags.
 #[derive(Debug, Clone, Args)]
 pub struct HttpFlags {
@@ -294,23 +316,6 @@ pub struct HttpFlags {
     /// --sink http: most bytes of a successful response's body stored with the row.
     #[arg(long, env = "KDEDUP_HTTP_MAX_RESPONSE_BYTES", default_value_t = 4096)]
     pub http_max_response_bytes: usize,
-}
-
-impl Default for HttpFlags {
-    /// The defaults the flags have (for settings built without a command line).
-    fn default() -> Self {
-        HttpFlags {
-            http_url: None,
-            http_concurrency: 64,
-            http_max_attempts: 12,
-            http_conflict_timeout: "10m".into(),
-            http_timeout: "10s".into(),
-            http_backoff: "200ms".into(),
-            http_max_backoff: "30s".into(),
-            http_lease: "30s".into(),
-            http_max_response_bytes: 4096,
-        }
-    }
 }
 
 /// TTL pruner settings.

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::helpers::{database_url, drop_schema, pg, unique, wait_until};
-use kdedup::cli::{DbArgs, PayloadMismatch, PruneFlags, RunArgs, SinkKind, SinkOnConflict};
+use kdedup::cli::{DbArgs, PruneFlags, RunArgs};
 use kdedup::metrics::Metrics;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
@@ -42,53 +42,34 @@ async fn a_broker_outage_loses_nothing_and_the_relay_resumes() {
     }
     let brokers = cluster.bootstrap_servers();
     let schema = unique("brokerdown").to_lowercase();
+    let defaults = RunArgs::defaults();
     let cfg = RunArgs {
         brokers: Some(brokers.clone()),
         group_id: Some("g".into()),
         input_topics: Some("in".into()),
-        sink: SinkKind::Kafka,
         output_topic: Some("out".into()),
-        sink_table: None,
-        sink_sql: None,
-        sink_column: Vec::new(),
-        sink_on_conflict: SinkOnConflict::Error,
-        http: Default::default(),
-        dlq_topic: None,
         db: DbArgs {
             database_url: Some(database_url()),
             db_schema: schema.clone(),
-            db_max_connections: 4,
+            ..defaults.db
         },
-        id_from: "header:event-id".into(),
-        scope: None,
-        max_id_bytes: 512,
-        max_message_bytes: 1_000_000,
-        on_payload_mismatch: PayloadMismatch::Skip,
-        ttl: "7d".into(),
         batch_size: 100,
-        gate_lanes: 2,
-        read_ahead_bytes: 8 << 20,
         batch_linger: "10ms".into(),
         batch_max_bytes: 1 << 20,
         relay_batch_size: 500,
-        relay_batch_max_bytes: 16 << 20,
-        relay: true,
-        outbox_rotate_interval: "10s".into(),
         metrics_addr: "127.0.0.1:0".into(),
         shutdown_timeout: "5s".into(),
-        migrate_on_start: true,
         create_topics: false,
         topic_replication_factor: 1,
         prune: PruneFlags {
             pruner: false,
-            prune_interval: "60s".into(),
-            prune_batch_size: 5000,
-            prune_pause: "50ms".into(),
+            ..defaults.prune
         },
         kafka_property: vec![
             "session.timeout.ms=6000".into(),
             "heartbeat.interval.ms=500".into(),
         ],
+        ..defaults
     }
     .validate(&std::collections::BTreeMap::<String, String>::new())
     .unwrap();

@@ -721,7 +721,10 @@ async fn the_demo_verifies_the_table_and_the_topic() {
     let pool = pg().await;
     for sink in ["postgres", "kafka"] {
         let schema = unique(&format!("kdedup_demo_{sink}")).to_lowercase();
-        let cfg = SidecarConfig::new("unused", "unused", "unused", &schema);
+        // A sidecar's environment, one of whose settings `kdedup run` would refuse:
+        // the demo runs with run's defaults and reads no KDEDUP_* of a real deployment.
+        let cfg =
+            SidecarConfig::new("unused", "unused", "unused", &schema).set("KDEDUP_BATCH_SIZE", "0");
         let mut cmd = kdedup(
             &cfg,
             &[

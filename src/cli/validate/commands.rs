@@ -79,7 +79,7 @@ impl DemoArgs {
         let db = DbArgs {
             database_url: Some(url),
             db_schema: schema,
-            db_max_connections: 4,
+            ..RunArgs::defaults().db
         }
         .validate(env)?;
         Ok(DemoSettings {
@@ -118,53 +118,30 @@ pub fn demo_run_settings(
     topics: (&str, &str),
 ) -> Result<RunSettings, ConfigError> {
     let (input, output) = topics;
+    // What the demo sets itself; everything else is `kdedup run`'s default.
+    let defaults = RunArgs::defaults();
     let mut run_args = RunArgs {
         brokers: Some(brokers.to_string()),
         group_id: Some("orders-app".into()),
         input_topics: Some(input.into()),
-        sink: super::super::SinkKind::Kafka,
         output_topic: Some(output.into()),
-        sink_table: None,
-        sink_sql: None,
-        sink_column: Vec::new(),
-        sink_on_conflict: super::super::SinkOnConflict::Error,
-        http: Default::default(),
-        dlq_topic: None,
         db: DbArgs {
             database_url: Some(demo.db.url.expose().to_string()),
             db_schema: demo.db.schema.clone(),
-            db_max_connections: 4,
+            ..defaults.db
         },
         id_from: "header:event-id,json:/id".into(),
         scope: Some("orders".into()),
-        max_id_bytes: 512,
-        max_message_bytes: 1_000_000,
-        on_payload_mismatch: super::super::PayloadMismatch::Skip,
-        ttl: "7d".into(),
-        batch_size: 1000,
-        gate_lanes: 2,
-        read_ahead_bytes: 8 << 20,
-        batch_linger: "1ms".into(),
-        batch_max_bytes: 16 << 20,
-        relay_batch_size: 2000,
-        relay_batch_max_bytes: 16 * 1024 * 1024,
-        relay: true,
-        outbox_rotate_interval: "10s".into(),
         metrics_addr: metrics_addr.to_string(),
         shutdown_timeout: "5s".into(),
-        migrate_on_start: true,
+        // The embedded cluster has its topics already, on one broker.
         create_topics: false,
         topic_replication_factor: 1,
-        prune: PruneFlags {
-            pruner: true,
-            prune_interval: "60s".into(),
-            prune_batch_size: 5000,
-            prune_pause: "50ms".into(),
-        },
         kafka_property: vec![
             "session.timeout.ms=6000".into(),
             "heartbeat.interval.ms=500".into(),
         ],
+        ..defaults
     };
     if demo.postgres_sink {
         let (schema, table) = demo.app_table();

@@ -4,7 +4,7 @@ use super::commands::*;
 use super::db::*;
 use super::*;
 use crate::cli::env::is_known_env_var;
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, DbArgs};
 use crate::settings::redact_url;
 use clap::Parser;
 
@@ -384,4 +384,53 @@ fn sink_mistakes_name_the_setting_and_the_fix() {
     let e = err(args(&["--sink-table", "a.b"]));
     assert!(e.contains("--sink-table / KDEDUP_SINK_TABLE"), "{e}");
     assert!(e.contains("--sink postgres"), "{e}");
+}
+
+#[test]
+fn code_built_settings_start_from_the_flags_own_defaults_and_no_environment() {
+    // The flags' defaults, as `kdedup run` parses them with only its required settings.
+    let parsed = args(&[]);
+    let defaults = RunArgs {
+        brokers: parsed.brokers.clone(),
+        group_id: parsed.group_id.clone(),
+        input_topics: parsed.input_topics.clone(),
+        output_topic: parsed.output_topic.clone(),
+        db: DbArgs {
+            database_url: parsed.db.database_url.clone(),
+            ..RunArgs::defaults().db
+        },
+        ..RunArgs::defaults()
+    };
+    assert_eq!(format!("{defaults:?}"), format!("{parsed:?}"));
+    // No `KDEDUP_*` can reach them: the demo must not pick up a real cluster's.
+    let cmd = RunArgs::without_env();
+    assert!(cmd.get_arguments().count() > 40);
+    let read_env: Vec<_> = cmd
+        .get_arguments()
+        .filter(|a| a.get_env().is_some())
+        .map(|a| a.get_id().to_string())
+        .collect();
+    assert!(read_env.is_empty(), "{read_env:?}");
+}
+
+#[test]
+fn the_demo_runs_with_run_defaults_but_for_its_own_settings() {
+    let env = env(&[]);
+    let demo = match Cli::try_parse_from(["kdedup", "demo"]).unwrap().command {
+        Command::Demo(a) => a.validate(&env).unwrap(),
+        _ => unreachable!(),
+    };
+    let settings = demo_run_settings(&demo, "127.0.0.1:1", "127.0.0.1:0", ("in", "out")).unwrap();
+    let run = args(&[]).validate(&env).unwrap();
+    assert_eq!(
+        format!("{:?}", settings.consume),
+        format!("{:?}", run.consume)
+    );
+    assert_eq!(format!("{:?}", settings.relay), format!("{:?}", run.relay));
+    assert_eq!(format!("{:?}", settings.prune), format!("{:?}", run.prune));
+    assert_eq!(settings.gate.ttl, run.gate.ttl);
+    assert_eq!(settings.migrate_on_start, run.migrate_on_start);
+    // The demo's own: a short shutdown, and the topics its embedded cluster already has.
+    assert_eq!(settings.shutdown_timeout, std::time::Duration::from_secs(5));
+    assert!(!settings.kafka.create_topics);
 }
