@@ -251,8 +251,8 @@ pub struct RunArgs {
 impl RunArgs {
     /// `kdedup run`'s settings as its flags declare them, with no command line and no
     /// environment: the base of settings built in code (the demo's), so that each default
-    /// is written once, on its flag. The demo must not pick up a real cluster's
-    /// `KDEDUP_*`, so the environment is not read.
+    /// is written once, on its flag. The demo must not pick up a real deployment's
+    /// settings, so none of these flags reads its `KDEDUP_*` variable here.
     pub fn defaults() -> RunArgs {
         use clap::FromArgMatches;
         let parsed = Self::without_env()

@@ -434,19 +434,22 @@ ORDER BY ord
 
 /// The gate's answer for each of a batch's `len` rows, in batch order, from the rows the
 /// statement returned: those it left out are plain first sightings.
-fn every_row(returned: Vec<GateResultRow>, len: usize) -> Vec<GateResultRow> {
+fn every_row(returned: Vec<GateResultRow>, len: usize) -> Result<Vec<GateResultRow>, DbError> {
     let mut all: Vec<GateResultRow> = (1..=len as i64)
         .map(|ord| (ord, true, None, None, None, false, false, false))
         .collect();
     for row in returned {
         // `ord` is the row's ordinality in the arrays this statement was given.
-        let i = usize::try_from(row.0 - 1)
-            .ok()
-            .filter(|i| *i < len)
-            .expect("the gate statement returns positions in its own batch");
-        all[i] = row;
+        let ord = row.0;
+        let slot = usize::try_from(ord - 1).ok().and_then(|i| all.get_mut(i));
+        let Some(slot) = slot else {
+            return Err(DbError::Sqlx(sqlx::Error::Protocol(format!(
+                "the gate statement answered for position {ord} of a batch of {len}"
+            ))));
+        };
+        *slot = row;
     }
-    all
+    Ok(all)
 }
 
 /// The running totals of a gate whose counters are not in its statement (see
@@ -569,7 +572,7 @@ pub async fn gate<'c>(
     if statement.lease.is_some() {
         query = query.bind(owner).bind(lease_secs);
     }
-    let result = every_row(query.fetch_all(&mut *tx).await?, rows.len());
+    let result = every_row(query.fetch_all(&mut *tx).await?, rows.len())?;
     let mut written = None;
     // Stream seqs: only the Kafka sink's outbox write hands them out.
     let mut seqs: Vec<Option<i64>> = vec![None; result.len()];
@@ -708,11 +711,13 @@ mod tests {
             false,
             false,
         );
-        let all = every_row(vec![duplicate.clone()], 3);
+        let all = every_row(vec![duplicate.clone()], 3).unwrap();
         assert_eq!(all.len(), 3);
         assert_eq!(all[0], (1, true, None, None, None, false, false, false));
         assert_eq!(all[1], duplicate);
         assert_eq!(all[2], (3, true, None, None, None, false, false, false));
-        assert!(every_row(Vec::new(), 0).is_empty());
+        assert!(every_row(Vec::new(), 0).unwrap().is_empty());
+        let err = every_row(vec![duplicate], 1).unwrap_err().to_string();
+        assert!(err.contains("position 2 of a batch of 1"), "{err}");
     }
 }

@@ -721,8 +721,9 @@ async fn the_demo_verifies_the_table_and_the_topic() {
     let pool = pg().await;
     for sink in ["postgres", "kafka"] {
         let schema = unique(&format!("kdedup_demo_{sink}")).to_lowercase();
-        // A sidecar's environment, one of whose settings `kdedup run` would refuse:
-        // the demo runs with run's defaults and reads no KDEDUP_* of a real deployment.
+        // A sidecar's environment, one of whose settings `kdedup run` would refuse: the
+        // demo runs with run's defaults and reads none of run's settings from the
+        // environment (of KDEDUP_*, only its own --database-url's KDEDUP_DATABASE_URL).
         let cfg =
             SidecarConfig::new("unused", "unused", "unused", &schema).set("KDEDUP_BATCH_SIZE", "0");
         let mut cmd = kdedup(

@@ -429,6 +429,12 @@ fn the_demo_runs_with_run_defaults_but_for_its_own_settings() {
     assert_eq!(format!("{:?}", settings.relay), format!("{:?}", run.relay));
     assert_eq!(format!("{:?}", settings.prune), format!("{:?}", run.prune));
     assert_eq!(settings.gate.ttl, run.gate.ttl);
+    assert_eq!(settings.gate.max_message_bytes, run.gate.max_message_bytes);
+    assert_eq!(
+        format!("{:?}", settings.gate.on_payload_mismatch),
+        format!("{:?}", run.gate.on_payload_mismatch)
+    );
+    assert_eq!(settings.db.max_connections, run.db.max_connections);
     assert_eq!(settings.migrate_on_start, run.migrate_on_start);
     // The demo's own: a short shutdown, and the topics its embedded cluster already has.
     assert_eq!(settings.shutdown_timeout, std::time::Duration::from_secs(5));
