@@ -3038,7 +3038,7 @@ impl Report {
                 "The gate transaction driven as `store::gate::gate` drives it (BEGIN, one statement with the batch bound as \
                  arrays, COMMIT), {} events per batch, from a fresh schema, after a warm-up; 50% duplicates = half of \
                  each batch repeats ids gated in earlier batches. Every variant ran {} round(s) of {} s, round-robin, \
-                 each on a fresh schema; the table shows the median round and the range. The shipped statement is the library's own (src/store/gate.rs); A–C \
+                 each on a fresh schema; the table shows the median round and the range. The shipped statement is the library's own (src/store/gate/statement.rs); A–C \
                  are alternatives written for this experiment (bench/README.md explains them).\n",
                 b.tuning("KDEDUP_BATCH_SIZE"),
                 if b.args.quick { 1 } else { 3 },

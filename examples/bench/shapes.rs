@@ -205,7 +205,7 @@ pub fn shapes() -> Vec<Shape> {
     let mut v = Vec::new();
     {
         v.push(shape(
-            "shipped: gate statement, then one outbox row per stream (src/store/gate.rs)",
+            "shipped: gate statement, then one outbox row per stream (src/store/gate/statement.rs)",
             SHIPPED,
             true,
             &[],
