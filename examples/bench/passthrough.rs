@@ -80,7 +80,7 @@ impl PassThrough {
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "5")
+            .set("linger.ms", "1")
             .set("compression.type", "lz4")
             .create_with_context(Refused::default())
             .context("pass-through producer")?;

@@ -105,7 +105,11 @@ pub fn reader_config(
 /// produce neither duplicates nor reorders within a partition.
 pub fn producer_config(brokers: &str, props: &KafkaProperties) -> ClientConfig {
     let mut c = base_config(brokers, props, ClientKind::Producer);
-    c.set_default("linger.ms", "5");
+    // The relay hands librdkafka a whole round of a partition's rows at once, so the
+    // batch is formed before the linger starts; lingering longer only holds the round's
+    // request back. librdkafka's 5 ms added 5 ms to every event's latency and no
+    // throughput (bench/README.md, "The relay's producer linger").
+    c.set_default("linger.ms", "1");
     c.set_default("compression.type", "lz4");
     // librdkafka queues up to 1 GiB by default. The relay's rounds are bounded by
     // --relay-batch-max-bytes (16 MiB), so 32 MiB holds a round and dead letters with room;
