@@ -257,4 +257,28 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn the_producer_defaults_give_way_to_the_operators_properties() {
+        let ours = producer_config("b:9092", &KafkaProperties::default());
+        assert_eq!(ours.get("linger.ms"), Some("1"));
+        assert_eq!(ours.get("compression.type"), Some("lz4"));
+        let props = KafkaProperties(
+            [
+                ("linger.ms", "20"),
+                ("compression.type", "zstd"),
+                ("enable.idempotence", "false"),
+                ("acks", "1"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        );
+        let theirs = producer_config("b:9092", &props);
+        assert_eq!(theirs.get("linger.ms"), Some("20"));
+        assert_eq!(theirs.get("compression.type"), Some("zstd"));
+        // What kdedup's guarantees rest on is not theirs to change.
+        assert_eq!(theirs.get("enable.idempotence"), Some("true"));
+        assert_eq!(theirs.get("acks"), Some("all"));
+    }
 }
