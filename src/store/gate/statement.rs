@@ -63,7 +63,7 @@ impl GateStatement {
     /// (and replicas) of one scope would write their rows one at a time.
     pub fn followed_by(statement: String) -> Self {
         GateStatement {
-            sql: format!("{GATE_BATCH}{GATE_HEAD}{GATE_DECIDED}{GATE_SELECT}"),
+            sql: unforwarded_sql(),
             after: Some(After::AppRows(statement)),
             lease: None,
         }
@@ -81,7 +81,7 @@ impl GateStatement {
     /// upserted last, as in [`GateStatement::followed_by`].
     pub fn outboxed(prefix: &'static str) -> Self {
         GateStatement {
-            sql: format!("{GATE_BATCH}{GATE_HEAD}{GATE_DECIDED}{GATE_SELECT}"),
+            sql: unforwarded_sql(),
             after: Some(After::Outbox(prefix)),
             lease: None,
         }
@@ -94,6 +94,12 @@ impl GateStatement {
             _ => None,
         }
     }
+}
+
+/// The gate statement of a sink whose forwarding write and running totals follow it in
+/// the transaction ([`GateStatement::followed_by`], [`GateStatement::outboxed`]).
+fn unforwarded_sql() -> String {
+    format!("{GATE_BATCH}{GATE_HEAD}{GATE_DECIDED}{GATE_SELECT}")
 }
 
 // Gate rows are inserted in event_key order: two replicas inserting overlapping ids then lock
