@@ -55,9 +55,10 @@ impl super::Report {
         let _ = writeln!(
             s,
             "[`relays.py`](relays.py): per round, one kdedup replica, then two in one consumer group, each on a fresh \
-             4-partition topic and schema of its own; the replicas are spread over the partitions before the input \
-             ({} events with distinct ids) is produced, and the rate is the events forwarded (acknowledged on the \
-             output topic), summed over the replicas, per second from the first consumed one. Each replica relays the \
+             4-partition topic and schema of its own; the replicas are spread over the partitions, paused (SIGSTOP) \
+             while the input ({} events with distinct ids) is produced, and resumed together on that backlog; the rate \
+             is the events forwarded (acknowledged on the output topic), summed over the replicas, per second from the \
+             resume. Each replica relays the \
              streams of its own partitions (streams held, per replica, at the end). Both replicas, Postgres and the \
              broker share this machine's cores.\n",
             self.relays_n
