@@ -56,3 +56,10 @@ pub(crate) mod health;
 pub(crate) mod kafka;
 pub(crate) mod retry;
 pub mod sink;
+
+/// The producer settings kdedup's relay runs with when the operator sets no
+/// `KDEDUP_KAFKA_*` property: for a tool that must produce as kdedup does, such as the
+/// bench's pass-through forwarder (the broker's floor).
+pub fn default_producer_config(brokers: &str) -> rdkafka::ClientConfig {
+    kafka::producer_config(brokers, &Default::default())
+}

@@ -75,13 +75,8 @@ impl PassThrough {
             tpl.add_partition_offset(input, p, Offset::Beginning)?;
         }
         consumer.assign(&tpl)?;
-        // kdedup's producer defaults (src/kafka/mod.rs, producer_config).
-        let producer: BaseProducer<Refused> = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "1")
-            .set("compression.type", "lz4")
+        // kdedup's own producer settings, so that the floor follows them.
+        let producer: BaseProducer<Refused> = kdedup::default_producer_config(brokers)
             .create_with_context(Refused::default())
             .context("pass-through producer")?;
         let stop = Arc::new(AtomicBool::new(false));
